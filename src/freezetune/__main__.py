@@ -1,0 +1,5 @@
+"""``python -m freezetune``."""
+
+from freezetune.cli import main
+
+main()

@@ -1,0 +1,42 @@
+"""The ``freezetune`` command line. Commands only parse arguments and print; the work is done by
+the library modules so that everything here is also usable from Python."""
+
+from __future__ import annotations
+
+import typer
+
+from freezetune import __version__
+from freezetune.cli import train_cmd
+
+app = typer.Typer(
+    name="freezetune",
+    help="Fine-tune a pretrained torchvision ResNet with chosen layers frozen, and measure "
+    "what freezing buys: trainable parameters, step time, memory and accuracy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"freezetune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """freezetune: measured fine-tuning with frozen layers."""
+
+
+train_cmd.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

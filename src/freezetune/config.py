@@ -1,0 +1,287 @@
+"""Typed, strict run configuration.
+
+A config is a YAML file plus ``key=value`` overrides. Both go through the same pydantic models, so
+an override can never smuggle in a value the file could not hold. Unlike torchtune or timm, unknown
+keys are rejected (with a "did you mean" hint) because a silently ignored typo such as
+``optim.lr_rate`` is the most expensive kind of config bug: the run works, just not as intended.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from freezetune.errors import ConfigError
+
+# Model names we know how to freeze by stage; see model.py for what each means.
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+WEIGHTS_KEYWORDS = ("imagenet", "auto", "none")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class _Strict(BaseModel):
+    # strict: YAML already gives typed values, so "5" for an int is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ModelConfig(_Strict):
+    """Which network to fine-tune and what it starts from."""
+
+    name: str = "resnet18"
+    num_classes: int = Field(10, ge=1)
+    weights: str = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}; choose one of {', '.join(MODEL_NAMES)}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_value(cls, v: str) -> str:
+        if v in WEIGHTS_KEYWORDS:
+            return v
+        if not v.endswith((".pth", ".pt", ".safetensors")):
+            raise ValueError(
+                f"{v!r} is neither {', '.join(WEIGHTS_KEYWORDS)} nor a .pth/.pt/.safetensors path"
+            )
+        return v
+
+
+class FreezeConfig(_Strict):
+    """Which parameters train. At most one of ``trainable``, ``frozen`` or ``until``."""
+
+    trainable: list[str] | None = None
+    frozen: list[str] | None = None
+    until: str | None = None
+    batchnorm: Literal["frozen", "train"] = "frozen"
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> FreezeConfig:
+        given = [k for k in ("trainable", "frozen", "until") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of trainable, frozen, until (got {', '.join(given)})")
+        for key in ("trainable", "frozen"):
+            patterns = getattr(self, key)
+            if patterns is not None and not patterns:
+                raise ValueError(f"{key} is an empty list; omit it to train everything")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the images come from and how they are batched."""
+
+    source: Literal["synthetic", "imagefolder", "cifar10"] = "synthetic"
+    root: str | None = None
+    download: bool = False
+    image_size: int = Field(64, ge=16, le=1024)
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0)
+    train_size: int = Field(512, ge=1)
+    val_size: int = Field(128, ge=0)
+    augment: bool = False
+    skip_bad_images: bool = False
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataConfig:
+        if self.source != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required when data.source is {self.source!r}")
+        return self
+
+
+class OptimConfig(_Strict):
+    """SGD with momentum; it only ever receives the trainable parameters."""
+
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov requires momentum > 0")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Length of the run and what gets measured and saved."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    warmup_steps: int = Field(2, ge=0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    stop_on_nonfinite: bool = True
+
+
+class OutputConfig(_Strict):
+    """The run folder."""
+
+    dir: str = "runs/run"
+    overwrite: bool = False
+
+
+class Config(_Strict):
+    """A complete, validated run configuration."""
+
+    seed: int = 0
+    device: str = "auto"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device_value(cls, v: str) -> str:
+        if not _DEVICE_RE.match(v):
+            raise ValueError(f"{v!r} is not one of auto, cpu, cuda, cuda:N")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as plain YAML-able data."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Splits ``a.b=value`` on the first ``=`` and parses the value as YAML.
+
+    Args:
+        text: One override as typed on the command line.
+
+    Returns:
+        The dotted key as a list of parts, and the parsed value.
+
+    Raises:
+        ConfigError: If there is no ``=``, the key is empty or the value is not valid YAML.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_first_line(e)})") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], dict]:
+    """Returns a copy of ``data`` with the overrides applied, and which key each came from."""
+    data = copy.deepcopy(data)
+    origin: dict[str, str] = {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {text!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+        origin[".".join(parts)] = text
+    return data, origin
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping, turning every failure into one clear ConfigError line."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config ({e})") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or _first_line(e)
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Loads, overrides and validates a config.
+
+    Args:
+        path: YAML file, or None to start from the defaults.
+        overrides: ``dotted.key=value`` strings applied on top of the file.
+
+    Returns:
+        The validated Config.
+
+    Raises:
+        ConfigError: Listing every problem at once, each with its dotted key and source.
+    """
+    data = load_yaml(path) if path is not None else {}
+    return validate_config(data, overrides or [], source=str(path) if path else "<defaults>")
+
+
+def validate_config(data: dict[str, Any], overrides: list[str], source: str) -> Config:
+    """Validates raw config data plus overrides; see :func:`load_config`."""
+    merged, origin = apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError([_describe(err, source, origin) for err in e.errors()]) from None
+
+
+def dump_config(config: Config) -> str:
+    """Returns the resolved config as YAML text."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def _describe(err: dict, source: str, origin: dict[str, str]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    where = f"override {origin[key]!r}" if key in origin else source
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key" + _suggest(loc)
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] not in ("value_error", "assertion_error", "missing"):
+            msg += f" (got {err.get('input')!r})"
+    return f"{where}: {key}: {msg}"
+
+
+def _suggest(loc: list[str]) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
+    valid = ", ".join(model.model_fields)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {valid})"
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,50 @@
+"""User-facing errors.
+
+Anything derived from :class:`FreezetuneError` is a problem with the user's input (a config, a
+path, a weights file, an image, a device). The CLI prints its message as one line on stderr and
+exits with code 2; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FreezetuneError(Exception):
+    """Base class for errors caused by user input; ``str(err)`` is the message shown."""
+
+    exit_code = 2
+
+
+class ConfigError(FreezetuneError):
+    """The config file or an override is invalid.
+
+    Attributes:
+        problems: One human-readable line per problem, each naming the dotted key and its source.
+    """
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class FreezeError(FreezetuneError):
+    """A freeze spec cannot be applied (unknown pattern, nothing left to train...)."""
+
+
+class WeightsError(FreezetuneError):
+    """A weights file is missing, unreadable, unsafe or does not fit the model."""
+
+
+class DataError(FreezetuneError):
+    """A dataset root, class folder or image is missing or unreadable."""
+
+
+class DeviceError(FreezetuneError):
+    """The requested device is not available."""
+
+
+class RunDirError(FreezetuneError):
+    """The run folder cannot be created, written, or would be overwritten."""
+
+
+class NonFiniteLossError(FreezetuneError):
+    """Training produced a NaN or infinite loss."""

@@ -1,0 +1,230 @@
+"""Building the network and loading its starting weights.
+
+Weights come from torchvision's own cache and download (``imagenet``), a local file (``.pth``/``.pt``
+loaded with ``weights_only=True``, or ``.safetensors``), or nowhere (``none``). ``auto`` prefers
+ImageNet but never blocks an offline machine: it falls back to random init and says so loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from freezetune.config import ModelConfig
+from freezetune.errors import WeightsError
+
+# How long ``weights: auto`` may spend trying to download before giving up on ImageNet.
+AUTO_DOWNLOAD_TIMEOUT_S = 10.0
+
+# Freeze points in forward order: each stage lists the top-level modules it covers.
+RESNET_STAGES: dict[str, tuple[str, ...]] = {
+    "stem": ("conv1", "bn1", "relu", "maxpool"),
+    "layer1": ("layer1",),
+    "layer2": ("layer2",),
+    "layer3": ("layer3",),
+    "layer4": ("layer4",),
+    "head": ("avgpool", "fc"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model plus where its weights came from.
+
+    Attributes:
+        model: The network, on the CPU.
+        weights_source: ``imagenet``, ``random-init`` or the weights file path.
+        notice: A warning for the user (e.g. ``auto`` fell back to random init), or None.
+        head_replaced: Whether the classifier was swapped for ``num_classes`` outputs.
+    """
+
+    model: nn.Module
+    weights_source: str
+    notice: str | None = None
+    head_replaced: bool = False
+
+
+def stages(model_name: str) -> dict[str, tuple[str, ...]]:
+    """Returns the ordered freeze points of a model (stage name -> top-level modules)."""
+    if model_name.startswith("resnet"):
+        return RESNET_STAGES
+    raise WeightsError(f"no freeze points known for model {model_name!r}")
+
+
+def build_model(cfg: ModelConfig) -> LoadedModel:
+    """Creates the model and loads its weights as ``cfg.weights`` says.
+
+    Args:
+        cfg: The ``model`` section of the config.
+
+    Returns:
+        The model with weights loaded and the head sized for ``cfg.num_classes``.
+
+    Raises:
+        WeightsError: If the weights cannot be had or do not fit.
+    """
+    model = torchvision.models.get_model(cfg.name, weights=None)
+    notice = None
+    if cfg.weights == "none":
+        source = "random-init"
+    elif cfg.weights == "imagenet":
+        _load_state(model, imagenet_state_dict(cfg.name, allow_download=True), "imagenet")
+        source = "imagenet"
+    elif cfg.weights == "auto":
+        try:
+            state = imagenet_state_dict(cfg.name, allow_download=True, timeout=AUTO_DOWNLOAD_TIMEOUT_S)
+            _load_state(model, state, "imagenet")
+            source = "imagenet"
+        except WeightsError as e:
+            source = "random-init"
+            notice = (
+                f"ImageNet weights unavailable ({e}); training from RANDOM INIT. "
+                "Frozen random layers make a poor feature extractor: use weights: imagenet "
+                "or a weights file for real fine-tuning."
+            )
+    else:
+        state = read_weights_file(cfg.weights)
+        head_replaced = _fit_head(model, state, cfg.num_classes)
+        _load_state(model, state, cfg.weights)
+        return LoadedModel(model, str(cfg.weights), None, head_replaced)
+    head_replaced = _replace_head(model, cfg.num_classes)
+    return LoadedModel(model, source, notice, head_replaced)
+
+
+def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None = None) -> dict:
+    """Fetches torchvision's published ImageNet weights through torchvision's cache.
+
+    Args:
+        name: torchvision model name, e.g. ``resnet18``.
+        allow_download: Whether to download when the file is not in the cache.
+        timeout: Socket timeout for the download, in seconds.
+
+    Returns:
+        The state dict.
+
+    Raises:
+        WeightsError: With instructions for placing the file by hand when it cannot be had.
+    """
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    filename = os.path.basename(weights.url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.exists():
+        return _torch_load(cached)
+    how = (
+        f"download {weights.url} and place it at {cached} (or set TORCH_HOME), "
+        "or set model.weights to a .pth/.safetensors path, or to none"
+    )
+    if not allow_download or os.environ.get("FREEZETUNE_OFFLINE"):
+        raise WeightsError(f"{filename} is not in torchvision's cache; {how}")
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # network errors come in many types (URLError, socket, http)
+        raise WeightsError(f"cannot download {filename} ({_short(e)}); {how}") from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a state dict from ``.safetensors`` or, without unpickling code, ``.pth``/``.pt``.
+
+    Raises:
+        WeightsError: If the file is missing or is not a safe state dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path}: not a valid safetensors file ({_short(e)})") from None
+    else:
+        state = _torch_load(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a freezetune checkpoint.pt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    return state
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors have no common base class
+        raise WeightsError(f"{path}: cannot load safely with weights_only=True ({_short(e)})") from None
+
+
+def _head(model: nn.Module) -> tuple[str, nn.Linear]:
+    return "fc", model.fc
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> bool:
+    name, head = _head(model)
+    if head.out_features == num_classes:
+        return False
+    setattr(model, name, nn.Linear(head.in_features, num_classes))
+    return True
+
+
+def _fit_head(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int) -> bool:
+    """Sizes the head for the file, then drops the file's head if it is not ``num_classes`` wide."""
+    name, head = _head(model)
+    w = state.get(f"{name}.weight")
+    if w is None or w.ndim != 2:
+        return _replace_head(model, num_classes)
+    if w.shape[0] == num_classes:
+        _replace_head(model, num_classes)
+        return False
+    # The file's head is for other classes: keep the backbone, start a fresh head.
+    for key in (f"{name}.weight", f"{name}.bias"):
+        state.pop(key, None)
+    _replace_head(model, num_classes)
+    return True
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Loads strictly, but tolerates a missing head (it was replaced on purpose)."""
+    own = model.state_dict()
+    head_name, _ = _head(model)
+    if source == "imagenet":
+        # ImageNet heads have 1000 outputs; the head is replaced after loading.
+        head_keys = {f"{head_name}.weight", f"{head_name}.bias"}
+        state = {k: v for k, v in state.items() if k not in head_keys or own[k].shape == v.shape}
+    missing = [k for k in own if k not in state and not k.startswith(f"{head_name}.")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_few(unexpected)}")
+        if wrong:
+            parts.append(f"shape mismatch: {_few(wrong)}")
+        raise WeightsError(f"{source}: weights do not fit the model; " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

@@ -1,0 +1,113 @@
+"""The run folder: creating it safely and writing files that are never half-written.
+
+Every file is written to a temporary sibling, flushed and fsynced, then renamed over the target.
+A rename is atomic on POSIX filesystems, so a reader (or a run killed mid-write) sees either the
+old complete file or the new complete file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from freezetune.errors import RunDirError
+
+
+def prepare_run_dir(path: str | Path, overwrite: bool, resume: bool = False) -> Path:
+    """Creates the run folder, refusing to reuse a non-empty one unless allowed.
+
+    Args:
+        path: The folder.
+        overwrite: Whether an existing non-empty folder may be written into.
+        resume: Whether the folder is being continued (it must then exist).
+
+    Raises:
+        RunDirError: If the folder holds a previous run, cannot be created, or is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"output.dir {path}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise RunDirError(
+            f"output.dir {path}: folder is not empty; choose another output.dir "
+            "or set output.overwrite=true"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise RunDirError(f"output.dir {path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[object], None], mode: str = "wb") -> None:
+    """Writes a file through ``write(fileobj)`` to a temp sibling, fsyncs it, and renames it over.
+
+    The previous file at ``path`` stays intact until the new one is complete on disk.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomically writes pretty-printed JSON."""
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=str) + "\n"), mode="w")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically writes a text file."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+class MetricsLog:
+    """Appends one JSON object per line and flushes it, so a killed run keeps every finished step."""
+
+    def __init__(self, path: str | Path, append: bool = False):
+        self._f = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: dict) -> None:
+        """Writes one record and flushes it to the OS."""
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        """Closes the file."""
+        self._f.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Reads a JSON-lines file (ignores a torn last line from a killed writer)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
