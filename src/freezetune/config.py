@@ -260,7 +260,9 @@ def dump_config(config: Config) -> str:
 def _describe(err: dict, source: str, origin: dict[str, str]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "(top level)"
-    where = f"override {origin[key]!r}" if key in origin else source
+    # A section-level problem (e.g. two freeze selectors) may come from an override inside it.
+    hits = [text for k, text in origin.items() if k == key or k.startswith(key + ".")]
+    where = ", ".join(f"override {t!r}" for t in hits) if hits else source
     if err["type"] == "extra_forbidden":
         msg = "unknown key" + _suggest(loc)
     else:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from freezetune.config import FreezeConfig
+from freezetune.config import FreezeConfig, ModelConfig
 from freezetune.errors import FreezeError
-from freezetune.model import stages
+from freezetune.model import build_model, stages
 
 
 @dataclass
@@ -131,7 +131,17 @@ def apply_freeze(model: nn.Module, spec: FreezeConfig, model_name: str) -> Freez
 
 def unfreeze_all(model: nn.Module) -> FreezePlan:
     """Makes every parameter trainable (the ``full`` arm of a comparison)."""
-    return apply_freeze(model, FreezeConfig(), "resnet18")
+    return apply_freeze(model, FreezeConfig(), "")
+
+
+def preview(model_cfg: ModelConfig, spec: FreezeConfig) -> tuple[nn.Module, FreezePlan]:
+    """Applies a freeze spec to a randomly initialised model of the configured shape.
+
+    The split into trainable and frozen parameters does not depend on weight values, so this
+    checks patterns and counts parameters without loading (or downloading) any weights.
+    """
+    model = build_model(model_cfg.model_copy(update={"weights": "none"})).model
+    return model, apply_freeze(model, spec, model_cfg.name)
 
 
 def set_train_mode(model: nn.Module, plan: FreezePlan, mode: bool = True) -> None:

@@ -37,8 +37,8 @@ def prepare_run_dir(path: str | Path, overwrite: bool, resume: bool = False) -> 
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
     except OSError as e:
         raise RunDirError(f"output.dir {path}: cannot write there ({e.strerror or e})") from None
     return path

@@ -68,7 +68,12 @@ def validate(
     config: Path = CONFIG_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Check a config (and overrides) and print the resolved config."""
+    """Check a config (and overrides), including its freeze patterns, and print the resolved config."""
+    from freezetune.freeze import preview
+    from freezetune.params import count_params, trainable_line
+
     cfg = load_config(config, overrides or [])
+    model, _ = preview(cfg.model, cfg.freeze)
     console.print(Syntax(dump_config(cfg), "yaml", theme="ansi_dark", background_color="default"))
+    console.print(trainable_line(count_params(model)))
     console.print(f"[green]ok[/]: {config} is valid")

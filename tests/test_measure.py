@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from freezetune.errors import DeviceError
+from freezetune.measure import peak_memory, percentile, resolve_device, timing_stats
+
+
+def test_percentile_interpolates():
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([0, 10], 10) == pytest.approx(1.0)
+    assert percentile([7], 90) == 7
+
+
+def test_timing_stats():
+    s = timing_stats([0.1, 0.2, 0.3, 0.4, 10.0], batch_size=8)
+    assert s["step_median_s"] == 0.3 and s["samples_per_s"] == pytest.approx(8 / 0.3)
+    assert s["step_p10_s"] < s["step_median_s"] < s["step_p90_s"]
+    assert timing_stats([], 8)["step_median_s"] is None
+
+
+def test_devices():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_cpu_peak_memory_is_process_rss():
+    mem = peak_memory(torch.device("cpu"))
+    assert mem["kind"] == "process_peak_rss" and mem["peak_bytes"] > 10 * 2**20
