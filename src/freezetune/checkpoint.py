@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,14 +72,45 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling, zip and weights_only errors share no base class
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise WeightsError(f"{path}: cannot load checkpoint safely ({first})") from None
+    ckpt = safe_torch_load(path, "checkpoint")
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= set(ckpt):
         raise WeightsError(f"{path}: not a freezetune checkpoint (needs model, optimizer, step)")
     return ckpt
+
+
+def safe_torch_load(path: Path, what: str = "weights"):
+    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never code.
+
+    Args:
+        path: A ``.pt``/``.pth`` file.
+        what: What the file should be, for the error message (``weights``, ``checkpoint``).
+
+    Raises:
+        WeightsError: One line saying why the file was refused or could not be read.
+    """
+    try:
+        with warnings.catch_warnings():
+            # torch warns about e.g. pickle protocols right before failing; the error says it all.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling, zip and weights_only errors share no base class
+        text = str(e)
+        if "WeightsUnpickler error" in text:
+            after = text.split("WeightsUnpickler error:", 1)[1]
+            detail = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+            detail = detail.split(" was not an allowed global")[0][:120]
+            if "global" in detail.lower():
+                raise WeightsError(
+                    f"{path}: refused: unpickling it would call code ({detail}); freezetune "
+                    "loads with weights_only=True and never runs pickled code; re-save it as a state "
+                    "dict of tensors or as .safetensors"
+                ) from None
+            raise WeightsError(
+                f"{path}: not a {what} file written by torch.save "
+                f"(weights_only=True loading stopped at: {detail})"
+            ) from None
+        first = (text.strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"{path}: cannot load {what} safely with weights_only=True ({first})") from None
 
 
 def _as_tuple(x):

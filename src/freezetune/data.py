@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,18 +49,25 @@ class EpochSampler(Sampler[int]):
         size: Number of samples.
         seed: Run seed.
         epoch: Epoch number; each epoch gets its own permutation.
-        start: Index into the permutation to start from (samples already seen are skipped).
+        start: Index into this rank's share to start from (samples already seen are skipped).
+        rank: This process's rank under torchrun.
+        world_size: Number of processes; each takes every world_size-th sample of the permutation.
     """
 
-    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0):
+    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1):
         self.size, self.seed, self.epoch, self.start = size, seed, epoch, start
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g)[self.start :].tolist())
+        order = torch.randperm(self.size, generator=g)
+        # Every rank takes an equal share (a remainder of < world_size samples is dropped), so all
+        # ranks run the same number of steps and DDP's collectives never wait on a finished rank.
+        order = order[: len(order) - len(order) % self.world_size][self.rank :: self.world_size]
+        return iter(order[self.start :].tolist())
 
     def __len__(self) -> int:
-        return max(0, self.size - self.start)
+        return max(0, self.size // self.world_size - self.start)
 
 
 def synthetic_dataset(size: int, image_size: int, num_classes: int, seed: int) -> TensorDataset:
@@ -104,8 +112,9 @@ def synthetic_dataset(size: int, image_size: int, num_classes: int, seed: int) -
 class CheckedImageFolder(Dataset):
     """torchvision ImageFolder that names the file when an image cannot be read.
 
-    With ``skip_bad=True`` an unreadable image yields None (dropped by :func:`collate_skip_none`)
-    and a warning, instead of an error.
+    With ``skip_bad=True`` files PIL cannot open or verify are dropped up front, each with a
+    warning, so that no batch can consist of bad images only; a file that still fails to decode
+    later yields None (dropped by :func:`collate_skip_none`) and a warning, instead of an error.
     """
 
     def __init__(self, root: Path, transform, skip_bad: bool):
@@ -117,6 +126,12 @@ class CheckedImageFolder(Dataset):
             raise DataError(f"{root}: no class folders with images ({_short(e)})") from None
         self.skip_bad = skip_bad
         self.classes = self.inner.classes
+        if skip_bad:
+            kept = [s for s in self.inner.samples if _openable(s[0])]
+            if not kept:
+                raise DataError(f"{root}: no readable images (every file was skipped)")
+            self.inner.samples = self.inner.imgs = kept
+            self.inner.targets = [t for _, t in kept]
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -133,6 +148,19 @@ class CheckedImageFolder(Dataset):
                 f"{path}: cannot read image ({_short(e)}); fix or remove it, "
                 "or set data.skip_bad_images: true"
             ) from None
+
+
+def _openable(path: str) -> bool:
+    """Whether PIL can identify and verify the file (cheap: no full decode)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception as e:  # PIL raises several unrelated types for bad files
+        log.warning("skipping unreadable image %s (%s)", path, _short(e))
+        return False
 
 
 def collate_skip_none(batch):
@@ -220,8 +248,18 @@ def make_loader(
     num_workers: int,
     sampler: Sampler | None = None,
     pin_memory: bool = False,
+    seed: int = 0,
 ) -> DataLoader:
-    """Returns a DataLoader; pass an :class:`EpochSampler` for training, None for evaluation."""
+    """Returns a DataLoader; pass an :class:`EpochSampler` for training, None for evaluation.
+
+    Args:
+        dataset: The dataset.
+        batch_size: Samples per batch.
+        num_workers: Worker processes (0 loads in the main process).
+        sampler: The sample order, or None for dataset order.
+        pin_memory: Whether to pin batches for faster host-to-device copies.
+        seed: Seeds the workers' RNGs (and so worker-side augmentation).
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -231,7 +269,20 @@ def make_loader(
         pin_memory=pin_memory,
         collate_fn=collate_skip_none,
         persistent_workers=False,
+        # Without its own generator every new iterator draws its worker seed from the global torch
+        # RNG, even with num_workers=0; a run resumed mid-epoch would then see different
+        # main-process augmentation than the uninterrupted run.
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C in a terminal (and SIGTERM sent to a process group) reaches the workers too. The main
+    # process turns it into "stop after this step"; a worker dying of it would instead crash the
+    # step being finished. The main process still shuts its workers down when it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _short(e: BaseException) -> str:

@@ -3,6 +3,10 @@
 Weights come from torchvision's own cache and download (``imagenet``), a local file (``.pth``/``.pt``
 loaded with ``weights_only=True``, or ``.safetensors``), or nowhere (``none``). ``auto`` prefers
 ImageNet but never blocks an offline machine: it falls back to random init and says so loudly.
+
+Any torchvision classification model can be built (see :mod:`freezetune.zoo` for their freeze
+points); its classifier layer (ResNet ``fc``, MobileNet/EfficientNet/ConvNeXt ``classifier[-1]``,
+ViT ``heads.head``) is replaced to give ``num_classes`` outputs.
 """
 
 from __future__ import annotations
@@ -17,21 +21,18 @@ import torchvision
 from torch import nn
 
 from freezetune.config import ModelConfig
-from freezetune.errors import WeightsError
+from freezetune.errors import ConfigError, WeightsError
+from freezetune.zoo import (  # noqa: F401 - RESNET_STAGES and stages are part of this module's API
+    AUX_PREFIXES,
+    RESNET_STAGES,
+    build,
+    head_path,
+    input_size_rule,
+    stages,
+)
 
 # How long ``weights: auto`` may spend trying to download before giving up on ImageNet.
 AUTO_DOWNLOAD_TIMEOUT_S = 10.0
-
-# Freeze points in forward order: each stage lists the top-level modules it covers.
-RESNET_STAGES: dict[str, tuple[str, ...]] = {
-    "stem": ("conv1", "bn1", "relu", "maxpool"),
-    "layer1": ("layer1",),
-    "layer2": ("layer2",),
-    "layer3": ("layer3",),
-    "layer4": ("layer4",),
-    "head": ("avgpool", "fc"),
-}
-
 
 @dataclass
 class LoadedModel:
@@ -50,13 +51,6 @@ class LoadedModel:
     head_replaced: bool = False
 
 
-def stages(model_name: str) -> dict[str, tuple[str, ...]]:
-    """Returns the ordered freeze points of a model (stage name -> top-level modules)."""
-    if model_name.startswith("resnet"):
-        return RESNET_STAGES
-    raise WeightsError(f"no freeze points known for model {model_name!r}")
-
-
 def build_model(cfg: ModelConfig) -> LoadedModel:
     """Creates the model and loads its weights as ``cfg.weights`` says.
 
@@ -69,17 +63,18 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
     Raises:
         WeightsError: If the weights cannot be had or do not fit.
     """
-    model = torchvision.models.get_model(cfg.name, weights=None)
+    model = build(cfg.name)
+    _guard_input_size(model, cfg.name)
     notice = None
     if cfg.weights == "none":
         source = "random-init"
     elif cfg.weights == "imagenet":
-        _load_state(model, imagenet_state_dict(cfg.name, allow_download=True), "imagenet")
+        _load_imagenet(model, imagenet_state_dict(cfg.name, allow_download=True))
         source = "imagenet"
     elif cfg.weights == "auto":
         try:
             state = imagenet_state_dict(cfg.name, allow_download=True, timeout=AUTO_DOWNLOAD_TIMEOUT_S)
-            _load_state(model, state, "imagenet")
+            _load_imagenet(model, state)
             source = "imagenet"
         except WeightsError as e:
             source = "random-init"
@@ -93,8 +88,48 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
         head_replaced = _fit_head(model, state, cfg.num_classes)
         _load_state(model, state, cfg.weights)
         return LoadedModel(model, str(cfg.weights), None, head_replaced)
-    head_replaced = _replace_head(model, cfg.num_classes)
+    head_replaced = replace_head(model, cfg.num_classes)
     return LoadedModel(model, source, notice, head_replaced)
+
+
+def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    _load_state(model, state, "imagenet")
+    if hasattr(model, "transform_input"):
+        # GoogLeNet/Inception: torchvision's ImageNet weights expect its input re-normalisation.
+        model.transform_input = True
+
+
+class InputSizeCheck:
+    """Forward pre-hook: a one-line config error instead of a shape error deep inside the model.
+
+    Args:
+        name: torchvision model name, for the message.
+        exact: The only image size the model accepts (ViT position embeddings, MaxViT windows).
+        minimum: The smallest image size its downsampling survives.
+    """
+
+    def __init__(self, name: str, exact: int | None, minimum: int | None):
+        self.name, self.exact, self.minimum = name, exact, minimum
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        """Raises ConfigError if the batch's images do not have a size the model accepts."""
+        h, w = args[0].shape[-2:]
+        if self.exact is not None and (h, w) != (self.exact, self.exact):
+            raise ConfigError(
+                f"data.image_size: {self.name} is built for {self.exact}x{self.exact} images "
+                f"(got {h}x{w}); set data.image_size: {self.exact}"
+            )
+        if self.minimum is not None and min(h, w) < self.minimum:
+            raise ConfigError(
+                f"data.image_size: {self.name} needs images of at least {self.minimum}x{self.minimum} "
+                f"(got {h}x{w}); raise data.image_size"
+            )
+
+
+def _guard_input_size(model: nn.Module, name: str) -> None:
+    exact, minimum = input_size_rule(name)
+    if exact is not None or minimum is not None:
+        model.register_forward_pre_hook(InputSizeCheck(name, exact, minimum))
 
 
 def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None = None) -> dict:
@@ -159,21 +194,32 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors have no common base class
-        raise WeightsError(f"{path}: cannot load safely with weights_only=True ({_short(e)})") from None
+    from freezetune.checkpoint import safe_torch_load
+
+    return safe_torch_load(path, "weights")
 
 
-def _head(model: nn.Module) -> tuple[str, nn.Linear]:
-    return "fc", model.fc
+def _head(model: nn.Module) -> tuple[str, nn.Module]:
+    name = head_path(model)
+    return name, model.get_submodule(name)
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> bool:
+def replace_head(model: nn.Module, num_classes: int) -> bool:
+    """Swaps the classifier layer for a fresh one with ``num_classes`` outputs (if it differs).
+
+    Returns:
+        Whether the head was replaced.
+    """
     name, head = _head(model)
-    if head.out_features == num_classes:
-        return False
-    setattr(model, name, nn.Linear(head.in_features, num_classes))
+    if isinstance(head, nn.Conv2d):  # SqueezeNet classifies with a 1x1 convolution
+        if head.out_channels == num_classes:
+            return False
+        new = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, bias=head.bias is not None)
+    else:
+        if head.out_features == num_classes:
+            return False
+        new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    model.set_submodule(name, new)
     return True
 
 
@@ -181,15 +227,15 @@ def _fit_head(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int
     """Sizes the head for the file, then drops the file's head if it is not ``num_classes`` wide."""
     name, head = _head(model)
     w = state.get(f"{name}.weight")
-    if w is None or w.ndim != 2:
-        return _replace_head(model, num_classes)
+    if w is None or w.ndim != head.weight.ndim:
+        return replace_head(model, num_classes)
     if w.shape[0] == num_classes:
-        _replace_head(model, num_classes)
+        replace_head(model, num_classes)
         return False
     # The file's head is for other classes: keep the backbone, start a fresh head.
     for key in (f"{name}.weight", f"{name}.bias"):
         state.pop(key, None)
-    _replace_head(model, num_classes)
+    replace_head(model, num_classes)
     return True
 
 
@@ -197,6 +243,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     """Loads strictly, but tolerates a missing head (it was replaced on purpose)."""
     own = model.state_dict()
     head_name, _ = _head(model)
+    # GoogLeNet/Inception are built without their auxiliary classifiers; ImageNet files hold them.
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(AUX_PREFIXES)}
     if source == "imagenet":
         # ImageNet heads have 1000 outputs; the head is replaced after loading.
         head_keys = {f"{head_name}.weight", f"{head_name}.bias"}

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from freezetune.errors import RunDirError
 
+# Suffix of the temp siblings atomic_write renames into place; a killed writer leaves one behind.
+TEMP_SUFFIX = ".tmp"
+
 
 def prepare_run_dir(path: str | Path, overwrite: bool, resume: bool = False) -> Path:
     """Creates the run folder, refusing to reuse a non-empty one unless allowed.
@@ -50,8 +53,10 @@ def atomic_write(path: str | Path, write: Callable[[object], None], mode: str = 
     The previous file at ``path`` stays intact until the new one is complete on disk.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        # mkstemp creates the file 0600; give it the permissions a plain open() would have.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -61,6 +66,22 @@ def atomic_write(path: str | Path, write: Callable[[object], None], mode: str = 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Deletes temp files left by :func:`atomic_write` in a process that was killed mid-write.
+
+    Only call this on a folder no other process is writing to (e.g. when resuming a run).
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -98,6 +119,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,279 @@
+"""Checkpoints: never half-written, never executing code, kept when the loss blows up."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from freezetune.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from freezetune.cli import app
+from freezetune.config import dump_config, load_config
+from freezetune.errors import WeightsError
+from freezetune.export import TRAINABLE_NAME, load_trainable
+from freezetune.model import read_weights_file
+from freezetune.runfolder import read_jsonl, remove_stale_temps
+from freezetune.train import save, setup
+
+TINY = {
+    "device": "cpu",
+    "model.weights": "none",
+    "model.num_classes": 4,
+    "data.image_size": 32,
+    "data.batch_size": 4,
+    "data.train_size": 16,
+    "data.val_size": 0,
+    "train.warmup_steps": 0,
+}
+
+
+def overrides(out: Path, **extra) -> list[str]:
+    values = {**TINY, "output.dir": str(out), **{k.replace("__", "."): v for k, v in extra.items()}}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def stderr_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def temps(folder: Path) -> list[Path]:
+    return list(folder.glob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+
+
+class Linear(torch.nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((64, 64), value))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = Linear(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path, model, opt, {"step": 1, "epoch": 0, "batch_in_epoch": 1})
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+
+    def torn_save(obj, f):
+        f.write(b"PK\x03\x04 half a zip")  # a crash after writing part of the new file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, Linear(2.0), opt, {"step": 2, "epoch": 0, "batch_in_epoch": 2})
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 1
+    assert temps(tmp_path) == []
+
+
+def test_checkpoint_files_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        model = Linear(1.0)
+        save_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 0})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / CHECKPOINT_NAME).stat().st_mode) == 0o644
+
+
+def _save_forever(run, first_step: int) -> None:
+    """Child process body: save checkpoints back to back until killed."""
+    try:
+        torch.set_num_threads(1)  # no OpenMP pool in a forked child
+        step = first_step
+        while True:
+            step += 1
+            run.progress.update(step=step, batch_in_epoch=step)
+            save(run)
+    finally:
+        os._exit(1)
+
+
+def test_sigkill_at_random_moments_while_saving_leaves_loadable_checkpoints(tmp_path):
+    # Every parameter trains: checkpoint.pt holds weights + momentum (~90 MB), the trainable file
+    # the weights (~45 MB), so each save takes long enough to be hit mid-write.
+    run = setup(load_config(None, overrides(tmp_path / "run")))
+    save(run)
+    rng = random.Random(0)
+    hit_mid_write, full_steps = 0, set()
+    for round_ in range(1, 7):
+        stale = {p.name for p in temps(run.run_dir)}  # left by earlier kills
+        pid = os.fork()
+        if pid == 0:
+            _save_forever(run, 1000 * round_)
+        # Kill while one of the two files is being written: which file, in which of the child's
+        # first two saves, and how far into the write are drawn at random.
+        target = rng.choice([f".{TRAINABLE_NAME}.", f".{CHECKPOINT_NAME}."])
+        nth, seen = rng.choice([1, 2]), set()
+        deadline = time.monotonic() + 30
+        while len(seen) < nth:
+            seen |= {p.name for p in temps(run.run_dir) if p.name.startswith(target)} - stale
+            assert time.monotonic() < deadline, "no save seen"
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.05))
+        hit_mid_write += bool({p.name for p in temps(run.run_dir)} - stale)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        full = load_checkpoint(run.run_dir / CHECKPOINT_NAME)
+        trainable = load_trainable(run.run_dir)
+        assert set(trainable.tensors) == set(full["model"])
+        # checkpoint.pt is written last: the trainable file is never older than it.
+        assert trainable.manifest["step"] >= full["step"]
+        full_steps.add(full["step"])
+    assert hit_mid_write >= 1  # otherwise the test killed only between saves
+    assert len(full_steps) >= 2  # and saves did complete between kills
+    remove_stale_temps(run.run_dir)
+    assert temps(run.run_dir) == []
+
+
+def test_sigkilled_cli_run_resumes_without_losing_or_repeating_a_step(tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    args = overrides(out, train__epochs=1000, train__checkpoint_every=1)
+    env = {**os.environ, "FREEZETUNE_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "freezetune", "train", "--config", str(tmp_path / "config.yaml"), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # Wait for a second save to be under way, then kill without warning.
+        while not ((out / CHECKPOINT_NAME).exists() and temps(out)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint save seen"
+            time.sleep(0.001)
+        time.sleep(random.Random(1).uniform(0, 0.02))
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    done = load_checkpoint(out / CHECKPOINT_NAME)["step"]
+    assert load_trainable(out).manifest["step"] >= done
+
+    result = cli("train", "--resume", out, f"train.max_steps={done + 2}")
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, done + 3))
+    assert temps(out) == []
+
+
+# --------------------------------------------------------------------------------------------
+# safe loading
+
+
+class RunsCode:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker likes."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _evil_file(path: Path, marker: Path, fmt: str) -> Path:
+    payload = {"model": {"fc.weight": RunsCode(marker)}, "optimizer": {}, "step": 1}
+    if fmt == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "torch-zip"])
+def test_the_crafted_pickle_really_runs_code_when_unpickled_unsafely(tmp_path, fmt):
+    # Proves the payload used below is live, so the rejections are meaningful.
+    evil = _evil_file(tmp_path / "evil.pth", tmp_path / "pwned", fmt)
+    if fmt == "pickle":
+        pickle.loads(evil.read_bytes())
+    else:
+        torch.load(evil, weights_only=False)
+    assert (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "torch-zip"])
+def test_crafted_pickle_as_model_weights_is_rejected_without_running(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    evil = _evil_file(tmp_path / "evil.pth", marker, fmt)
+    with pytest.raises(WeightsError, match="weights_only=True") as err:
+        read_weights_file(evil)
+    if fmt == "torch-zip":  # protocol 2: the unpickler reaches the call to open() and refuses it
+        assert "would call code" in str(err.value)
+    (tmp_path / "c.yaml").write_text("seed: 0\n")
+    result = cli("train", "-c", tmp_path / "c.yaml", *overrides(tmp_path / "run", model__weights=evil))
+    assert result.exit_code == 2
+    (line,) = stderr_lines(result)
+    assert "evil.pth" in line and "Traceback" not in result.output
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "torch-zip"])
+def test_crafted_pickle_as_checkpoint_is_rejected_without_running(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_config(load_config(None, overrides(out))))
+    _evil_file(out / CHECKPOINT_NAME, marker, fmt)
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        load_checkpoint(out / CHECKPOINT_NAME)
+    result = cli("train", "--resume", out)
+    assert result.exit_code == 2
+    (line,) = stderr_lines(result)
+    assert CHECKPOINT_NAME in line and "Traceback" not in result.output
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    model = Linear(1.0)
+    save_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 0})
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(WeightsError, match="checkpoint.*weights_only=True"):
+        load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite loss
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    # lr 1e38: step 1 is finite but its update overflows the logits, so step 2's loss is NaN.
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text("seed: 0\n")
+    args = overrides(out, optim__lr="1.0e+38", train__checkpoint_every=1, freeze__trainable="[fc]")
+    result = cli("train", "-c", tmp_path / "c.yaml", *args)
+    assert result.exit_code == 2
+    (line,) = stderr_lines(result)
+    assert "at step 2" in line and ("nan" in line or "inf" in line)
+    assert "last good checkpoint (step 1)" in line and "Traceback" not in result.output
+    ckpt = load_checkpoint(out / CHECKPOINT_NAME)
+    assert ckpt["step"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert load_trainable(out / TRAINABLE_NAME).manifest["step"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "nonfinite" and summary["steps"] == 1
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path):
+    (tmp_path / "c.yaml").write_text("seed: 0\n")
+    args = overrides(tmp_path / "run", optim__lr="1.0e+38", freeze__trainable="[fc]")
+    result = cli("train", "-c", tmp_path / "c.yaml", *args)
+    assert result.exit_code == 2
+    (line,) = stderr_lines(result)
+    assert "at step 2" in line and "no checkpoint had been saved yet" in line
+    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
