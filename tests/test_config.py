@@ -94,3 +94,9 @@ def test_int_accepted_for_float_and_round_trip():
     cfg = load_config(None, ["optim.lr=1"])
     assert cfg.optim.lr == 1.0
     assert Config.model_validate(cfg.to_dict()) == cfg
+
+
+def test_scientific_notation_is_a_float():
+    # YAML 1.1 reads 1e-3 as a string; users mean a number.
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001
+    assert parse_override("output.dir=run1e3") == (["output", "dir"], "run1e3")

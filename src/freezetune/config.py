@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from freezetune.errors import ConfigError
 
-# Model names we know how to freeze by stage; see model.py for what each means.
+# The ResNets: the default family, with fixed freeze points and the frozen-prefix fast path. Any
+# torchvision classification model is accepted; freezetune.zoo lists them with their freeze points.
 MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 WEIGHTS_KEYWORDS = ("imagenet", "auto", "none")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -40,8 +41,12 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model {v!r}; choose one of {', '.join(MODEL_NAMES)}")
+        from freezetune.zoo import check_model_name  # imports torchvision: only when validating
+
+        try:
+            check_model_name(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return v
 
     @field_validator("weights")
@@ -56,6 +61,14 @@ class ModelConfig(_Strict):
         return v
 
 
+class UnfreezeStep(_Strict):
+    """One phase of gradual unfreezing: at the start of ``epoch``, these patterns start training."""
+
+    epoch: int = Field(ge=1)
+    unfreeze: list[str] = Field(min_length=1)
+    lr_mult: float = Field(1.0, gt=0)
+
+
 class FreezeConfig(_Strict):
     """Which parameters train. At most one of ``trainable``, ``frozen`` or ``until``."""
 
@@ -63,6 +76,15 @@ class FreezeConfig(_Strict):
     frozen: list[str] | None = None
     until: str | None = None
     batchnorm: Literal["frozen", "train"] = "frozen"
+    schedule: list[UnfreezeStep] = Field(default_factory=list)
+
+    @field_validator("schedule")
+    @classmethod
+    def _increasing(cls, v: list[UnfreezeStep]) -> list[UnfreezeStep]:
+        epochs = [s.epoch for s in v]
+        if epochs != sorted(set(epochs)):
+            raise ValueError(f"schedule epochs must be strictly increasing (got {epochs})")
+        return v
 
     @model_validator(mode="after")
     def _one_selector(self) -> FreezeConfig:
@@ -97,6 +119,14 @@ class DataConfig(_Strict):
         return self
 
 
+class ParamGroupRule(_Strict):
+    """Discriminative learning rates: trainable parameters whose names match get ``lr * lr_mult``."""
+
+    match: str | list[str]
+    lr_mult: float = Field(1.0, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+
 class OptimConfig(_Strict):
     """SGD with momentum; it only ever receives the trainable parameters."""
 
@@ -104,6 +134,12 @@ class OptimConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     nesterov: bool = False
+    param_groups: list[ParamGroupRule] = Field(default_factory=list)
+    scheduler: Literal["none", "cosine", "step"] = "none"
+    warmup_steps: int = Field(0, ge=0)
+    step_size: int = Field(100, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr_mult: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> OptimConfig:
@@ -121,6 +157,18 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int | None = Field(None, ge=1)
     stop_on_nonfinite: bool = True
+    feature_cache: Literal["auto", "on", "off"] = "off"
+    feature_cache_max_bytes: int = Field(2 * 2**30, ge=0)
+    fold_batchnorm: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML 1.1 reads a bare on/off as a boolean; the user meant the word.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class OutputConfig(_Strict):
@@ -158,6 +206,21 @@ class Config(_Strict):
 # Loading
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``; users don't)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Splits ``a.b=value`` on the first ``=`` and parses the value as YAML.
 
@@ -175,7 +238,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({_first_line(e)})") from e
     return key.split("."), value
@@ -213,7 +276,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config ({e})") from e
     try:
-        data = yaml.safe_load(text)
+        data = _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

@@ -28,12 +28,16 @@ from freezetune import __version__
 from freezetune.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
 from freezetune.config import Config, dump_config, load_config
 from freezetune.data import Data, EpochSampler, build_data, make_loader
-from freezetune.errors import ConfigError, NonFiniteLossError, RunDirError
+from freezetune.errors import ConfigError, NonFiniteLossError, RunDirError, WeightsError
+from freezetune.export import checkpoint_sizes, save_trainable
+from freezetune.fastpath import SplitForward, frozen_prefix, prefix_batchnorm_frozen
+from freezetune.featcache import FeatureCache, IndexedDataset, cache_key, decide
 from freezetune.freeze import (
     FreezePlan,
     apply_freeze,
     combined_sha256,
     fingerprint,
+    frozen_state,
     set_train_mode,
     trainable_parameters,
 )
@@ -47,7 +51,15 @@ from freezetune.measure import (
 )
 from freezetune.model import LoadedModel, build_model
 from freezetune.params import count_params
-from freezetune.runfolder import MetricsLog, prepare_run_dir, read_jsonl, write_json, write_text
+from freezetune.precision import autocast, check_precision, grad_scaler
+from freezetune.runfolder import (
+    MetricsLog,
+    prepare_run_dir,
+    read_jsonl,
+    remove_stale_temps,
+    write_json,
+    write_text,
+)
 
 FINGERPRINT_NAME = "frozen_sha256.json"
 
@@ -89,11 +101,24 @@ class Run:
     frozen_before: dict[str, str]
     progress: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0})
     resumed_from_step: int | None = None
+    saved_step: int | None = None  # step of the newest checkpoint on disk
+    split: SplitForward | None = None
+    cache: FeatureCache | None = None
+    speed: dict = field(default_factory=dict)
+    scaler: torch.amp.GradScaler | None = None
+    compiled: nn.Module | None = None
+    epoch_times: list[dict] = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
         """The network being trained."""
         return self.loaded.model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for images, through the fastest correct path chosen at setup."""
+        if self.split is not None:
+            return self.split(x)
+        return (self.compiled or self.model)(x)
 
 
 @dataclass
@@ -142,12 +167,50 @@ def setup(config: Config, resume: bool = False) -> Run:
     )
     if resume:
         _restore(run)
+        _check_work_left(run)
+        remove_stale_temps(run_dir)  # left by a process killed while saving
+        _truncate_metrics(run)
+        # Record the train.* overrides, so that resuming again continues with them.
+        write_text(run_dir / "config.yaml", dump_config(config))
     else:
         run.frozen_before = fingerprint(loaded.model, plan)
         write_json(run_dir / FINGERPRINT_NAME, run.frozen_before)
         write_text(run_dir / "config.yaml", dump_config(config))
     check_optimizer(run.optimizer, run.model)
+    _setup_speed(run)
     return run
+
+
+def _setup_speed(run: Run) -> None:
+    """Chooses the execution path: frozen-prefix split, BatchNorm folding, cache, precision, layout."""
+    cfg, model = run.config, run.model
+    check_precision(cfg.train.precision, run.device)
+    run.scaler = grad_scaler(cfg.train.precision, run.device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    prefix = frozen_prefix(model, cfg.model.name)
+    bn_frozen = prefix_batchnorm_frozen(model, cfg.model.name, prefix, run.plan)
+    decision = decide(cfg, prefix, bn_frozen)
+    if prefix and (cfg.train.fold_batchnorm or decision.enabled):
+        run.split = SplitForward(model, cfg.model.name, prefix, fold=bn_frozen and cfg.train.fold_batchnorm)
+    if decision.enabled:
+        key = cache_key(model, run.plan, cfg, run.data.train)
+        run.cache = FeatureCache(len(run.data.train), run.run_dir, key, cfg.train.feature_cache_max_bytes)
+    if cfg.train.compile:
+        if run.split is not None:
+            run.split.prefix = torch.compile(run.split.prefix)
+            run.split.head = torch.compile(run.split.head)
+        else:
+            run.compiled = torch.compile(model)
+    run.speed = {
+        "frozen_prefix": prefix,
+        "prefix_without_autograd": run.split is not None,
+        "folded_batchnorm": bool(run.split and run.split.folded),
+        "feature_cache": {"enabled": decision.enabled, "reason": decision.reason},
+        "precision": cfg.train.precision,
+        "channels_last": cfg.train.channels_last,
+        "compile": cfg.train.compile,
+    }
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
@@ -206,15 +269,40 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
 
 
 def _restore(run: Run) -> None:
-    ckpt = load_checkpoint(run.run_dir / CHECKPOINT_NAME)
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    path = run.run_dir / CHECKPOINT_NAME
+    ckpt = load_checkpoint(path)
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.progress = {k: int(ckpt[k]) for k in ("step", "epoch", "batch_in_epoch")}
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first})") from None
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
-    run.progress = {k: int(ckpt[k]) for k in ("step", "epoch", "batch_in_epoch")}
-    run.resumed_from_step = run.progress["step"]
+    run.resumed_from_step = run.saved_step = run.progress["step"]
     fp = run.run_dir / FINGERPRINT_NAME
     run.frozen_before = json.loads(fp.read_text()) if fp.is_file() else fingerprint(run.model, run.plan)
+
+
+def _check_work_left(run: Run) -> None:
+    """Refuses to "resume" a run that already completed (it would only rewrite its summary)."""
+    p, cfg = run.progress, run.config
+    total = planned_steps(cfg, steps_per_epoch(run))
+    if p["step"] < total and p["epoch"] < cfg.train.epochs:
+        return
+    try:
+        status = json.loads((run.run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None  # killed after its last checkpoint: resuming writes the missing summary
+    if status == "completed":
+        raise RunDirError(
+            f"{run.run_dir}: run already finished after {p['step']} steps; "
+            "to train longer, resume with a larger train.max_steps or train.epochs"
+        )
+
+
+def _truncate_metrics(run: Run) -> None:
     # Steps logged after the checkpoint by the interrupted process will be redone.
     metrics = run.run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -252,6 +340,11 @@ class StopFlag:
         self.requested = signal.Signals(signum).name
 
 
+def steps_per_epoch(run: Run) -> int:
+    """Optimizer steps in one pass over the training set (the last batch may be short)."""
+    return math.ceil(len(run.data.train) / run.config.data.batch_size)
+
+
 def planned_steps(config: Config, steps_per_epoch: int) -> int:
     """Total optimizer steps the run will take (epochs x batches, capped by max_steps)."""
     total = config.train.epochs * steps_per_epoch
@@ -263,32 +356,35 @@ def train(run: Run, reporter: Reporter | None = None) -> Outcome:
     reporter = reporter or Reporter()
     cfg = run.config
     loss_fn = nn.CrossEntropyLoss()
-    steps_per_epoch = math.ceil(len(run.data.train) / cfg.data.batch_size)
-    total = planned_steps(cfg, steps_per_epoch)
+    per_epoch = steps_per_epoch(run)
+    total = planned_steps(cfg, per_epoch)
     outcome = Outcome()
     metrics = MetricsLog(run.run_dir / "metrics.jsonl", append=run.resumed_from_step is not None)
     warm_left = cfg.train.warmup_steps
     reset_peak_memory(run.device)
     reporter.train_start(total, run.progress["step"])
+    if run.speed.get("feature_cache"):
+        reporter.message(run.speed["feature_cache"]["reason"])
     try:
         with StopFlag() as stop:
             while run.progress["step"] < total and run.progress["epoch"] < cfg.train.epochs:
+                if stop.requested:  # arrived during validation or a checkpoint save
+                    break
                 epoch = run.progress["epoch"]
-                sampler = EpochSampler(
-                    len(run.data.train), cfg.seed, epoch, run.progress["batch_in_epoch"] * cfg.data.batch_size
-                )
-                loader = make_loader(
-                    run.data.train, cfg.data.batch_size, cfg.data.num_workers, sampler,
-                    pin_memory=run.device.type == "cuda",
-                )
                 set_train_mode(run.model, run.plan, True)
-                for batch in loader:
+                epoch_start, epoch_steps = time.perf_counter(), 0
+                cached = run.cache is not None and run.cache.complete
+                for batch in epoch_batches(run, epoch):
                     loss, seconds = train_step(run, batch, loss_fn)
                     run.progress["step"] += 1
                     run.progress["batch_in_epoch"] += 1
+                    epoch_steps += 1
                     if not math.isfinite(loss) and cfg.train.stop_on_nonfinite:
                         outcome.status = "nonfinite"
                         outcome.error = f"loss became {loss} at step {run.progress['step']}"
+                        # train_step skipped the update: the step did not happen.
+                        run.progress["step"] -= 1
+                        run.progress["batch_in_epoch"] -= 1
                         return outcome
                     record = {
                         "step": run.progress["step"],
@@ -298,6 +394,7 @@ def train(run: Run, reporter: Reporter | None = None) -> Outcome:
                         "lr": run.optimizer.param_groups[0]["lr"],
                         "batch_size": int(batch[1].shape[0]),
                         "warmup": warm_left > 0,
+                        "cached": cached,
                     }
                     warm_left = max(0, warm_left - 1)
                     metrics.write(record)
@@ -305,26 +402,78 @@ def train(run: Run, reporter: Reporter | None = None) -> Outcome:
                     outcome.first_loss = loss if outcome.first_loss is None else outcome.first_loss
                     outcome.last_loss = loss
                     if cfg.train.checkpoint_every and run.progress["step"] % cfg.train.checkpoint_every == 0:
-                        save_checkpoint(run.run_dir, run.model, run.optimizer, dict(run.progress))
+                        save(run)
                     if stop.requested or run.progress["step"] >= total:
                         break
-                if stop.requested:
-                    outcome.status = "interrupted"
-                    outcome.error = f"stopped by {stop.requested} after step {run.progress['step']}"
-                    break
-                if run.progress["batch_in_epoch"] >= steps_per_epoch:
+                synchronize(run.device)
+                run.epoch_times.append({"epoch": epoch, "seconds": time.perf_counter() - epoch_start,
+                                        "steps": epoch_steps, "cached": cached})
+                if stop.requested and run.progress["step"] < total:
+                    break  # a signal during the final step lets the run complete instead
+                if run.progress["batch_in_epoch"] >= per_epoch:
                     run.progress["epoch"] += 1
                     run.progress["batch_in_epoch"] = 0
                 if run.data.val is not None:
                     outcome.val = evaluate(run, loss_fn)
                     reporter.validation(epoch, outcome.val)
-                save_checkpoint(run.run_dir, run.model, run.optimizer, dict(run.progress))
+                save(run)
+            work_left = run.progress["step"] < total and run.progress["epoch"] < cfg.train.epochs
+            if stop.requested and work_left:
+                outcome.status = "interrupted"
+                outcome.error = f"stopped by {stop.requested} after step {run.progress['step']}"
     finally:
         metrics.close()
         reporter.train_end()
     if outcome.status == "interrupted":
-        save_checkpoint(run.run_dir, run.model, run.optimizer, dict(run.progress))
+        save(run)
     return outcome
+
+
+def save(run: Run) -> None:
+    """Writes the trainable-only checkpoint, then ``checkpoint.pt``; each atomically.
+
+    ``checkpoint.pt`` goes last, so whenever it holds step N the trainable checkpoint holds step N
+    or (if the process died in between) N+1.
+    """
+    # The base is what is frozen now, hashed as it was before training (a layer unfrozen
+    # mid-run is saved with the trainable tensors instead).
+    frozen_now = set(frozen_state(run.model, run.plan))
+    save_trainable(
+        run.run_dir, run.model, run.plan,
+        base=combined_sha256({k: h for k, h in run.frozen_before.items() if k in frozen_now}),
+        step=run.progress["step"],
+        model_name=run.config.model.name,
+        num_classes=run.config.model.num_classes,
+        weights_source=run.loaded.weights_source,
+        seed=run.config.seed,
+    )
+    save_checkpoint(run.run_dir, run.model, run.optimizer, dict(run.progress))
+    run.saved_step = run.progress["step"]
+
+
+def epoch_batches(run: Run, epoch: int):
+    """Yields the epoch's remaining batches as ``(inputs, labels, indices_or_None, kind)``.
+
+    ``kind`` is ``images``, ``images+cache`` (compute the prefix and store it) or ``features``
+    (prefix outputs read from the cache). The order is the same in every case: EpochSampler's.
+    """
+    cfg = run.config
+    bs = cfg.data.batch_size
+    sampler = EpochSampler(len(run.data.train), cfg.seed, epoch, run.progress["batch_in_epoch"] * bs)
+    if run.cache is not None and run.cache.complete:
+        order = torch.tensor(list(sampler), dtype=torch.long)
+        for chunk in order.split(bs):
+            features, labels = run.cache.get(chunk)
+            yield features, labels, chunk, "features"
+        return
+    dataset = IndexedDataset(run.data.train) if run.cache is not None else run.data.train
+    loader = make_loader(dataset, bs, cfg.data.num_workers, sampler, pin_memory=run.device.type == "cuda",
+                         seed=cfg.seed * 1_000_003 + epoch)
+    for batch in loader:
+        if run.cache is not None:
+            yield batch[0], batch[1], batch[2], "images+cache"
+        else:
+            yield batch[0], batch[1], None, "images"
 
 
 def train_step(run: Run, batch, loss_fn: nn.Module) -> tuple[float, float]:
@@ -335,16 +484,32 @@ def train_step(run: Run, batch, loss_fn: nn.Module) -> tuple[float, float]:
     Returns:
         The loss value and the step's wall time in seconds.
     """
+    inputs, labels, indices, kind = batch
     synchronize(run.device)
     start = time.perf_counter()
-    x = batch[0].to(run.device, non_blocking=True)
-    y = batch[1].to(run.device, non_blocking=True)
-    loss = loss_fn(run.model(x), y)
+    memory_format = torch.channels_last if run.config.train.channels_last else torch.contiguous_format
+    x = inputs.to(run.device, non_blocking=True, memory_format=memory_format)
+    y = labels.to(run.device, non_blocking=True)
+    with autocast(run.config.train.precision, run.device):
+        if kind == "features":
+            logits = run.split.head(x)
+        elif kind == "images+cache":
+            h = run.split.features(x)
+            run.cache.put(indices, h, y)
+            logits = run.split.head(h)
+        else:
+            logits = run.forward(x)
+        loss = loss_fn(logits.float(), y)
     value = loss.item()  # synchronizes; needed anyway to refuse a non-finite update
     if math.isfinite(value) or not run.config.train.stop_on_nonfinite:
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            loss.backward()
+            run.optimizer.step()
     synchronize(run.device)
     return value, time.perf_counter() - start
 
@@ -355,9 +520,11 @@ def evaluate(run: Run, loss_fn: nn.Module) -> dict:
     run.model.eval()
     loader = make_loader(run.data.val, run.config.data.batch_size, run.config.data.num_workers)
     total_loss, correct, seen = 0.0, 0, 0
+    memory_format = torch.channels_last if run.config.train.channels_last else torch.contiguous_format
     for x, y in loader:
-        x, y = x.to(run.device), y.to(run.device)
-        logits = run.model(x)
+        x, y = x.to(run.device, memory_format=memory_format), y.to(run.device)
+        with autocast(run.config.train.precision, run.device):
+            logits = run.model(x).float()
         total_loss += loss_fn(logits, y).item() * y.shape[0]
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.shape[0]
@@ -396,8 +563,21 @@ def cleanup(run: Run, outcome: Outcome) -> dict:
         "timing": {**timing_stats(timed, run.config.data.batch_size),
                    "warmup_steps": run.config.train.warmup_steps,
                    "what": "forward+loss+backward+SGD step incl. host-to-device copy, synchronized"},
+        "timing_by_path": {
+            "uncached": timing_stats([r["step_time_s"] for r in records
+                                      if not r.get("warmup") and not r.get("cached")], run.config.data.batch_size),
+            "cached": timing_stats([r["step_time_s"] for r in records
+                                    if not r.get("warmup") and r.get("cached")], run.config.data.batch_size),
+        },
+        "epochs": run.epoch_times,
+        "speed": {**run.speed, "feature_cache": {
+            **run.speed.get("feature_cache", {}),
+            "bytes": run.cache.nbytes if run.cache else 0,
+            "on_disk": bool(run.cache and run.cache.on_disk),
+        }},
         "memory": peak_memory(run.device),
         "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
+        "checkpoint": {**checkpoint_sizes(run.run_dir), "step": run.saved_step},
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
         "val": {"accuracy": outcome.val["accuracy"] if outcome.val else None,
                 "loss": outcome.val["loss"] if outcome.val else None},
@@ -426,9 +606,11 @@ def run(config: Config, reporter: Reporter | None = None, resume: bool = False) 
     outcome = train(r, reporter)
     summary = cleanup(r, outcome)
     if outcome.status == "nonfinite":
-        raise NonFiniteLossError(
-            f"{outcome.error}; stopped with the last good checkpoint in {r.run_dir / CHECKPOINT_NAME}"
-        )
+        if r.saved_step is None:
+            kept = "no checkpoint had been saved yet (train.checkpoint_every saves every N steps)"
+        else:
+            kept = f"the last good checkpoint (step {r.saved_step}) is kept in {r.run_dir / CHECKPOINT_NAME}"
+        raise NonFiniteLossError(f"{outcome.error}; stopped, {kept}")
     if not summary["freeze_integrity"]["ok"]:
         raise FreezeIntegrityError(
             f"frozen tensors changed during training: {', '.join(summary['freeze_integrity']['changed'][:5])}"

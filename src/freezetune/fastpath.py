@@ -1,0 +1,118 @@
+"""Frozen-prefix execution: run the frozen input side of a ResNet as cheaply as inference.
+
+When the stages from the input up to some point are all frozen, nothing there needs autograd, and
+with ``batchnorm: frozen`` each BatchNorm is a fixed affine map that can be folded into the
+convolution before it. :class:`SplitForward` runs that prefix under ``torch.no_grad()`` with folded
+BatchNorm (on a private copy, so the model's own weights and buffers are never touched), then the
+trainable suffix normally. A frozen BatchNorm *after* a trainable layer is left alone: it is not in
+the prefix, runs in eval mode, and still passes gradients to the trainable layers before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from freezetune.freeze import FreezePlan
+from freezetune.model import stages
+from freezetune.zoo import is_resnet
+
+_CONV_BN = re.compile(r"^conv(\d+)$")
+
+
+def frozen_prefix(model: nn.Module, model_name: str) -> list[str]:
+    """Returns the stages, from the input on, whose parameters are all frozen (may be empty).
+
+    Always empty for models other than ResNets: splitting and folding are only implemented for
+    ResNet's layout, so every other model runs its plain forward.
+    """
+    if not is_resnet(model_name):
+        return []
+    prefix = []
+    for stage, modules in stages(model_name).items():
+        if stage == "head":
+            break
+        if any(p.requires_grad for m in modules for p in getattr(model, m).parameters()):
+            break
+        prefix.append(stage)
+    return prefix
+
+
+def prefix_batchnorm_frozen(model: nn.Module, model_name: str, prefix: list[str], plan: FreezePlan) -> bool:
+    """Whether every BatchNorm in the prefix is frozen (eval mode), so it may be folded or cached."""
+    frozen = set(plan.frozen_bn)
+    for name in _prefix_module_names(model_name, prefix):
+        for sub, mod in getattr(model, name).named_modules():
+            full = f"{name}.{sub}" if sub else name
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and full not in frozen:
+                return False
+    return True
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Returns an eval-mode, frozen copy of ``module`` with BatchNorm folded into convolutions.
+
+    Folds each ``convN``/``bnN`` sibling pair (the stem's conv1/bn1 and every block's) and each
+    two-element ``Sequential(conv, bn)`` (ResNet's ``downsample``).
+    """
+    folded = copy.deepcopy(module).eval()
+    for parent in folded.modules():
+        for name, child in list(parent.named_children()):
+            m = _CONV_BN.match(name)
+            bn = getattr(parent, f"bn{m.group(1)}", None) if m else None
+            if isinstance(child, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, name, fuse_conv_bn_eval(child, bn))
+                setattr(parent, f"bn{m.group(1)}", nn.Identity())
+        if isinstance(parent, nn.Sequential) and len(parent) == 2:
+            conv, bn = parent[0], parent[1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                parent[0], parent[1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded
+
+
+class SplitForward:
+    """Calls a ResNet as ``suffix(prefix(x))`` with the frozen prefix run without autograd.
+
+    Args:
+        model: The (frozen-as-planned) ResNet; its modules are used for the suffix.
+        model_name: torchvision name, for the stage order.
+        prefix: Stage names of the frozen prefix (see :func:`frozen_prefix`).
+        fold: Fold BatchNorm into the prefix's convolutions (only valid when it is frozen).
+    """
+
+    def __init__(self, model: nn.Module, model_name: str, prefix: list[str], fold: bool):
+        self.model = model
+        names = _prefix_module_names(model_name, prefix)
+        seq = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names))
+        self.prefix = fold_batchnorm(seq) if fold else seq
+        self.suffix = [n for s in stages(model_name).values() for n in s if n not in names]
+        self.folded = fold
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix's output (no autograd graph)."""
+        with torch.no_grad():
+            return self.prefix(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The trainable suffix from prefix features to logits."""
+        for name in self.suffix:
+            if name == "fc":
+                h = torch.flatten(h, 1)
+            h = getattr(self.model, name)(h)
+        return h
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images."""
+        return self.head(self.features(x))
+
+
+def _prefix_module_names(model_name: str, prefix: list[str]) -> list[str]:
+    order = stages(model_name)
+    return [n for s in prefix for n in order[s]]

@@ -1,0 +1,185 @@
+"""Frozen-prefix feature cache: compute the frozen prefix once per sample, reuse it every epoch.
+
+It is only correct when the prefix output for a sample never changes: the prefix is frozen, its
+BatchNorm is frozen (``batchnorm: train`` would change the statistics every step) and the data
+transforms are deterministic (random augmentation gives a different input every epoch). The cache
+is keyed on a hash of the prefix weights, the data config and the dataset's identity, so a cache
+written for other weights or other data is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from freezetune.config import Config
+from freezetune.errors import ConfigError
+from freezetune.freeze import FreezePlan, combined_sha256, fingerprint
+from freezetune.zoo import is_resnet
+
+DEFAULT_MAX_BYTES = 2 * 2**30
+CACHE_FILE = "feature_cache.bin"
+CACHE_META = "feature_cache.json"
+
+
+@dataclass
+class CacheDecision:
+    """Whether the cache is used, and why (or why not)."""
+
+    enabled: bool
+    reason: str
+
+
+def decide(config: Config, prefix: list[str], prefix_bn_frozen: bool) -> CacheDecision:
+    """Applies ``train.feature_cache`` (auto | on | off) to the run's circumstances.
+
+    Raises:
+        ConfigError: With ``on``, naming the condition that makes caching incorrect.
+    """
+    mode = config.train.feature_cache
+    if mode == "off":
+        return CacheDecision(False, "train.feature_cache is off")
+    why_not = None
+    if not is_resnet(config.model.name):
+        why_not = f"frozen-prefix execution is implemented for ResNets only (model.name is {config.model.name})"
+    elif not prefix:
+        why_not = "no frozen prefix: the first stage (stem) trains"
+    elif not prefix_bn_frozen:
+        why_not = "BatchNorm in the frozen prefix updates its statistics (freeze.batchnorm: train)"
+    elif config.data.augment:
+        why_not = "data.augment is on: random transforms change the prefix output every epoch"
+    if why_not and mode == "on":
+        raise ConfigError(f"train.feature_cache: on is not possible: {why_not}")
+    if why_not:
+        return CacheDecision(False, f"feature cache off: {why_not}")
+    return CacheDecision(True, f"feature cache on: caching the output of {', '.join(prefix)} once per sample")
+
+
+def cache_key(model: torch.nn.Module, plan: FreezePlan, config: Config, dataset: Dataset) -> str:
+    """Hash of the frozen weights, the data config and the dataset identity."""
+    h = hashlib.sha256()
+    h.update(combined_sha256(fingerprint(model, plan)).encode())
+    h.update(json.dumps(config.data.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(json.dumps({"seed": config.seed, "model": config.model.model_dump(mode="json")}).encode())
+    h.update(dataset_identity(dataset).encode())
+    return h.hexdigest()
+
+
+def dataset_identity(dataset: Dataset) -> str:
+    """A string that changes when the dataset's samples change (files, sizes, mtimes, or tensors)."""
+    inner = getattr(dataset, "inner", dataset)
+    samples = getattr(inner, "samples", None)
+    if samples is not None:
+        h = hashlib.sha256()
+        for path, label in samples:
+            st = Path(path).stat()
+            h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    tensors = getattr(inner, "tensors", None)
+    if tensors is not None:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
+    return f"{type(inner).__name__}:{len(inner)}"
+
+
+class FeatureCache:
+    """Per-sample prefix outputs, in memory up to ``max_bytes``, else memory-mapped in the run folder.
+
+    Args:
+        size: Number of samples in the training set.
+        run_dir: Where a memory-mapped cache lives.
+        key: From :func:`cache_key`; a file with another key is discarded.
+        max_bytes: In-memory limit.
+    """
+
+    def __init__(self, size: int, run_dir: Path, key: str, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.size, self.run_dir, self.key, self.max_bytes = size, Path(run_dir), key, max_bytes
+        self.features: torch.Tensor | None = None
+        self.labels = torch.zeros(size, dtype=torch.long)
+        self.filled = torch.zeros(size, dtype=torch.bool)
+        self.on_disk = False
+        self._array: np.memmap | None = None
+        self._reuse_file()
+
+    @property
+    def complete(self) -> bool:
+        """True once every sample's features are stored."""
+        return bool(self.filled.all())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the feature store."""
+        return 0 if self.features is None else self.features.numel() * self.features.element_size()
+
+    def put(self, indices: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Stores a batch of prefix outputs (moved to the CPU) for these sample indices."""
+        features = features.detach().to("cpu", torch.float32)
+        if self.features is None:
+            self._allocate(tuple(features.shape[1:]))
+        self.features[indices] = features.contiguous()
+        self.labels[indices] = labels.cpu()
+        self.filled[indices] = True
+        if self.on_disk and self.complete:
+            self._write_meta()
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the stored features and labels for these sample indices."""
+        return self.features[indices], self.labels[indices]
+
+    def _allocate(self, shape: tuple[int, ...]) -> None:
+        if self.size * math.prod(shape) * 4 <= self.max_bytes:
+            self.features = torch.empty((self.size, *shape), dtype=torch.float32)
+            return
+        self.on_disk = True
+        (self.run_dir / CACHE_META).unlink(missing_ok=True)  # the old file is being replaced
+        self._array = np.memmap(self.run_dir / CACHE_FILE, dtype=np.float32, mode="w+", shape=(self.size, *shape))
+        self.features = torch.from_numpy(self._array)
+
+    def _reuse_file(self) -> None:
+        """Opens a complete memory-mapped cache left by this run (e.g. before a resume) if its key matches."""
+        path, meta_path = self.run_dir / CACHE_FILE, self.run_dir / CACHE_META
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return
+        shape = tuple(meta.get("shape", ()))
+        if meta.get("key") != self.key or not path.exists() or len(meta.get("labels", [])) != self.size:
+            return
+        if path.stat().st_size != self.size * math.prod(shape) * 4:
+            return
+        self._array = np.memmap(path, dtype=np.float32, mode="r+", shape=(self.size, *shape))
+        self.features = torch.from_numpy(self._array)
+        self.labels = torch.tensor(meta["labels"], dtype=torch.long)
+        self.filled[:] = True
+        self.on_disk = True
+
+    def _write_meta(self) -> None:
+        from freezetune.runfolder import write_json
+
+        self._array.flush()
+        write_json(self.run_dir / CACHE_META, {
+            "key": self.key, "shape": list(self.features.shape[1:]), "labels": self.labels.tolist(),
+        })
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so each sample also yields its index (to file features under it)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return None if item is None else (*item, index)

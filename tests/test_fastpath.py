@@ -1,0 +1,78 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from freezetune.config import FreezeConfig
+from freezetune.fastpath import SplitForward, fold_batchnorm, frozen_prefix, prefix_batchnorm_frozen
+from freezetune.freeze import apply_freeze, fingerprint, set_train_mode
+
+
+def model_with_real_bn_stats(seed=0):
+    torch.manual_seed(seed)
+    m = torchvision.models.resnet18(num_classes=10)
+    for mod in m.modules():  # fresh BN is the identity map; make folding do real work
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 0.1)
+    return m
+
+
+@pytest.mark.parametrize("spec,prefix", [
+    (FreezeConfig(trainable=["fc"]), ["stem", "layer1", "layer2", "layer3", "layer4"]),
+    (FreezeConfig(until="layer2"), ["stem", "layer1", "layer2"]),
+    (FreezeConfig(frozen=["layer2"]), []),  # stem trains: no prefix
+    (FreezeConfig(), []),
+])
+def test_frozen_prefix(spec, prefix):
+    m = torchvision.models.resnet18(num_classes=10)
+    apply_freeze(m, spec, "resnet18")
+    assert frozen_prefix(m, "resnet18") == prefix
+
+
+def test_folding_is_numerically_equivalent_and_removes_batchnorm():
+    m = model_with_real_bn_stats().eval()
+    folded = fold_batchnorm(m)
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in folded.modules())
+    x = torch.randn(4, 3, 64, 64)
+    torch.testing.assert_close(folded(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_split_forward_matches_model_and_trains_the_suffix_only():
+    m = model_with_real_bn_stats()
+    plan = apply_freeze(m, FreezeConfig(trainable=["layer4", "fc"]), "resnet18")
+    set_train_mode(m, plan)
+    prefix = frozen_prefix(m, "resnet18")
+    assert prefix_batchnorm_frozen(m, "resnet18", prefix, plan)
+    split = SplitForward(m, "resnet18", prefix, fold=True)
+    before = fingerprint(m, plan)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+    out = split(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    assert m.layer4[0].conv1.weight.grad is not None and m.layer3[0].conv1.weight.grad is None
+    assert fingerprint(m, plan) == before
+
+
+def test_batchnorm_train_policy_is_not_folded():
+    m = model_with_real_bn_stats()
+    plan = apply_freeze(m, FreezeConfig(trainable=["fc"], batchnorm="train"), "resnet18")
+    prefix = frozen_prefix(m, "resnet18")
+    assert not prefix_batchnorm_frozen(m, "resnet18", prefix, plan)
+
+
+def test_frozen_batchnorm_after_trainable_layer_still_passes_gradients():
+    # layer3 trains, layer4 (with its BatchNorm) is frozen: not a prefix, so it runs as usual in
+    # eval mode and gradients flow through it to layer3.
+    m = model_with_real_bn_stats()
+    plan = apply_freeze(m, FreezeConfig(frozen=["conv1", "bn1", "layer1", "layer2", "layer4"]), "resnet18")
+    set_train_mode(m, plan)
+    assert frozen_prefix(m, "resnet18") == ["stem", "layer1", "layer2"]
+    split = SplitForward(m, "resnet18", frozen_prefix(m, "resnet18"), fold=True)
+    split(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert m.layer3[0].conv1.weight.grad is not None and m.layer4[0].conv1.weight.grad is None
+    assert not m.layer4[0].bn1.training

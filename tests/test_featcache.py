@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from freezetune.errors import ConfigError
+from freezetune.featcache import FeatureCache, decide
+from freezetune.runfolder import read_jsonl
+from freezetune.train import run
+
+
+def test_decide_explains_why_not(tiny):
+    cfg = tiny(train__feature_cache="auto", freeze__trainable="[fc]", freeze__batchnorm="train")
+    assert not decide(cfg, ["stem"], prefix_bn_frozen=False).enabled
+    assert "statistics" in decide(cfg, ["stem"], prefix_bn_frozen=False).reason
+    assert "no frozen prefix" in decide(cfg, [], True).reason
+    aug = tiny(train__feature_cache="on", data__augment="true")
+    with pytest.raises(ConfigError, match="random transforms"):
+        decide(aug, ["stem"], True)
+    assert decide(tiny(train__feature_cache="auto"), ["stem"], True).enabled
+
+
+def test_feature_cache_on_refused_through_train(tiny):
+    with pytest.raises(ConfigError, match="train.feature_cache: on is not possible"):
+        run(tiny(train__feature_cache="on", freeze__trainable="[fc]", freeze__batchnorm="train"))
+
+
+@pytest.mark.parametrize("max_bytes", [2**30, 0])  # in memory, and memory-mapped in the run folder
+def test_cached_training_matches_uncached(tiny, tmp_path, max_bytes):
+    common = dict(freeze__trainable="[layer4,fc]", train__epochs=3, data__val_size=0, optim__lr=0.05)
+    plain = run(tiny(**common, output__dir=str(tmp_path / "plain")))
+    cached = run(tiny(**common, train__feature_cache="on", train__feature_cache_max_bytes=max_bytes,
+                      output__dir=str(tmp_path / "cached")))
+    a, b = read_jsonl(tmp_path / "plain/metrics.jsonl"), read_jsonl(tmp_path / "cached/metrics.jsonl")
+    assert [r["cached"] for r in b] == [False] * 4 + [True] * 8
+    torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4, atol=1e-5)
+    assert cached["speed"]["feature_cache"]["on_disk"] == (max_bytes == 0)
+    assert cached["freeze_integrity"]["ok"] and plain["freeze_integrity"]["ok"]
+
+
+def test_stale_disk_cache_is_not_reused(tmp_path):
+    c = FeatureCache(4, tmp_path, key="A", max_bytes=0)
+    c.put(torch.arange(4), torch.ones(4, 2, 1, 1), torch.tensor([0, 1, 0, 1]))
+    assert c.on_disk and FeatureCache(4, tmp_path, key="A", max_bytes=0).complete
+    assert not FeatureCache(4, tmp_path, key="B", max_bytes=0).complete
+    assert not FeatureCache(5, tmp_path, key="A", max_bytes=0).complete
