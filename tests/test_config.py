@@ -62,7 +62,7 @@ def test_every_problem_listed_at_once(tmp_path):
     [
         ("seed: '3'", "seed"),  # strict: a string is not an int
         ("device: gpu", "device"),
-        ("model: {name: vgg16}", "model.name"),
+        ("model: {name: vgg17}", "model.name"),
         ("model: {weights: foo.bin}", "model.weights"),
         ("freeze: {trainable: [fc], until: layer3}", "freeze"),
         ("freeze: {trainable: []}", "freeze"),

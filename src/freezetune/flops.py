@@ -12,11 +12,14 @@ import copy
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 
 def step_flops(model: nn.Module, batch_size: int, image_size: int, num_classes: int | None = None) -> dict:
-    """Counts forward and backward FLOPs for one training step.
+    """Counts forward and backward FLOPs for one training step, overall and per top-level module.
+
+    Forward and backward run under one counter so that backward work is attributed to the module
+    it belongs to; the per-module backward figure is the step's count minus the forward count.
 
     Args:
         model: The model with its freeze mask applied (left untouched; a meta copy is counted).
@@ -25,27 +28,80 @@ def step_flops(model: nn.Module, batch_size: int, image_size: int, num_classes: 
         num_classes: Classes for the loss targets; inferred from the output when None.
 
     Returns:
-        ``{"forward": int, "backward": int, "total": int}`` (FLOPs, a multiply-add counting 2).
+        ``{"forward": int, "backward": int, "total": int, "by_module": {name: {"forward": int,
+        "backward": int}}}`` (FLOPs, a multiply-add counting 2; ``by_module`` keyed by top-level
+        module name, e.g. ``layer3``).
     """
-    meta = copy.deepcopy(model).to("meta")
+    meta = meta_copy(model)
     x = torch.empty(batch_size, 3, image_size, image_size, device="meta")
-    with FlopCounterMode(display=False) as fwd:
+    with FlopCounterMode(display=False, custom_mapping=_GROUPED_CONV_FIX) as counter:
         logits = meta(x)
         classes = num_classes or logits.shape[1]
         y = torch.zeros(batch_size, dtype=torch.long, device="meta").clamp_(0, classes - 1)
         loss = nn.functional.cross_entropy(logits, y)
-    forward = fwd.get_total_flops()
-    backward = 0
-    if loss.requires_grad:
-        with FlopCounterMode(display=False) as bwd:
+        after_forward = _top_level(counter.get_flop_counts())
+        if loss.requires_grad:
             loss.backward()
-        backward = bwd.get_total_flops()
-    return {"forward": int(forward), "backward": int(backward), "total": int(forward + backward)}
+        after_step = _top_level(counter.get_flop_counts())
+    forward = after_forward.pop("", 0)
+    total = after_step.pop("", 0)
+    by_module = {
+        name: {"forward": after_forward.get(name, 0), "backward": flops - after_forward.get(name, 0)}
+        for name, flops in after_step.items()
+    }
+    return {"forward": forward, "backward": total - forward, "total": total, "by_module": by_module}
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                         transposed, _output_padding, groups, output_mask, out_shape=None, **_) -> int:
+    """The ``convolution_backward`` FLOP formula of torch, with grouped weight gradients fixed.
+
+    ``torch.utils.flop_counter`` counts the weight gradient as a dense (C_in x C_out) convolution
+    whatever ``groups`` is, so depthwise convolutions (MobileNet, EfficientNet, ConvNeXt) came out
+    ``groups`` times too expensive in backward. The input gradient is counted as torch does.
+    """
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        def t(shape):
+            return [shape[1], shape[0], *shape[2:]]
+
+        a, b = (grad_out_shape, x_shape) if transposed else (x_shape, grad_out_shape)
+        flops += conv_flop_count(t(a), t(b), t(out_shape[1]), transposed=False) // groups
+    return flops
+
+
+_GROUPED_CONV_FIX = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model on the meta device, with the same ``requires_grad`` mask.
+
+    The copy's tensors are shapes without data: no weight is ever cloned, so this is quick and
+    costs no memory even for a model on a GPU.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _top_level(counts: dict[str, dict]) -> dict[str, int]:
+    """Sums a FlopCounterMode breakdown into ``{"": whole model, "layer1": ..., ...}``."""
+    out: dict[str, int] = {"": int(sum(counts.get("Global", {}).values()))}
+    for name, per_op in counts.items():
+        # Names are "Global", the root's class name, then "Root.child.path"; keep "Root.child".
+        if name.count(".") == 1:
+            out[name.split(".", 1)[1]] = int(sum(per_op.values()))
+    return out
 
 
 def forward_flops_by_module(model: nn.Module, image_size: int) -> dict[str, int]:
     """Forward FLOPs for one image per dotted module name (``""`` is the whole model)."""
-    meta = copy.deepcopy(model).to("meta")
+    meta = meta_copy(model)
     x = torch.empty(1, 3, image_size, image_size, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         meta(x)

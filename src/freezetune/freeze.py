@@ -1,13 +1,17 @@
 """Every ``requires_grad`` decision lives here.
 
 A freeze spec selects modules by fnmatch patterns over the dotted names from ``named_modules()``;
-a selected module covers everything inside it. The result is a :class:`FreezePlan` that the rest of
-freezetune reads: which parameters train, which BatchNorm layers are frozen, and how to put the
-model in training mode without letting frozen BatchNorm statistics drift.
+a selected module covers everything inside it. Patterns can also name *loose* parameters, those
+held directly by a module that has submodules (ViT's ``class_token`` on the model itself,
+``encoder.pos_embedding``): selecting their module would select all its children too. The
+result is a :class:`FreezePlan` that the rest of freezetune reads: which parameters train, which
+BatchNorm layers are frozen, and how to put the model in training mode without letting frozen
+BatchNorm statistics drift.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 from dataclasses import dataclass, field
@@ -42,29 +46,72 @@ def module_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
+def loose_parameters(model: nn.Module) -> list[str]:
+    """Names of parameters held directly by a module that also has submodules (e.g. ``class_token``)."""
+    return [
+        f"{owner}.{name}" if owner else name
+        for owner, mod in model.named_modules()
+        if next(mod.children(), None) is not None
+        for name, _ in mod.named_parameters(recurse=False)
+    ]
+
+
 def match_modules(model: nn.Module, patterns: list[str]) -> set[str]:
     """Returns the names of modules selected by the patterns, including everything inside them.
 
     Raises:
-        FreezeError: If a pattern matches no module; the message lists the valid names.
+        FreezeError: If a pattern matches no module (nor loose parameter); the message lists the
+            valid names.
     """
-    names = module_names(model)
+    modules = set(module_names(model))
+    return {n for n in _select(model, patterns) if n in modules}
+
+
+def match_parameters(model: nn.Module, patterns: list[str]) -> set[str]:
+    """Returns the names of the parameters the patterns select.
+
+    Those are the parameters inside every selected module, plus loose parameters the patterns
+    name directly (``class_token``).
+
+    Raises:
+        FreezeError: If a pattern matches no module nor loose parameter.
+    """
+    selected = _select(model, patterns)
+    return {n for n, _ in model.named_parameters() if n in selected or _owner(n) in selected}
+
+
+def _select(model: nn.Module, patterns: list[str]) -> set[str]:
+    """Module and loose-parameter names matched by the patterns, with everything inside them."""
+    names = module_names(model) + loose_parameters(model)
     selected: set[str] = set()
     for pattern in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            top = [n for n in names if "." not in n]
-            raise FreezeError(
-                f"freeze pattern {pattern!r} matches no module; top-level modules are "
-                f"{', '.join(top)} (nested names look like layer4.0.conv1)"
-            )
+            raise FreezeError(f"freeze pattern {pattern!r} matches no module; {_valid_names(model)}")
         selected.update(hits)
     # A selected module covers its children: layer4 selects layer4.0.conv1 too.
     return {n for n in names if any(n == s or n.startswith(s + ".") for s in selected)}
 
 
+def _valid_names(model: nn.Module) -> str:
+    names = module_names(model)
+    top = [n for n in names if "." not in n]
+    nested = [n for n in names if n.count(".") == 2]
+    text = f"top-level modules are {', '.join(top)}"
+    if nested:
+        last_top = nested[-1].split(".")[0]
+        example = next(n for n in nested if n.startswith(last_top + "."))
+        text += f" (nested names look like {example})"
+    loose = loose_parameters(model)
+    return text + (f"; loose parameters: {', '.join(loose)}" if loose else "")
+
+
 def frozen_modules(model: nn.Module, spec: FreezeConfig, model_name: str) -> set[str]:
-    """Resolves a spec to the set of frozen module names (empty: everything trains)."""
+    """Resolves a spec to the set of frozen module names (empty: everything trains).
+
+    Loose parameters (see :func:`loose_parameters`) are not modules: :func:`frozen_parameters`
+    is the complete answer, and what :func:`apply_freeze` uses.
+    """
     names = set(module_names(model))
     if spec.trainable is not None:
         trainable = match_modules(model, spec.trainable)
@@ -77,16 +124,36 @@ def frozen_modules(model: nn.Module, spec: FreezeConfig, model_name: str) -> set
     return set()
 
 
+def frozen_parameters(model: nn.Module, spec: FreezeConfig, model_name: str) -> set[str]:
+    """Resolves a spec to the names of the parameters it freezes (empty: everything trains)."""
+    if spec.trainable is not None:
+        keep = match_parameters(model, spec.trainable)
+        return {n for n, _ in model.named_parameters() if n not in keep}
+    if spec.frozen is not None:
+        return match_parameters(model, spec.frozen)
+    if spec.until is not None:
+        return match_parameters(model, list(modules_until(model_name, spec.until)))
+    return set()
+
+
 def modules_until(model_name: str, stage: str) -> tuple[str, ...]:
-    """Returns the top-level modules from the input up to and including ``stage``.
+    """Returns the stage members from the input up to and including ``stage``.
+
+    Members are module names and, for ViT, loose parameter names (``class_token``); see
+    :func:`freezetune.zoo.stages` for each model's freeze points.
 
     Raises:
         FreezeError: If ``stage`` is not a freeze point of the model.
     """
     order = stages(model_name)
     if stage not in order or stage == "head":
-        valid = ", ".join(s for s in order if s != "head")
-        raise FreezeError(f"freeze.until: {stage!r} is not a freeze point of {model_name}; use one of {valid}")
+        points = [s for s in order if s != "head"]
+        close = difflib.get_close_matches(stage, points, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FreezeError(
+            f"freeze.until: {stage!r} is not a freeze point of {model_name}; "
+            f"{hint}use one of {', '.join(points)}"
+        )
     out: list[str] = []
     for name, mods in order.items():
         out.extend(mods)
@@ -109,11 +176,10 @@ def apply_freeze(model: nn.Module, spec: FreezeConfig, model_name: str) -> Freez
     Raises:
         FreezeError: On a pattern that matches nothing, or when nothing is left to train.
     """
-    frozen_mods = frozen_modules(model, spec, model_name)
+    frozen = frozen_parameters(model, spec, model_name)
     plan = FreezePlan(batchnorm=spec.batchnorm)
     for name, param in model.named_parameters():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        is_frozen = owner in frozen_mods
+        is_frozen = name in frozen
         param.requires_grad_(not is_frozen)
         (plan.frozen if is_frozen else plan.trainable).append(name)
     if not plan.trainable:
@@ -193,6 +259,36 @@ def combined_sha256(hashes: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def _owner(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else ""
+
+
 def _has_descendant(name: str, selected: set[str]) -> bool:
     prefix = name + "."
     return any(s.startswith(prefix) for s in selected)
+
+
+def unfreeze(model: nn.Module, plan: FreezePlan, patterns: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """Makes the modules matching ``patterns`` trainable (a gradual-unfreezing phase), in place.
+
+    BatchNorm layers that become trainable leave ``plan.frozen_bn``, so :func:`set_train_mode` puts
+    them in train mode from now on; BatchNorm layers elsewhere stay frozen.
+
+    Returns:
+        The (name, parameter) pairs that were frozen and now train, in model order.
+
+    Raises:
+        FreezeError: If a pattern matches no module.
+    """
+    selected = match_modules(model, patterns)
+    newly = []
+    for name, param in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if owner in selected and not param.requires_grad:
+            param.requires_grad_(True)
+            newly.append((name, param))
+    moved = {n for n, _ in newly}
+    plan.trainable = [n for n, _ in model.named_parameters() if n in moved or n in set(plan.trainable)]
+    plan.frozen = [n for n in plan.frozen if n not in moved]
+    plan.frozen_bn = [n for n in plan.frozen_bn if n not in selected]
+    return newly

@@ -189,8 +189,21 @@ def inspect_config(config: Config, depth: int = 2) -> Inspection:
             "what": ACTIVATION_MEMORY_WHAT,
         },
         graph=graphs,
-        outside_backward_graph=[r.name for r in rows if r.depth == 1 and r.in_backward_graph is False],
+        outside_backward_graph=_outside_graph(graphs["frozen"].modules_outside_graph),
     )
+
+
+def _outside_graph(outside: list[str]) -> list[str]:
+    """Top-level modules backward never reaches.
+
+    For a model whose trunk is one container (MobileNet's ``features``), the first level down
+    that has any, whatever depth the table shows.
+    """
+    for level in range(1, max((n.count(".") + 1 for n in outside), default=0) + 1):
+        names = [n for n in outside if n.count(".") + 1 == level]
+        if names:
+            return names
+    return []
 
 
 def module_rows(

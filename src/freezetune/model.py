@@ -21,11 +21,12 @@ import torchvision
 from torch import nn
 
 from freezetune.config import ModelConfig
-from freezetune.errors import ConfigError, WeightsError
+from freezetune.errors import WeightsError
 from freezetune.zoo import (  # noqa: F401 - RESNET_STAGES and stages are part of this module's API
     AUX_PREFIXES,
     RESNET_STAGES,
     build,
+    check_image_size,
     head_path,
     input_size_rule,
     stages,
@@ -102,34 +103,22 @@ def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 class InputSizeCheck:
     """Forward pre-hook: a one-line config error instead of a shape error deep inside the model.
 
-    Args:
-        name: torchvision model name, for the message.
-        exact: The only image size the model accepts (ViT position embeddings, MaxViT windows).
-        minimum: The smallest image size its downsampling survives.
+    ViT (position embeddings) and MaxViT (window partitions) accept one image size; AlexNet and
+    Inception-v3 have a minimum. See :func:`freezetune.zoo.check_image_size`.
     """
 
-    def __init__(self, name: str, exact: int | None, minimum: int | None):
-        self.name, self.exact, self.minimum = name, exact, minimum
+    def __init__(self, name: str):
+        self.name = name
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         """Raises ConfigError if the batch's images do not have a size the model accepts."""
         h, w = args[0].shape[-2:]
-        if self.exact is not None and (h, w) != (self.exact, self.exact):
-            raise ConfigError(
-                f"data.image_size: {self.name} is built for {self.exact}x{self.exact} images "
-                f"(got {h}x{w}); set data.image_size: {self.exact}"
-            )
-        if self.minimum is not None and min(h, w) < self.minimum:
-            raise ConfigError(
-                f"data.image_size: {self.name} needs images of at least {self.minimum}x{self.minimum} "
-                f"(got {h}x{w}); raise data.image_size"
-            )
+        check_image_size(self.name, h, w)
 
 
 def _guard_input_size(model: nn.Module, name: str) -> None:
-    exact, minimum = input_size_rule(name)
-    if exact is not None or minimum is not None:
-        model.register_forward_pre_hook(InputSizeCheck(name, exact, minimum))
+    if input_size_rule(name) != (None, None):
+        model.register_forward_pre_hook(InputSizeCheck(name))
 
 
 def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None = None) -> dict:
@@ -219,7 +208,7 @@ def replace_head(model: nn.Module, num_classes: int) -> bool:
         if head.out_features == num_classes:
             return False
         new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
-    model.set_submodule(name, new)
+    model.set_submodule(name, new.to(head.weight.device, head.weight.dtype))
     return True
 
 

@@ -97,17 +97,20 @@ def write_text(path: str | Path, text: str) -> None:
 class MetricsLog:
     """Appends one JSON object per line and flushes it, so a killed run keeps every finished step."""
 
-    def __init__(self, path: str | Path, append: bool = False):
-        self._f = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+    def __init__(self, path: str | Path | None, append: bool = False):
+        # path None: a log that keeps nothing (ranks other than 0 in distributed training).
+        self._f = open(path, "a" if append else "w", encoding="utf-8") if path else None  # noqa: SIM115
 
     def write(self, record: dict) -> None:
         """Writes one record and flushes it to the OS."""
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
         """Closes the file."""
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -25,6 +25,7 @@ import torchvision
 from torch import nn
 
 from freezetune import __version__
+from freezetune import distributed as dist
 from freezetune.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
 from freezetune.config import Config, dump_config, load_config
 from freezetune.data import Data, EpochSampler, build_data, make_loader
@@ -39,7 +40,7 @@ from freezetune.freeze import (
     fingerprint,
     frozen_state,
     set_train_mode,
-    trainable_parameters,
+    unfreeze,
 )
 from freezetune.measure import (
     device_description,
@@ -50,6 +51,7 @@ from freezetune.measure import (
     timing_stats,
 )
 from freezetune.model import LoadedModel, build_model
+from freezetune.optim import add_unfrozen, build_optimizer, check_optimizer, optimizer_state_bytes, set_lr
 from freezetune.params import count_params
 from freezetune.precision import autocast, check_precision, grad_scaler
 from freezetune.runfolder import (
@@ -99,7 +101,7 @@ class Run:
     run_dir: Path
     params: dict
     frozen_before: dict[str, str]
-    progress: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0})
+    progress: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0, "phases": 0})
     resumed_from_step: int | None = None
     saved_step: int | None = None  # step of the newest checkpoint on disk
     split: SplitForward | None = None
@@ -108,6 +110,10 @@ class Run:
     scaler: torch.amp.GradScaler | None = None
     compiled: nn.Module | None = None
     epoch_times: list[dict] = field(default_factory=list)
+    dist: dist.DistInfo = field(default_factory=dist.DistInfo)
+    ddp: nn.Module | None = None
+    step_times: list[float] = field(default_factory=list)
+    phases: list[dict] = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
@@ -119,6 +125,37 @@ class Run:
         if self.split is not None:
             return self.split(x)
         return (self.compiled or self.model)(x)
+
+    def logits(self, x: torch.Tensor, y: torch.Tensor, indices, kind: str) -> torch.Tensor:
+        """Logits for one training batch (images or cached features), through DDP when distributed."""
+        if self.ddp is not None:
+            return self.ddp(x, y, indices, kind)
+        return _batch_logits(self, x, y, indices, kind)
+
+
+def _batch_logits(run: Run, x: torch.Tensor, y: torch.Tensor, indices, kind: str) -> torch.Tensor:
+    if kind == "features":
+        return run.split.head(x)
+    if kind == "images+cache":
+        h = run.split.features(x)
+        run.cache.put(indices, h, y)
+        return run.split.head(h)
+    return run.forward(x)
+
+
+class _DDPForward(nn.Module):
+    """What DDP wraps: the model (so DDP sees the trainable parameters) and the batch-to-logits path.
+
+    The folded prefix copy is not a submodule, so DDP never touches it.
+    """
+
+    def __init__(self, run: Run):
+        super().__init__()
+        self.model = run.model
+        self._run = [run]  # a list, so the Run is not registered as a submodule
+
+    def forward(self, x, y, indices, kind):  # noqa: D102
+        return _batch_logits(self._run[0], x, y, indices, kind)
 
 
 @dataclass
@@ -146,12 +183,16 @@ def setup(config: Config, resume: bool = False) -> Run:
     Returns:
         A Run ready for :func:`train`.
     """
-    device = resolve_device(config.device)
+    info = dist.from_env()
+    device = dist.init(info, config.device) if info.enabled else resolve_device(config.device)
     torch.manual_seed(config.seed)
     loaded = build_model(config.model)
     plan = apply_freeze(loaded.model, config.freeze, config.model.name)
     data = build_data(config.data, config.model.num_classes, config.seed)
-    run_dir = prepare_run_dir(config.output.dir, config.output.overwrite, resume=resume)
+    if info.is_main:
+        run_dir = prepare_run_dir(config.output.dir, config.output.overwrite, resume=resume)
+    dist.barrier(info)
+    run_dir = Path(config.output.dir)
     loaded.model.to(device)
     optimizer = make_optimizer(loaded.model, config)
     run = Run(
@@ -164,18 +205,22 @@ def setup(config: Config, resume: bool = False) -> Run:
         run_dir=run_dir,
         params=count_params(loaded.model),
         frozen_before={},
+        dist=info,
     )
     if resume:
         _restore(run)
         _check_work_left(run)
-        remove_stale_temps(run_dir)  # left by a process killed while saving
-        _truncate_metrics(run)
-        # Record the train.* overrides, so that resuming again continues with them.
-        write_text(run_dir / "config.yaml", dump_config(config))
+        if info.is_main:
+            remove_stale_temps(run_dir)  # left by a process killed while saving
+            _truncate_metrics(run)
+            # Record the train.* overrides, so that resuming again continues with them.
+            write_text(run_dir / "config.yaml", dump_config(config))
     else:
         run.frozen_before = fingerprint(loaded.model, plan)
-        write_json(run_dir / FINGERPRINT_NAME, run.frozen_before)
-        write_text(run_dir / "config.yaml", dump_config(config))
+        if info.is_main:
+            write_json(run_dir / FINGERPRINT_NAME, run.frozen_before)
+            write_text(run_dir / "config.yaml", dump_config(config))
+    dist.barrier(info)
     check_optimizer(run.optimizer, run.model)
     _setup_speed(run)
     return run
@@ -185,7 +230,8 @@ def _setup_speed(run: Run) -> None:
     """Chooses the execution path: frozen-prefix split, BatchNorm folding, cache, precision, layout."""
     cfg, model = run.config, run.model
     check_precision(cfg.train.precision, run.device)
-    run.scaler = grad_scaler(cfg.train.precision, run.device)
+    if run.scaler is None:  # created once: its loss scale must survive a rebuild after unfreezing
+        run.scaler = grad_scaler(cfg.train.precision, run.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     prefix = frozen_prefix(model, cfg.model.name)
@@ -211,40 +257,46 @@ def _setup_speed(run: Run) -> None:
         "channels_last": cfg.train.channels_last,
         "compile": cfg.train.compile,
     }
+    # DDP registers the parameters that require grad when it is built, so it is (re)built here,
+    # after every change of the freeze state.
+    run.ddp = dist.wrap(_DDPForward(run), run.dist, run.device) if run.dist.enabled else None
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
-    """SGD with momentum over the trainable parameters only."""
-    o = config.optim
-    return torch.optim.SGD(
-        trainable_parameters(model),
-        lr=o.lr,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-        nesterov=o.nesterov,
-    )
+    """SGD with momentum over the trainable parameters only, grouped by ``optim.param_groups``."""
+    return build_optimizer(model, config.optim)
 
 
-def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Asserts that no frozen parameter is in the optimizer or holds optimizer state."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not p.requires_grad:
-                raise AssertionError(f"frozen parameter {names.get(id(p), '?')} is in the optimizer")
-    for p in optimizer.state:
-        if not p.requires_grad:
-            raise AssertionError(f"frozen parameter {names.get(id(p), '?')} holds optimizer state")
+def apply_phases(run: Run, upto: int, reporter: Reporter | None = None) -> None:
+    """Applies ``freeze.schedule`` phases until ``upto`` of them are in effect (gradual unfreezing).
 
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by optimizer state tensors (SGD momentum buffers)."""
-    return sum(
-        t.numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if isinstance(t, torch.Tensor)
-    )
+    Each phase unfreezes its patterns, checks that those tensors were still bit-identical to the
+    start (they were frozen until now), adds them to the optimizer as new groups with the phase's
+    ``lr_mult``, re-checks optimizer hygiene and rebuilds the execution path (prefix, cache, DDP).
+    """
+    schedule = run.config.freeze.schedule
+    while len(run.phases) < upto:
+        phase = schedule[len(run.phases)]
+        newly = unfreeze(run.model, run.plan, phase.unfreeze)
+        current = fingerprint(run.model, FreezePlan(frozen=[n for n, _ in newly]))
+        moved = sorted(n for n, h in current.items() if run.frozen_before.get(n, h) != h)
+        if moved:
+            raise FreezeIntegrityError(f"tensors changed while frozen, before epoch {phase.epoch}: {moved[:5]}")
+        groups = add_unfrozen(run.optimizer, newly, run.config.optim, phase.lr_mult, f"unfreeze@{phase.epoch}")
+        check_optimizer(run.optimizer, run.model)
+        info = {"epoch": phase.epoch, "unfreeze": phase.unfreeze, "tensors": len(newly),
+                "params": sum(p.numel() for _, p in newly), "lr_mult": phase.lr_mult, "groups": groups,
+                "unchanged_while_frozen": True}
+        run.phases.append(info)
+        run.progress["phases"] = len(run.phases)
+        if run.split is not None or run.cache is not None or run.ddp is not None:
+            _setup_speed(run)
+        if reporter is not None:
+            trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+            reporter.message(
+                f"epoch {phase.epoch}: unfreezing {', '.join(phase.unfreeze)} ({info['params']:,} params, "
+                f"lr x{phase.lr_mult}); trainable now {trainable:,}"
+            )
 
 
 def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
@@ -271,18 +323,21 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
 def _restore(run: Run) -> None:
     path = run.run_dir / CHECKPOINT_NAME
     ckpt = load_checkpoint(path)
+    fp = run.run_dir / FINGERPRINT_NAME
+    run.frozen_before = json.loads(fp.read_text()) if fp.is_file() else fingerprint(run.model, run.plan)
     try:
+        # Re-apply the unfreeze phases the run had reached first, so the freeze state and the
+        # optimizer's param groups are exactly those the checkpoint was saved with.
+        apply_phases(run, int(ckpt.get("phases", 0)))
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.progress = {k: int(ckpt[k]) for k in ("step", "epoch", "batch_in_epoch")}
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        run.progress = {k: int(ckpt.get(k, 0)) for k in ("step", "epoch", "batch_in_epoch", "phases")}
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first})") from None
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
     run.resumed_from_step = run.saved_step = run.progress["step"]
-    fp = run.run_dir / FINGERPRINT_NAME
-    run.frozen_before = json.loads(fp.read_text()) if fp.is_file() else fingerprint(run.model, run.plan)
 
 
 def _check_work_left(run: Run) -> None:
@@ -341,8 +396,8 @@ class StopFlag:
 
 
 def steps_per_epoch(run: Run) -> int:
-    """Optimizer steps in one pass over the training set (the last batch may be short)."""
-    return math.ceil(len(run.data.train) / run.config.data.batch_size)
+    """Optimizer steps in one pass over (this rank's share of) the training set."""
+    return math.ceil(len(run.data.train) // run.dist.world_size / run.config.data.batch_size)
 
 
 def planned_steps(config: Config, steps_per_epoch: int) -> int:
@@ -359,11 +414,13 @@ def train(run: Run, reporter: Reporter | None = None) -> Outcome:
     per_epoch = steps_per_epoch(run)
     total = planned_steps(cfg, per_epoch)
     outcome = Outcome()
-    metrics = MetricsLog(run.run_dir / "metrics.jsonl", append=run.resumed_from_step is not None)
+    metrics = MetricsLog(
+        run.run_dir / "metrics.jsonl" if run.dist.is_main else None, append=run.resumed_from_step is not None
+    )
     warm_left = cfg.train.warmup_steps
     reset_peak_memory(run.device)
     reporter.train_start(total, run.progress["step"])
-    if run.speed.get("feature_cache"):
+    if cfg.train.feature_cache != "off":
         reporter.message(run.speed["feature_cache"]["reason"])
     try:
         with StopFlag() as stop:
@@ -371,11 +428,15 @@ def train(run: Run, reporter: Reporter | None = None) -> Outcome:
                 if stop.requested:  # arrived during validation or a checkpoint save
                     break
                 epoch = run.progress["epoch"]
+                apply_phases(run, sum(p.epoch <= epoch for p in cfg.freeze.schedule), reporter)
                 set_train_mode(run.model, run.plan, True)
                 epoch_start, epoch_steps = time.perf_counter(), 0
                 cached = run.cache is not None and run.cache.complete
                 for batch in epoch_batches(run, epoch):
+                    set_lr(run.optimizer, cfg.optim, run.progress["step"], total)
                     loss, seconds = train_step(run, batch, loss_fn)
+                    run.step_times.append(seconds)
+                    loss = dist.mean(loss, run.dist, run.device)  # what a single process would see
                     run.progress["step"] += 1
                     run.progress["batch_in_epoch"] += 1
                     epoch_steps += 1
@@ -403,7 +464,10 @@ def train(run: Run, reporter: Reporter | None = None) -> Outcome:
                     outcome.last_loss = loss
                     if cfg.train.checkpoint_every and run.progress["step"] % cfg.train.checkpoint_every == 0:
                         save(run)
-                    if stop.requested or run.progress["step"] >= total:
+                    stop_now = dist.any_true(stop.requested is not None, run.dist, run.device)
+                    if stop_now and not stop.requested:
+                        stop.requested = "another rank's signal"
+                    if stop_now or run.progress["step"] >= total:
                         break
                 synchronize(run.device)
                 run.epoch_times.append({"epoch": epoch, "seconds": time.perf_counter() - epoch_start,
@@ -435,6 +499,8 @@ def save(run: Run) -> None:
     ``checkpoint.pt`` goes last, so whenever it holds step N the trainable checkpoint holds step N
     or (if the process died in between) N+1.
     """
+    if not run.dist.is_main:
+        return  # every rank holds the same weights; rank 0 writes them
     # The base is what is frozen now, hashed as it was before training (a layer unfrozen
     # mid-run is saved with the trainable tensors instead).
     frozen_now = set(frozen_state(run.model, run.plan))
@@ -459,7 +525,8 @@ def epoch_batches(run: Run, epoch: int):
     """
     cfg = run.config
     bs = cfg.data.batch_size
-    sampler = EpochSampler(len(run.data.train), cfg.seed, epoch, run.progress["batch_in_epoch"] * bs)
+    sampler = EpochSampler(len(run.data.train), cfg.seed, epoch, run.progress["batch_in_epoch"] * bs,
+                           rank=run.dist.rank, world_size=run.dist.world_size)
     if run.cache is not None and run.cache.complete:
         order = torch.tensor(list(sampler), dtype=torch.long)
         for chunk in order.split(bs):
@@ -491,15 +558,7 @@ def train_step(run: Run, batch, loss_fn: nn.Module) -> tuple[float, float]:
     x = inputs.to(run.device, non_blocking=True, memory_format=memory_format)
     y = labels.to(run.device, non_blocking=True)
     with autocast(run.config.train.precision, run.device):
-        if kind == "features":
-            logits = run.split.head(x)
-        elif kind == "images+cache":
-            h = run.split.features(x)
-            run.cache.put(indices, h, y)
-            logits = run.split.head(h)
-        else:
-            logits = run.forward(x)
-        loss = loss_fn(logits.float(), y)
+        loss = loss_fn(run.logits(x, y, indices, kind).float(), y)
     value = loss.item()  # synchronizes; needed anyway to refuse a non-finite update
     if math.isfinite(value) or not run.config.train.stop_on_nonfinite:
         run.optimizer.zero_grad(set_to_none=True)
@@ -542,8 +601,11 @@ def cleanup(run: Run, outcome: Outcome) -> dict:
     Returns:
         The summary dict (also written to the run folder).
     """
-    after = fingerprint(run.model, run.plan)
-    changed = sorted(k for k in run.frozen_before if after.get(k) != run.frozen_before[k])
+    integrity = freeze_integrity(run)
+    bs = run.config.data.batch_size
+    per_rank = dist.gather(timing_stats(run.step_times[run.config.train.warmup_steps:], bs), run.dist)
+    if not run.dist.is_main:
+        return {"rank": run.dist.rank, "freeze_integrity": integrity}
     records = read_jsonl(run.run_dir / "metrics.jsonl")
     timed = [r["step_time_s"] for r in records if not r.get("warmup")]
     losses = [r["loss"] for r in records]
@@ -581,16 +643,34 @@ def cleanup(run: Run, outcome: Outcome) -> dict:
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
         "val": {"accuracy": outcome.val["accuracy"] if outcome.val else None,
                 "loss": outcome.val["loss"] if outcome.val else None},
-        "freeze_integrity": {
-            "ok": not changed,
-            "tensors_checked": len(after),
-            "changed": changed,
-            "sha256": combined_sha256(after),
-        },
+        "freeze_integrity": integrity,
+        "schedule": run.phases,
+        "optimizer": {"groups": [{"name": g.get("name"), "lr": g["lr"], "lr_mult": g.get("lr_mult", 1.0),
+                                  "params": sum(p.numel() for p in g["params"])} for g in run.optimizer.param_groups],
+                      "scheduler": run.config.optim.scheduler},
+        "distributed": {"world_size": run.dist.world_size, "timing_per_rank": per_rank},
         "run_dir": str(run.run_dir),
     }
     write_json(run.run_dir / "summary.json", summary)
     return summary
+
+
+def freeze_integrity(run: Run) -> dict:
+    """Compares every still-frozen tensor with its hash from the start of the run (on every rank).
+
+    Tensors unfrozen by a ``freeze.schedule`` phase were checked when they were unfrozen.
+    """
+    after = fingerprint(run.model, run.plan)
+    changed = sorted(k for k, h in after.items() if run.frozen_before.get(k) != h)
+    ranks_ok = dist.gather(not changed, run.dist)
+    return {
+        "ok": all(ranks_ok),
+        "tensors_checked": len(after),
+        "changed": changed,
+        "sha256": combined_sha256(after),
+        "checked_when_unfrozen": sum(p["tensors"] for p in run.phases),
+        "ranks_ok": ranks_ok,
+    }
 
 
 def run(config: Config, reporter: Reporter | None = None, resume: bool = False) -> dict:
@@ -600,11 +680,14 @@ def run(config: Config, reporter: Reporter | None = None, resume: bool = False) 
         NonFiniteLossError: After writing the summary, if the loss became NaN or infinite.
         FreezeIntegrityError: If a frozen tensor changed (a bug, never expected).
     """
-    reporter = reporter or Reporter()
     r = setup(config, resume=resume)
-    reporter.setup_done(r)
-    outcome = train(r, reporter)
-    summary = cleanup(r, outcome)
+    reporter = reporter if reporter is not None and r.dist.is_main else Reporter()
+    try:
+        reporter.setup_done(r)
+        outcome = train(r, reporter)
+        summary = cleanup(r, outcome)
+    finally:
+        dist.shutdown(r.dist)
     if outcome.status == "nonfinite":
         if r.saved_step is None:
             kept = "no checkpoint had been saved yet (train.checkpoint_every saves every N steps)"

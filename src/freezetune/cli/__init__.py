@@ -6,7 +6,7 @@ from __future__ import annotations
 import typer
 
 from freezetune import __version__
-from freezetune.cli import train_cmd
+from freezetune.cli import compare_cmd, demo_cmd, export_cmd, inspect_cmd, models_cmd, train_cmd
 
 app = typer.Typer(
     name="freezetune",
@@ -35,6 +35,11 @@ def _root(
 
 
 train_cmd.register(app)
+inspect_cmd.register(app)
+demo_cmd.register(app)
+compare_cmd.register(app)
+export_cmd.register(app)
+models_cmd.register(app)
 
 
 def main() -> None:

@@ -55,6 +55,8 @@ def train(
     else:
         cfg = load_config(config, overrides or [])
     summary = run(cfg, ConsoleReporter(console), resume=resume is not None)
+    if summary.get("rank", 0) != 0:
+        return  # under torchrun, rank 0 prints and writes the run folder
     console.print(summary_table(summary))
     if summary["status"] == "interrupted":
         folder = summary["run_dir"]

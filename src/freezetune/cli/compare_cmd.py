@@ -1,0 +1,200 @@
+"""``freezetune compare frozen-vs-full`` and ``freezetune compare depths``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from freezetune.cli.common import CONFIG_OPTION, DEBUG_OPTION, OVERRIDES_ARG, console, err_console, user_errors
+
+compare_app = typer.Typer(
+    help="Measure what freezing buys: arms trained side by side from the same weights and batches, "
+    "timed fairly (warm-up excluded, synchronized, interleaved), with FLOP predictions beside.",
+    no_args_is_help=True,
+)
+
+STEPS_OPTION = typer.Option(20, "--steps", min=1, help="Timed training steps per arm.")
+WARMUP_OPTION = typer.Option(
+    None, "--warmup", min=0, help="Untimed steps per arm first [default: train.warmup_steps].", show_default=False
+)
+BLOCK_OPTION = typer.Option(
+    None, "--block", min=1, help="Steps per turn when arms take turns [default: steps/4, at most 10].",
+    show_default=False,
+)
+DEVICE_OPTION = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N [default: the config's].",
+                             show_default=False)
+INLINE_OPTION = typer.Option(
+    False, "--inline", help="Run all arms in this process: starts faster, but peak memory is not measured.",
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the ``compare`` command group to the app."""
+    compare_app.command("frozen-vs-full")(frozen_vs_full)
+    compare_app.command("depths")(depths)
+    app.add_typer(compare_app, name="compare")
+
+
+@user_errors
+def frozen_vs_full(
+    overrides: list[str] = OVERRIDES_ARG,
+    config: Path = CONFIG_OPTION,
+    steps: int = STEPS_OPTION,
+    warmup: int = WARMUP_OPTION,
+    out: Path = typer.Option(None, "--out", help="Output folder [default: <output.dir>/compare].",
+                             show_default=False),
+    device: str = DEVICE_OPTION,
+    block: int = BLOCK_OPTION,
+    inline: bool = INLINE_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Train the config's freeze spec against full fine-tuning and show what freezing buys.
+
+    Writes compare.json, compare.csv and compare.png.
+    """
+    from freezetune import compare
+
+    cfg = _config(config, overrides, device)
+    with _progress(2, steps, warmup, cfg) as report:
+        result = compare.frozen_vs_full(cfg, out, steps, warmup, block, not inline, report)
+    _print_notice(result)
+    console.print(arms_table(result, "frozen vs full"))
+    _print_headline(result)
+    _exit_on_problems(result)
+
+
+@user_errors
+def depths(
+    overrides: list[str] = OVERRIDES_ARG,
+    config: Path = CONFIG_OPTION,
+    steps: int = STEPS_OPTION,
+    warmup: int = WARMUP_OPTION,
+    out: Path = typer.Option(None, "--out", help="Output folder [default: <output.dir>/depths].",
+                             show_default=False),
+    device: str = DEVICE_OPTION,
+    block: int = BLOCK_OPTION,
+    inline: bool = INLINE_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Sweep the freeze point: full, then frozen through stem, layer1 ... layer4 (fc only).
+
+    The config's freeze selectors are ignored (its batchnorm policy applies). Writes depths.json,
+    depths.csv and depths.png.
+    """
+    from freezetune import compare
+
+    cfg = _config(config, overrides, device)
+    with _progress(len(compare.depth_arms(cfg)), steps, warmup, cfg) as report:
+        result = compare.depths(cfg, out, steps, warmup, block, not inline, report)
+    _print_notice(result)
+    console.print(arms_table(result, "freeze depth sweep"))
+    console.print(f"files: {result['files']['json']}, .csv, .png")
+    _exit_on_problems(result)
+
+
+def arms_table(result: dict, title: str) -> Table:
+    """One column per arm, one row per figure: parameters, FLOPs, speedups, time, memory, loss."""
+    from freezetune.plot import share_text
+    from freezetune.report import fmt_bytes, fmt_seconds
+
+    d, arms = result["data"], result["arms"]
+    table = Table(title=f"{result['model']} {title} | {result['device']} | {d['image_size']}px, batch "
+                  f"{d['batch_size']} | {result['steps']['timed']} timed steps/arm (+{result['steps']['warmup']} "
+                  f"warm-up) | torch {result['versions']['torch']}", title_justify="left")
+    table.add_column("")
+    for name in arms:
+        table.add_column(name, justify="right")
+
+    def row(what: str, fmt) -> None:
+        table.add_row(what, *(fmt(a) for a in arms.values()))
+
+    row("freeze", lambda a: a["label"])
+    row("trainable params", lambda a: f"{_count(a['params']['trainable'])} ({share_text(a['trainable_share'])})")
+    row("GFLOPs/step fwd+bwd", lambda a: f"{a['flops']['forward'] / 1e9:.2f}+{a['flops']['backward'] / 1e9:.2f}")
+    row("FLOP-predicted speedup", lambda a: _x(a["speedup"]["flop_predicted"]))
+    row("measured speedup", lambda a: f"[bold]{_x(a['speedup']['measured'])}[/]")
+    row("step time median", lambda a: fmt_seconds(a["timing"]["step_median_s"]))
+    row("step time p10 / p90",
+        lambda a: f"{fmt_seconds(a['timing']['step_p10_s'])} / {fmt_seconds(a['timing']['step_p90_s'])}")
+    row("samples/s", lambda a: f"{a['timing']['samples_per_s']:.1f}" if a["timing"]["samples_per_s"] else "-")
+    row("peak memory", lambda a: fmt_bytes(a["memory"]["peak_bytes"]))
+    row("optimizer state", lambda a: fmt_bytes(a["optimizer_state_bytes"]))
+    row("loss first -> last", lambda a: f"{a['loss']['first']:.3f} -> {a['loss']['last']:.3f}")
+    row("frozen tensors intact", lambda a: ("[green]OK[/]" if a["freeze_integrity"]["ok"] else "[red]CHANGED[/]")
+        + f" ({a['freeze_integrity']['tensors_checked']})")
+    kind = next(iter(arms.values()))["memory"]["kind"]
+    table.caption = f"peak memory: {kind}; speedups relative to full"
+    return table
+
+
+def _print_headline(result: dict) -> None:
+    from freezetune.report import fmt_bytes
+
+    s, mem, integ = result["speedup"], result["memory_saved"], result["freeze_integrity"]
+    frozen = result["arms"]["frozen"]["label"]
+    console.print(f"[bold]{frozen}[/]: step [bold]{_x(s['measured'])}[/] faster measured; "
+                  f"FLOPs predict {_x(s['flop_predicted'])}")
+    if mem["bytes"] is not None:
+        pct = f" ({100 * mem['fraction']:.0f}%)" if mem["fraction"] is not None else ""
+        kind = result["arms"]["frozen"]["memory"]["kind"]
+        console.print(f"peak memory saved: {fmt_bytes(mem['bytes'])}{pct} [dim]({kind})[/]")
+    else:
+        console.print("peak memory: not measured (--inline)")
+    if integ["ok"]:
+        console.print(f"freeze integrity: [green]OK[/] ({integ['tensors_checked']} frozen tensors, "
+                      f"sha256 {integ['sha256_after'][:12]} before and after)")
+    console.print(f"files: {result['files']['json']}, .csv, .png")
+
+
+def _print_notice(result: dict) -> None:
+    notice = result["weights"]["notice"]
+    if notice:
+        err_console.print(f"[bold yellow]notice:[/] {escape(notice)}")
+
+
+def _exit_on_problems(result: dict) -> None:
+    problems = [k for k in ("same_initial_weights", "same_batches", "same_steps") if not result["fairness"][k]]
+    if not result["freeze_integrity"]["ok"]:
+        problems.append("frozen tensors changed during training")
+    if problems:
+        err_console.print(f"[bold red]error:[/] comparison is not valid: {', '.join(problems)}")
+        raise typer.Exit(1)
+
+
+def _config(path: Path, overrides: list[str] | None, device: str | None):
+    from freezetune.config import load_config
+
+    extra = [f"device={device}"] if device else []
+    return load_config(path, [*(overrides or []), *extra])
+
+
+class _progress:
+    """A progress bar over every arm's steps, advanced after each turn."""
+
+    def __init__(self, n_arms: int, steps: int, warmup: int | None, cfg):
+        per_arm = steps + (cfg.train.warmup_steps if warmup is None else warmup)
+        self._bar = Progress(TextColumn("[bold]compare[/] {task.fields[arm]}"), BarColumn(),
+                             MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self._task = self._bar.add_task("compare", total=n_arms * per_arm, arm="starting workers")
+
+    def __enter__(self):
+        self._bar.start()
+        return self._advance
+
+    def __exit__(self, *exc) -> None:
+        self._bar.stop()
+
+    def _advance(self, arm: str, phase: str, n: int, per_arm: int) -> None:
+        self._bar.update(self._task, advance=n, arm=f"{arm} ({phase})")
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)

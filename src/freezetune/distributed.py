@@ -1,0 +1,117 @@
+"""Data-parallel training under ``torchrun`` (DistributedDataParallel); no home-made launcher.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; freezetune reads them, joins the process group
+(NCCL on CUDA, gloo on CPU) and wraps only what trains in DDP. DDP registers just the parameters
+that require grad, so frozen parameters are never all-reduced; a gradual-unfreezing phase changes
+that set, so the wrapper is rebuilt after each unfreeze.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from freezetune.errors import DeviceError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """A process's place in a torchrun job (world_size 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether more than one process trains together."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run folder and prints."""
+        return self.rank == 0
+
+
+def from_env() -> DistInfo:
+    """Reads torchrun's environment variables."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(info: DistInfo, device_name: str) -> torch.device:
+    """Joins the process group and returns this rank's device.
+
+    Raises:
+        DeviceError: If CUDA is requested but there are fewer GPUs than local ranks.
+    """
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available() or info.local_rank >= torch.cuda.device_count():
+            raise DeviceError(
+                f"rank {info.rank}: local rank {info.local_rank} needs a GPU but "
+                f"{torch.cuda.device_count()} are visible; use device: cpu for gloo"
+            )
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return device
+
+
+def wrap(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """Wraps the training forward in DDP (a no-op for a single process)."""
+    if not info.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Buffers are not broadcast: frozen BatchNorm buffers are identical on every rank already,
+    # and broadcasting them every forward would cost time for nothing.
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def mean(value: float, info: DistInfo, device: torch.device) -> float:
+    """The mean of a float over all ranks (the value itself for one process)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if it is true on any (e.g. one rank got SIGTERM)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    """Waits for every rank."""
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    """Leaves the process group."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,106 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from freezetune import bench
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_bench():
+    # Two cells, two arms each: enough to check the matrix, the writing and the table.
+    return bench.run_bench(sizes=(16,), batch_sizes=(2, 3), steps=1, warmup=0, device="cpu", isolate=False,
+                           depths=("layer4",))
+
+
+def test_tiny_matrix_writes_json_and_markdown(tiny_bench, tmp_path):
+    json_path, md_path = bench.write_bench(tiny_bench, tmp_path, command="python scripts/bench.py --tiny")
+    assert json_path.name.startswith("cpu-") and "-torch" in json_path.name
+    data = json.loads(json_path.read_text())
+    assert data["command"] == "python scripts/bench.py --tiny"
+    assert [(c["image_size"], c["batch_size"]) for c in data["cells"]] == [(16, 2), (16, 3)]
+    for cell in data["cells"]:
+        assert list(cell["arms"]) == ["full", "layer4"]
+        assert cell["fairness"]["same_initial_weights"] and cell["fairness"]["same_batches"]
+        assert all(a["freeze_integrity_ok"] for a in cell["arms"].values())
+    md = md_path.read_text()
+    assert "`python scripts/bench.py --tiny`" in md
+    rows = [line for line in md.splitlines() if line.startswith("| 16px")]
+    assert len(rows) == 4
+    assert "| image | batch | arm |" in md
+
+
+def test_markdown_has_one_row_per_cell_and_arm(tiny_bench):
+    table = bench.markdown_table(tiny_bench)
+    header = next(line for line in table.splitlines() if line.startswith("| image"))
+    n_cols = header.count("|")
+    body = [line for line in table.splitlines() if line.startswith("| 16px")]
+    assert body and all(line.count("|") == n_cols for line in body)
+    assert any("layer4 (fc only)" in line for line in body)
+
+
+def fake_bench(measured=3.0, predicted=2.9, device="cpu (2 threads)", intact=True, same=True):
+    arm = {"speedup_measured": 1.0, "speedup_flop_predicted": 1.0, "freeze_integrity_ok": True}
+    fc = {"speedup_measured": measured, "speedup_flop_predicted": predicted, "freeze_integrity_ok": intact}
+    fair = {"same_initial_weights": same, "same_batches": True, "same_steps": True}
+    return {"cells": [{"image_size": 64, "batch_size": 8, "device": device, "fairness": fair,
+                       "arms": {"full": arm, "layer4": fc}}]}
+
+
+def test_gate_passes_a_good_result():
+    assert bench.gate(fake_bench()) == []
+
+
+@pytest.mark.parametrize("measured,predicted,expect", [
+    (1.4, 1.5, "< 1.5x"),  # below the absolute floor
+    (2.0, 2.93, "FLOP-predicted"),  # 2.0 < 0.8 x 2.93
+])
+def test_gate_fails_slow_fc_only(measured, predicted, expect):
+    failures = bench.gate(fake_bench(measured, predicted))
+    assert len(failures) == 1 and expect in failures[0]
+
+
+def test_gate_fails_on_changed_frozen_tensors_or_unfair_arms():
+    assert "frozen tensors changed" in bench.gate(fake_bench(intact=False))[0]
+    assert "same_initial_weights" in bench.gate(fake_bench(same=False))[0]
+
+
+def test_gate_judges_speed_on_cpu_only():
+    assert bench.gate(fake_bench(measured=1.1, device="cuda:0 (NVIDIA H100)")) == []
+
+
+def test_script_runs_a_shrunk_matrix(tmp_path, capsys):
+    script = load_script()
+    code = script.main(["--sizes", "16", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
+                        "--device", "cpu", "--inline", "--depths", "layer4", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| image | batch |" in out
+    assert len(list(tmp_path.glob("*.json"))) == 1 and len(list(tmp_path.glob("*.md"))) == 1
+
+
+def test_script_ci_mode_exits_nonzero_when_the_gate_fails(tmp_path, monkeypatch, capsys):
+    script = load_script()
+    seen = {}
+
+    def fake_run(sizes, batch_sizes, steps, warmup, *args):
+        seen.update(sizes=sizes, batch_sizes=batch_sizes, steps=steps)
+        return {**fake_bench(measured=1.2), "device": "cpu (2 threads)", "device_slug": "cpu-2threads",
+                "versions": {"torch": "2.0"}, "created": "now", "wall_s": 1.0,
+                "matrix": {"model": "resnet18", "steps": steps, "warmup": warmup}}
+
+    monkeypatch.setattr(script.bench, "run_bench", fake_run)
+    monkeypatch.setattr(script.bench, "markdown_table", lambda b: "table\n")
+    assert script.main(["--ci", "--out", str(tmp_path)]) == 1
+    assert "BENCH GATE FAILED" in capsys.readouterr().err
+    assert seen == {"sizes": bench.CI_SIZES, "batch_sizes": bench.CI_BATCH_SIZES, "steps": bench.CI_STEPS}

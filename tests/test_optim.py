@@ -1,0 +1,65 @@
+import pytest
+import torch
+import torchvision
+
+from freezetune.config import FreezeConfig, OptimConfig, ParamGroupRule
+from freezetune.freeze import apply_freeze, unfreeze
+from freezetune.optim import add_unfrozen, build_optimizer, check_optimizer, lr_factor, param_matches, set_lr
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def test_param_matching():
+    assert param_matches("layer4.0.conv1.weight", "layer4*")
+    assert param_matches("layer4.0.conv1.weight", "layer4")
+    assert not param_matches("layer40.weight", "layer4") and not param_matches("fc.weight", ["layer*"])
+
+
+def test_discriminative_groups_first_match_wins(model):
+    apply_freeze(model, FreezeConfig(trainable=["layer3", "layer4", "fc"]), "resnet18")
+    cfg = OptimConfig(lr=0.1, param_groups=[ParamGroupRule(match="layer3*", lr_mult=0.01),
+                                            ParamGroupRule(match=["layer*"], lr_mult=0.1, weight_decay=0.5)])
+    opt = build_optimizer(model, cfg)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert set(by_name) == {"base/layer3*", "base/layer*", "base"}
+    assert by_name["base/layer3*"]["lr"] == pytest.approx(0.001)
+    assert by_name["base/layer*"]["lr"] == pytest.approx(0.01) and by_name["base/layer*"]["weight_decay"] == 0.5
+    assert {id(p) for p in by_name["base"]["params"]} == {id(model.fc.weight), id(model.fc.bias)}
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_schedules():
+    cos = OptimConfig(scheduler="cosine", warmup_steps=4)
+    assert [lr_factor(s, 20, cos) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 20, cos) == pytest.approx(1.0) and lr_factor(19, 20, cos) < 0.02
+    step = OptimConfig(scheduler="step", step_size=5, gamma=0.5)
+    assert [lr_factor(s, 20, step) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
+    assert lr_factor(7, 20, OptimConfig()) == 1.0
+
+
+def test_set_lr_respects_group_multipliers(model):
+    apply_freeze(model, FreezeConfig(trainable=["layer4", "fc"]), "resnet18")
+    cfg = OptimConfig(lr=0.2, scheduler="step", step_size=1, gamma=0.5,
+                      param_groups=[ParamGroupRule(match="layer4", lr_mult=0.1)])
+    opt = build_optimizer(model, cfg)
+    set_lr(opt, cfg, 2, 10)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([0.005, 0.05])
+
+
+def test_unfrozen_params_join_as_new_group_and_hygiene_holds(model):
+    plan = apply_freeze(model, FreezeConfig(trainable=["fc"]), "resnet18")
+    cfg = OptimConfig(lr=0.1)
+    opt = build_optimizer(model, cfg)
+    newly = unfreeze(model, plan, ["layer4"])
+    assert len(newly) == 15 and all(p.requires_grad for _, p in newly)
+    assert "layer4.0.bn1" not in plan.frozen_bn and "layer3.0.bn1" in plan.frozen_bn
+    assert add_unfrozen(opt, newly, cfg, 0.5, "unfreeze@2") == ["unfreeze@2"]
+    assert opt.param_groups[-1]["lr"] == pytest.approx(0.05)
+    check_optimizer(opt, model)
+    model.layer4[0].conv1.weight.requires_grad_(False)  # a frozen tensor left in a group is caught
+    with pytest.raises(AssertionError, match="layer4.0.conv1.weight"):
+        check_optimizer(opt, model)
