@@ -114,4 +114,7 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     """Leaves the process group."""
     if info.enabled and dist.is_initialized():
+        # Tearing gloo down while a peer is still connected can abort the process
+        # ("terminate called without an active exception"): leave together.
+        dist.barrier()
         dist.destroy_process_group()

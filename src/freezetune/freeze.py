@@ -281,10 +281,10 @@ def unfreeze(model: nn.Module, plan: FreezePlan, patterns: list[str]) -> list[tu
         FreezeError: If a pattern matches no module.
     """
     selected = match_modules(model, patterns)
+    chosen = match_parameters(model, patterns)  # also loose parameters such as ViT's class_token
     newly = []
     for name, param in model.named_parameters():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        if owner in selected and not param.requires_grad:
+        if name in chosen and not param.requires_grad:
             param.requires_grad_(True)
             newly.append((name, param))
     moved = {n for n, _ in newly}

@@ -1,5 +1,8 @@
-"""The ``freezetune`` command line. Commands only parse arguments and print; the work is done by
-the library modules so that everything here is also usable from Python."""
+"""The ``freezetune`` command line.
+
+Commands only parse arguments and print; the work is done by the library modules, so that
+everything here is also usable from Python.
+"""
 
 from __future__ import annotations
 
