@@ -12,6 +12,7 @@ Printing goes through a :class:`Reporter`; the default one is silent.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import signal
@@ -687,6 +688,10 @@ def run(config: Config, reporter: Reporter | None = None, resume: bool = False) 
         outcome = train(r, reporter)
         summary = cleanup(r, outcome)
     finally:
+        # Drop the DDP wrapper (and any replaced by unfreezing) before the process group goes:
+        # a reducer destroyed after its group can abort the process at exit.
+        r.ddp = None
+        gc.collect()
         dist.shutdown(r.dist)
     if outcome.status == "nonfinite":
         if r.saved_step is None:
