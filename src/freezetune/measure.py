@@ -9,8 +9,6 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import time
-from contextlib import contextmanager
 
 import torch
 
@@ -41,19 +39,6 @@ def synchronize(device: torch.device) -> None:
     """Waits for queued work on ``device`` (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextmanager
-def timed(device: torch.device):
-    """Context manager yielding a one-item list that holds the synchronized elapsed seconds."""
-    out = [0.0]
-    synchronize(device)
-    start = time.perf_counter()
-    try:
-        yield out
-    finally:
-        synchronize(device)
-        out[0] = time.perf_counter() - start
 
 
 def percentile(values: list[float], q: float) -> float:
