@@ -4,7 +4,15 @@ import torchvision
 
 from freezetune.config import FreezeConfig, OptimConfig, ParamGroupRule
 from freezetune.freeze import apply_freeze, unfreeze
-from freezetune.optim import add_unfrozen, build_optimizer, check_optimizer, lr_factor, param_matches, set_lr
+from freezetune.optim import (
+    add_unfrozen,
+    build_optimizer,
+    check_optimizer,
+    lr_factor,
+    param_matches,
+    plain_optimizer,
+    set_lr,
+)
 
 
 @pytest.fixture
@@ -63,3 +71,30 @@ def test_unfrozen_params_join_as_new_group_and_hygiene_holds(model):
     model.layer4[0].conv1.weight.requires_grad_(False)  # a frozen tensor left in a group is caught
     with pytest.raises(AssertionError, match="layer4.0.conv1.weight"):
         check_optimizer(opt, model)
+
+
+def test_optimizer_is_fused_where_torch_supports_it(model):
+    opt = build_optimizer(model, OptimConfig())
+    assert opt.defaults["fused"] is True  # this torch has fused SGD for CPU
+
+
+def test_optimizer_falls_back_when_fused_is_unsupported(model, monkeypatch):
+    real = torch.optim.SGD
+
+    def no_fused(params, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "SGD", no_fused)
+    opt = build_optimizer(model, OptimConfig(momentum=0.9))
+    assert not opt.defaults.get("fused") and opt.defaults["momentum"] == 0.9
+
+
+def test_plain_optimizer_takes_every_parameter_as_a_plain_loop_does(model):
+    apply_freeze(model, FreezeConfig(trainable=["fc"]), "resnet18")
+    opt = plain_optimizer(model, OptimConfig())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    assert not opt.defaults.get("fused")
+    with pytest.raises(AssertionError, match="frozen parameter"):
+        check_optimizer(opt, model)  # exactly what freezetune's own optimizer never allows
