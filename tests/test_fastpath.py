@@ -76,3 +76,26 @@ def test_frozen_batchnorm_after_trainable_layer_still_passes_gradients():
     split(torch.randn(2, 3, 64, 64)).sum().backward()
     assert m.layer3[0].conv1.weight.grad is not None and m.layer4[0].conv1.weight.grad is None
     assert not m.layer4[0].bn1.training
+
+
+def test_channels_last_prefix_matches_and_leaves_the_model_layout_alone():
+    m = model_with_real_bn_stats()
+    plan = apply_freeze(m, FreezeConfig(until="layer2"), "resnet18")
+    set_train_mode(m, plan)
+    prefix = frozen_prefix(m, "resnet18")
+    nchw = SplitForward(m, "resnet18", prefix, fold=True)
+    nhwc = SplitForward(m, "resnet18", prefix, fold=True, prefix_channels_last=True)
+    x = torch.randn(4, 3, 64, 64)
+    h = nhwc.features(x)
+    torch.testing.assert_close(h, nchw.features(x), rtol=1e-4, atol=1e-4)
+    assert h.is_contiguous()  # handed to the suffix in its own (NCHW) layout
+    assert next(iter(nhwc.prefix.parameters())).is_contiguous(memory_format=torch.channels_last)
+    assert m.conv1.weight.is_contiguous()  # only the private folded copy was converted
+
+
+def test_channels_last_is_not_applied_to_an_unfolded_prefix():
+    m = model_with_real_bn_stats()
+    plan = apply_freeze(m, FreezeConfig(until="layer1", batchnorm="train"), "resnet18")
+    split = SplitForward(m, "resnet18", frozen_prefix(m, "resnet18"), fold=False, prefix_channels_last=True)
+    assert split.prefix_format is None and plan.frozen_bn == []
+    assert m.conv1.weight.is_contiguous()

@@ -46,7 +46,7 @@ def frozen_prefix(model: nn.Module, model_name: str) -> list[str]:
 def prefix_batchnorm_frozen(model: nn.Module, model_name: str, prefix: list[str], plan: FreezePlan) -> bool:
     """Whether every BatchNorm in the prefix is frozen (eval mode), so it may be folded or cached."""
     frozen = set(plan.frozen_bn)
-    for name in _prefix_module_names(model_name, prefix):
+    for name in prefix_modules(model_name, prefix):
         for sub, mod in getattr(model, name).named_modules():
             full = f"{name}.{sub}" if sub else name
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and full not in frozen:
@@ -85,20 +85,34 @@ class SplitForward:
         model_name: torchvision name, for the stage order.
         prefix: Stage names of the frozen prefix (see :func:`frozen_prefix`).
         fold: Fold BatchNorm into the prefix's convolutions (only valid when it is frozen).
+        prefix_channels_last: Run the folded prefix copy in channels-last layout. On CPU this
+            makes it 1.6-2x faster (ResNet18, 64-224 px): oneDNN's channels-last convolutions
+            and, above all, max pooling (about 18x faster than the NCHW kernel) beat the NCHW ones.
+            Only the private folded copy is converted; without folding the prefix shares the
+            model's modules, whose tensors are left as they are.
+        suffix_channels_last: The layout the suffix expects (``train.channels_last``).
     """
 
-    def __init__(self, model: nn.Module, model_name: str, prefix: list[str], fold: bool):
+    def __init__(self, model: nn.Module, model_name: str, prefix: list[str], fold: bool,
+                 prefix_channels_last: bool = False, suffix_channels_last: bool = False):
         self.model = model
-        names = _prefix_module_names(model_name, prefix)
+        names = prefix_modules(model_name, prefix)
         seq = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names))
         self.prefix = fold_batchnorm(seq) if fold else seq
         self.suffix = [n for s in stages(model_name).values() for n in s if n not in names]
         self.folded = fold
+        self.prefix_format = torch.channels_last if fold and prefix_channels_last else None
+        if self.prefix_format is not None:
+            self.prefix.to(memory_format=self.prefix_format)
+        self.suffix_format = torch.channels_last if suffix_channels_last else torch.contiguous_format
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen prefix's output (no autograd graph)."""
+        """The frozen prefix's output (no autograd graph), in the suffix's layout."""
         with torch.no_grad():
-            return self.prefix(x)
+            if self.prefix_format is None:
+                return self.prefix(x)
+            h = self.prefix(x.contiguous(memory_format=self.prefix_format))
+            return h.contiguous(memory_format=self.suffix_format)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The trainable suffix from prefix features to logits."""
@@ -113,6 +127,7 @@ class SplitForward:
         return self.head(self.features(x))
 
 
-def _prefix_module_names(model_name: str, prefix: list[str]) -> list[str]:
+def prefix_modules(model_name: str, prefix: list[str]) -> list[str]:
+    """The top-level module names (``conv1``, ``bn1`` ... ``layer3``) of the prefix stages."""
     order = stages(model_name)
     return [n for s in prefix for n in order[s]]
