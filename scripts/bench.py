@@ -27,13 +27,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"CI mode: sizes {bench.CI_SIZES}, batch sizes {bench.CI_BATCH_SIZES}, "
                    f"{bench.CI_STEPS} steps; exit 1 if on CPU the fc-only measured speedup is below "
                    f"{bench.MIN_SPEEDUP}x or below {bench.MIN_FRACTION_OF_PREDICTED} x the FLOP-predicted "
-                   "one, or if any frozen tensor changed")
+                   f"one or freezetune's path runs below {bench.MIN_VS_PLAIN} x the plain loop's speed, or if "
+                   "cached losses leave the uncached ones or any frozen tensor changed")
     p.add_argument("--sizes", type=int, nargs="+", help="image sizes [default: 64 224]")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="batch sizes [default: 8 32]")
     p.add_argument("--steps", type=int, help=f"timed steps per arm [default: {bench.DEFAULT_STEPS}]")
     p.add_argument("--warmup", type=int, help=f"warm-up steps per arm [default: {bench.DEFAULT_WARMUP}]")
     p.add_argument("--depths", nargs="+", default=list(bench.DEPTHS), metavar="STAGE",
                    help="freeze points to sweep besides full [default: all: stem layer1 layer2 layer3 layer4]")
+    p.add_argument("--modes", nargs="+", default=list(bench.MODES), metavar="MODE",
+                   help="how each freeze point runs [default: all: plain optimized cached]")
     p.add_argument("--block", type=int, help="steps per turn when arms take turns")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--inline", action="store_true", help="all arms in one process (no memory figures)")
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = bench.run_bench(args.sizes, args.batch_sizes, args.steps, args.warmup, args.device,
-                                 args.block, not args.inline, on_cell, tuple(args.depths))
+                                 args.block, not args.inline, on_cell, tuple(args.depths), tuple(args.modes))
     except FreezetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -80,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             return 1
         print(f"bench gate passed: fc-only measured speedup >= {bench.MIN_SPEEDUP}x and >= "
-              f"{bench.MIN_FRACTION_OF_PREDICTED} x FLOP-predicted on CPU; frozen tensors unchanged")
+              f"{bench.MIN_FRACTION_OF_PREDICTED} x FLOP-predicted on CPU; freezetune's path >= "
+              f"{bench.MIN_VS_PLAIN} x the plain loop's speed; cached losses within "
+              f"{bench.MAX_CACHED_LOSS_DIFF:g} of uncached; frozen tensors unchanged")
     return 0
 
 

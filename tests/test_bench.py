@@ -18,7 +18,8 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def tiny_bench():
-    # Two cells, two arms each: enough to check the matrix, the writing and the table.
+    # Two cells, four arms each (full, then fc only in every mode): enough to check the matrix,
+    # the writing and the tables.
     return bench.run_bench(sizes=(16,), batch_sizes=(2, 3), steps=1, warmup=0, device="cpu", isolate=False,
                            depths=("layer4",))
 
@@ -30,31 +31,45 @@ def test_tiny_matrix_writes_json_and_markdown(tiny_bench, tmp_path):
     assert data["command"] == "python scripts/bench.py --tiny"
     assert [(c["image_size"], c["batch_size"]) for c in data["cells"]] == [(16, 2), (16, 3)]
     for cell in data["cells"]:
-        assert list(cell["arms"]) == ["full", "layer4"]
+        assert list(cell["arms"]) == ["full", "layer4:plain", "layer4", "layer4:cached"]
         assert cell["fairness"]["same_initial_weights"] and cell["fairness"]["same_batches"]
         assert all(a["freeze_integrity_ok"] for a in cell["arms"].values())
+        assert cell["arms"]["layer4:plain"]["frozen_bn_layers_changed"] == 20
+        assert cell["arms"]["layer4:cached"]["loss_max_abs_diff_vs_optimized"] <= 1e-5
     md = md_path.read_text()
     assert "`python scripts/bench.py --tiny`" in md
     rows = [line for line in md.splitlines() if line.startswith("| 16px")]
-    assert len(rows) == 4
-    assert "| image | batch | arm |" in md
+    assert len(rows) == 2 * 2 + 2 * 4  # summary: full + layer4 per cell; then every arm
+    assert "| image | batch | arm |" in md and "| image | batch | frozen through |" in md
 
 
 def test_markdown_has_one_row_per_cell_and_arm(tiny_bench):
-    table = bench.markdown_table(tiny_bench)
-    header = next(line for line in table.splitlines() if line.startswith("| image"))
-    n_cols = header.count("|")
-    body = [line for line in table.splitlines() if line.startswith("| 16px")]
-    assert body and all(line.count("|") == n_cols for line in body)
-    assert any("layer4 (fc only)" in line for line in body)
+    summary, arms = bench.markdown_table(tiny_bench).split("Every arm:")
+    for table, rows in ((summary, 4), (arms, 8)):
+        header = next(line for line in table.splitlines() if line.startswith("| image"))
+        body = [line for line in table.splitlines() if line.startswith("| 16px")]
+        assert len(body) == rows and all(line.count("|") == header.count("|") for line in body)
+        assert any("layer4 (fc only)" in line for line in body)
 
 
-def fake_bench(measured=3.0, predicted=2.9, device="cpu (2 threads)", intact=True, same=True):
+def test_summary_puts_plain_optimized_and_cached_side_by_side(tiny_bench):
+    table = bench.summary_table(tiny_bench)
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 16px")]
+    assert [r[2] for r in rows] == ["nothing (full fine-tuning)", "layer4 (fc only)"] * 2
+    fc = rows[1]
+    assert fc[5] != "-" and fc[6] != "-" and fc[8] != "-"  # plain, freezetune, + cache all measured
+    assert fc[10] == "20 of 20"  # the plain loop moved every frozen BatchNorm's statistics
+
+
+def fake_bench(measured=3.0, predicted=2.9, device="cpu (2 threads)", intact=True, same=True, vs_plain=1.3,
+               cache_diff=0.0):
     arm = {"speedup_measured": 1.0, "speedup_flop_predicted": 1.0, "freeze_integrity_ok": True}
-    fc = {"speedup_measured": measured, "speedup_flop_predicted": predicted, "freeze_integrity_ok": intact}
+    fc = {"speedup_measured": measured, "speedup_flop_predicted": predicted, "freeze_integrity_ok": intact,
+          "mode": "optimized", "speedup_vs_plain": vs_plain}
+    cached = {**arm, "mode": "cached", "loss_max_abs_diff_vs_optimized": cache_diff}
     fair = {"same_initial_weights": same, "same_batches": True, "same_steps": True}
     return {"cells": [{"image_size": 64, "batch_size": 8, "device": device, "fairness": fair,
-                       "arms": {"full": arm, "layer4": fc}}]}
+                       "arms": {"full": arm, "layer4": fc, "layer4:cached": cached}}]}
 
 
 def test_gate_passes_a_good_result():
@@ -73,6 +88,16 @@ def test_gate_fails_slow_fc_only(measured, predicted, expect):
 def test_gate_fails_on_changed_frozen_tensors_or_unfair_arms():
     assert "frozen tensors changed" in bench.gate(fake_bench(intact=False))[0]
     assert "same_initial_weights" in bench.gate(fake_bench(same=False))[0]
+
+
+def test_gate_fails_when_freezetune_is_slower_than_the_plain_loop():
+    failures = bench.gate(fake_bench(vs_plain=0.8))
+    assert len(failures) == 1 and "slower than the plain loop" in failures[0]
+
+
+def test_gate_fails_when_cached_training_differs():
+    failures = bench.gate(fake_bench(cache_diff=0.05))
+    assert len(failures) == 1 and "cached losses differ" in failures[0]
 
 
 def test_gate_judges_speed_on_cpu_only():

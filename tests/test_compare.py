@@ -54,9 +54,10 @@ def test_default_block_keeps_turns_short():
 
 def test_frozen_vs_full_arms(tiny):
     arms = compare.frozen_vs_full_arms(tiny(freeze__trainable="[layer4, fc]"))
-    assert [a.name for a in arms] == ["full", "frozen"]
+    assert [a.name for a in arms] == ["full", "frozen:plain", "frozen", "frozen:cached"]
+    assert [a.mode for a in arms] == ["full", "plain", "optimized", "cached"]
     assert arms[0].freeze == {"batchnorm": "frozen"}  # nothing selected: everything trains
-    assert arms[1].freeze["trainable"] == ["layer4", "fc"]
+    assert all(a.freeze["trainable"] == ["layer4", "fc"] for a in arms[1:])
 
 
 def test_frozen_vs_full_needs_a_freeze_spec(tiny):
@@ -65,10 +66,39 @@ def test_frozen_vs_full_needs_a_freeze_spec(tiny):
 
 
 def test_depth_arms_go_from_full_to_fc_only(tiny):
-    arms = compare.depth_arms(tiny(freeze__trainable="[fc]", freeze__batchnorm="train"))
+    arms = compare.depth_arms(tiny(freeze__trainable="[fc]", freeze__batchnorm="train"), modes=("optimized",))
     assert [a.name for a in arms] == ["full", "stem", "layer1", "layer2", "layer3", "layer4"]
     assert [a.freeze.get("until") for a in arms] == [None, "stem", "layer1", "layer2", "layer3", "layer4"]
+    assert [a.depth for a in arms] == [None, "stem", "layer1", "layer2", "layer3", "layer4"]
     assert all(a.freeze["batchnorm"] == "train" for a in arms)
+
+
+def test_depth_arms_run_every_mode_per_freeze_point(tiny):
+    arms = compare.depth_arms(tiny(), stages=("layer3", "layer4"))
+    assert [a.name for a in arms] == ["full", "layer3:plain", "layer3", "layer3:cached",
+                                      "layer4:plain", "layer4", "layer4:cached"]
+
+
+@pytest.mark.parametrize("modes,message", [(("fast",), "unknown mode"), (("plain", "cached"), "include optimized")])
+def test_bad_modes_are_refused(tiny, modes, message):
+    with pytest.raises(ConfigError, match=message):
+        compare.depth_arms(tiny(), modes=modes)
+
+
+def test_modes_are_put_in_their_fixed_order():
+    assert compare.check_modes(["cached", "optimized"]) == ("optimized", "cached")
+
+
+def test_plain_arm_config_is_the_plain_loop(tiny, tmp_path):
+    cfg = tiny()
+    arms = {a.name: a for a in compare.frozen_vs_full_arms(tiny(freeze__until="layer3"))}
+    plain = compare.arm_config(cfg, arms["frozen:plain"], tmp_path / "w.safetensors", tmp_path / "a")
+    assert plain.freeze.batchnorm == "train" and plain.train.fold_batchnorm is False
+    assert plain.train.feature_cache == "off"
+    cached = compare.arm_config(cfg, arms["frozen:cached"], tmp_path / "w.safetensors", tmp_path / "b")
+    assert cached.train.feature_cache == "on" and cached.freeze.batchnorm == "frozen"
+    optimized = compare.arm_config(cfg, arms["frozen"], tmp_path / "w.safetensors", tmp_path / "c")
+    assert optimized.train.feature_cache == "off"
 
 
 def test_assemble_flags_arms_that_did_not_start_alike():
@@ -91,11 +121,14 @@ def test_assemble_flags_arms_that_did_not_start_alike():
 @pytest.fixture(scope="module")
 def inline_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp")
-    cfg = load_config(None, tiny_overrides(out / "run", **{"freeze.until": "layer4"}))
+    cfg = load_config(None, tiny_overrides(out / "run", **{"freeze.until": "layer3"}))
     turns = []
     result = compare.frozen_vs_full(cfg, steps=3, warmup=1, block=2, isolate=False,
                                     progress=lambda *a: turns.append(a[:3]))
     return result, turns, out / "run" / "compare"
+
+
+ARMS = ["full", "frozen:plain", "frozen", "frozen:cached"]
 
 
 def test_result_has_the_documented_keys(inline_result):
@@ -103,39 +136,73 @@ def test_result_has_the_documented_keys(inline_result):
     for key in TOP_KEYS:
         assert key in result
     assert result["versions"]["torch"]
-    for name in ("full", "frozen"):
+    assert list(result["arms"]) == ARMS and result["skipped"] == []
+    for name in ARMS:
         for path in ARM_PATHS:
             dig(result["arms"][name], path)
     assert isinstance(result["speedup"]["measured"], float)
-    assert result["speedup"]["flop_predicted"] > 2.5  # fc only: no backward through the backbone
+    assert result["speedup"]["flop_predicted"] > 1.5  # layer4 + fc: no backward through the rest
 
 
 def test_arms_ran_interleaved_in_the_planned_order(inline_result):
     _, turns, _ = inline_result
-    assert turns == [
-        ("full", "warmup", 1), ("frozen", "warmup", 1),
-        ("full", "timed", 2), ("frozen", "timed", 2), ("full", "timed", 1), ("frozen", "timed", 1),
-    ]
+    warm = [(a, "warmup", 1) for a in ARMS]
+    assert turns == [("frozen:cached", "fill", 0), *warm, *[(a, "timed", 2) for a in ARMS],
+                     *[(a, "timed", 1) for a in ARMS]]
 
 
 def test_arms_start_alike_and_see_the_same_batches(inline_result):
     result, _, _ = inline_result
-    full, frozen = result["arms"]["full"], result["arms"]["frozen"]
-    assert full["initial_weights_sha256"] == frozen["initial_weights_sha256"]
-    assert full["batches_sha256"] == frozen["batches_sha256"]
+    arms = result["arms"]
+    assert len({a["initial_weights_sha256"] for a in arms.values()}) == 1
+    # The cached arm trains on features, and hashes the images they came from.
+    assert len({a["batches_sha256"] for a in arms.values()}) == 1
     assert result["fairness"]["same_initial_weights"] and result["fairness"]["same_batches"]
-    assert full["steps"] == frozen["steps"] == 4
-    assert full["timing"]["steps_timed"] == frozen["timing"]["steps_timed"] == 3
+    assert all(a["steps"] == 4 and a["timing"]["steps_timed"] == 3 for a in arms.values())
 
 
 def test_frozen_arm_stays_frozen(inline_result):
     result, _, _ = inline_result
     integ = result["freeze_integrity"]
     assert integ["ok"] and integ["changed"] == []
-    assert integ["tensors_checked"] > 100  # every backbone weight and BatchNorm buffer
+    assert integ["tensors_checked"] == 90  # every weight and BatchNorm buffer of stem .. layer3
     assert integ["sha256_before"] == integ["sha256_after"]
-    assert result["arms"]["frozen"]["params"]["trainable"] == 512 * 10 + 10
-    assert result["arms"]["frozen"]["optimizer_state_bytes"] < result["arms"]["full"]["optimizer_state_bytes"]
+    frozen, full = result["arms"]["frozen"], result["arms"]["full"]
+    assert frozen["params"]["trainable"] < full["params"]["trainable"] / 1.2
+    assert frozen["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    assert all(a["freeze_integrity"]["ok"] for a in result["arms"].values())
+
+
+def test_cached_arm_trains_exactly_like_the_uncached_one(inline_result):
+    result, _, _ = inline_result
+    cached, frozen = result["arms"]["frozen:cached"], result["arms"]["frozen"]
+    assert cached["losses"] == pytest.approx(frozen["losses"], abs=1e-5)
+    assert cached["loss_max_abs_diff_vs_optimized"] <= 1e-5
+    assert cached["cache"]["cache_bytes"] > 0 and cached["cache"]["cache_fill_s"] > 0
+    # Without computing the prefix, a cached step counts fewer FLOPs; its backward is the same.
+    assert cached["flops"]["forward"] < frozen["flops"]["forward"]
+    assert cached["flops"]["backward"] == frozen["flops"]["backward"]
+    assert cached["execution"]["feature_cache"]["enabled"] and not frozen["execution"]["feature_cache"]["enabled"]
+
+
+def test_plain_arm_lets_frozen_batchnorm_statistics_drift(inline_result):
+    result, _, _ = inline_result
+    plain, frozen = result["arms"]["frozen:plain"], result["arms"]["frozen"]
+    # stem (1) + layer1 (4) + layer2 (5) + layer3 (5) BatchNorm layers; train mode updates all of them.
+    assert plain["frozen_batchnorm_drift"]["layers_checked"] == 15
+    assert plain["frozen_batchnorm_drift"]["layers_changed"] == 15
+    assert frozen["frozen_batchnorm_drift"]["layers_changed"] == 0
+    assert not plain["execution"]["prefix_without_autograd"] and frozen["execution"]["folded_batchnorm"]
+    # The frozen weights themselves stay put either way.
+    assert plain["freeze_integrity"]["ok"]
+    assert "vs_plain" in frozen["speedup"] and "vs_plain" in result["arms"]["frozen:cached"]["speedup"]
+
+
+def test_an_impossible_cached_arm_is_left_out_with_the_reason(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"freeze.until": "layer4", "data.augment": True}))
+    result = compare.frozen_vs_full(cfg, steps=1, warmup=0, isolate=False, modes=("optimized", "cached"))
+    assert list(result["arms"]) == ["full", "frozen"]
+    assert result["skipped"][0]["arm"] == "frozen:cached" and "augment" in result["skipped"][0]["reason"]
 
 
 def test_inline_arms_do_not_pretend_to_measure_memory(inline_result):
@@ -149,10 +216,12 @@ def test_outputs_are_written(inline_result):
     on_disk = json.loads((out / "compare.json").read_text())
     assert on_disk["speedup"] == result["speedup"]
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    assert [r["arm"] for r in rows] == ["full", "frozen"]
-    assert math.isclose(float(rows[1]["speedup_flop_predicted"]), result["speedup"]["flop_predicted"])
+    assert [r["arm"] for r in rows] == ARMS
+    assert [r["mode"] for r in rows] == ["full", "plain", "optimized", "cached"]
+    assert math.isclose(float(rows[2]["speedup_flop_predicted"]), result["speedup"]["flop_predicted"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "arms" / "frozen" / "config.yaml").is_file()
+    assert (out / "arms" / "frozen-cached" / "config.yaml").is_file()
 
 
 # ---- the CLI end to end ------------------------------------------------------------------------
@@ -175,7 +244,7 @@ def write_config(tmp_path, **freeze):
 def test_cli_frozen_vs_full_in_worker_processes(tmp_path):
     path = write_config(tmp_path, until="layer4")
     res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--steps", "2",
-                                   "--warmup", "1", "--out", str(tmp_path / "out")])
+                                   "--warmup", "1", "--out", str(tmp_path / "out"), "--modes", "optimized"])
     assert res.exit_code == 0, res.output
     assert "faster measured" in res.output and "freeze integrity" in res.output
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
@@ -197,18 +266,31 @@ def test_cli_depths(tmp_path):
     res = CliRunner().invoke(app, ["compare", "depths", "--config", str(path), "--steps", "1", "--warmup", "0",
                                    "--inline", "data.batch_size=2"])
     assert res.exit_code == 0, res.output
+    assert "freezetune" in res.output and "+cache" in res.output  # the per-depth table
     out = tmp_path / "run" / "depths"
     result = json.loads((out / "depths.json").read_text())
     arms = result["arms"]
-    assert list(arms) == ["full", "stem", "layer1", "layer2", "layer3", "layer4"]
-    shares = [a["trainable_share"] for a in arms.values()]
-    flops = [a["flops_per_step"] for a in arms.values()]
+    stages = ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert list(arms) == ["full", *(f"{s}{m}" for s in stages for m in (":plain", "", ":cached"))]
+    optimized = [arms["full"], *(arms[s] for s in stages)]
+    shares = [a["trainable_share"] for a in optimized]
+    flops = [a["flops_per_step"] for a in optimized]
     assert shares == sorted(shares, reverse=True) and flops == sorted(flops, reverse=True)
-    assert [a["speedup"]["flop_predicted"] for a in arms.values()][0] == 1.0
+    assert arms["full"]["speedup"]["flop_predicted"] == 1.0
+    for s in stages:  # the cached arm skips the prefix: fewer FLOPs, the same losses
+        assert arms[f"{s}:cached"]["flops_per_step"] < arms[s]["flops_per_step"]
+        assert arms[f"{s}:cached"]["loss_max_abs_diff_vs_optimized"] <= 1e-5
     assert result["freeze_integrity"]["ok"] and all(result["freeze_integrity"]["arms"].values())
     assert result["data"]["batch_size"] == 2
-    assert len(list(csv.DictReader((out / "depths.csv").open()))) == 6
+    assert len(list(csv.DictReader((out / "depths.csv").open()))) == 16
     assert (out / "depths.png").is_file()
+
+
+def test_cli_refuses_bad_modes(tmp_path):
+    path = write_config(tmp_path, until="layer4")
+    res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--modes", "plain,quick"])
+    assert res.exit_code == 2
+    assert "unknown mode(s) quick" in res.output and "Traceback" not in res.output
 
 
 def test_cli_refuses_a_config_that_freezes_nothing(tmp_path):

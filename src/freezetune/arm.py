@@ -28,7 +28,8 @@ from torch import nn
 
 from freezetune import errors
 from freezetune.config import Config
-from freezetune.flops import step_flops
+from freezetune.fastpath import prefix_modules
+from freezetune.flops import step_flops, without_prefix
 from freezetune.freeze import combined_sha256, fingerprint, tensor_sha256
 from freezetune.measure import (
     current_rss_bytes,
@@ -37,7 +38,8 @@ from freezetune.measure import (
     reset_peak_memory,
     timing_stats,
 )
-from freezetune.train import Run, epoch_batches, optimizer_state_bytes, setup, train_step
+from freezetune.optim import plain_optimizer
+from freezetune.train import Run, epoch_batches, fill_cache, optimizer_state_bytes, setup, train_step
 
 # How long the parent waits for a worker to exit after its last answer.
 _JOIN_TIMEOUT_S = 30.0
@@ -51,11 +53,19 @@ class ArmSpec:
         name: Short key used in the JSON output (``full``, ``frozen``, ``layer3``...).
         label: What a person reads in tables and plots.
         freeze: The ``freeze`` config section for this arm, as plain data.
+        mode: How the frozen part is run (see :data:`freezetune.compare.MODES`): ``full`` for the
+            baseline, ``plain`` (a plain ``requires_grad=False`` loop: BatchNorm in train mode, no
+            fast path, every parameter handed to torch's default SGD), ``optimized`` (freezetune's
+            path) or ``cached`` (the same with the feature cache filled, so every step is a
+            later-epoch step).
+        depth: The freeze point of a depth-sweep arm, else None.
     """
 
     name: str
     label: str
     freeze: dict = field(default_factory=dict)
+    mode: str = "optimized"
+    depth: str | None = None
 
 
 class ArmRunner:
@@ -76,13 +86,19 @@ class ArmRunner:
         self._batches: Iterator | None = None
         self._batch_hash = hashlib.sha256()
         self._memory_start: dict = {}
+        self._bn_before: dict[str, str] = {}
 
     def setup(self) -> dict:
         """Builds model, freeze plan, optimizer and data; returns what is known before training."""
         self.run = run = setup(self.config)
         cfg = self.config
+        if self.spec.mode == "plain":
+            run.optimizer = plain_optimizer(run.model, cfg.optim)
         flops = step_flops(run.model, cfg.data.batch_size, cfg.data.image_size, cfg.model.num_classes)
+        if run.cache is not None:
+            flops = without_prefix(flops, prefix_modules(cfg.model.name, run.speed["frozen_prefix"]))
         state = {name: tensor_sha256(t) for name, t in run.model.state_dict().items()}
+        self._bn_before = frozen_layer_batchnorm_state(run.model)
         self._batches = _batches(run)
         self._memory_start = self._start_memory_window()
         return {
@@ -95,15 +111,19 @@ class ArmRunner:
             "execution": getattr(run, "speed", {}),
         }
 
+    def fill(self) -> dict:
+        """Fills the feature cache (cached arms only), so that every step after it reads features."""
+        seconds = fill_cache(self.run)
+        self._batches = _batches(self.run)  # from the first batch again, now served from the cache
+        return {"cache_fill_s": seconds, "cache_bytes": self.run.cache.nbytes}
+
     def steps(self, n: int, warmup: bool) -> list[dict]:
         """Trains ``n`` steps; returns each step's loss and synchronized wall time."""
         out = []
         loss_fn = nn.CrossEntropyLoss()
         for _ in range(n):
             batch = next(self._batches)
-            # Hashing every batch proves the arms saw the same data; it runs outside the timed step.
-            for t in batch[:2]:  # images and labels
-                self._batch_hash.update(t.contiguous().numpy())
+            self._hash_batch(batch)  # outside the timed step
             loss, seconds = train_step(self.run, batch, loss_fn)
             self.losses.append(loss)
             if warmup:
@@ -112,6 +132,17 @@ class ArmRunner:
                 self.timed.append(seconds)
             out.append({"loss": loss, "seconds": seconds})
         return out
+
+    def _hash_batch(self, batch) -> None:
+        """Hashes the batch's images and labels, proving that every arm trained on the same data.
+
+        A cached arm receives features, so its images are looked up in the dataset by index.
+        """
+        inputs, labels, indices, kind = batch
+        if kind == "features":
+            inputs = torch.stack([self.run.data.train[int(i)][0] for i in indices])
+        for t in (inputs, labels):
+            self._batch_hash.update(t.contiguous().numpy())
 
     def finish(self) -> dict:
         """Checks freeze integrity and summarises timing, memory, optimizer state and loss."""
@@ -125,6 +156,8 @@ class ArmRunner:
             "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
             "loss": {"first": self.losses[0] if self.losses else None,
                      "last": self.losses[-1] if self.losses else None},
+            "losses": list(self.losses),
+            "frozen_batchnorm_drift": batchnorm_drift(self._bn_before, frozen_layer_batchnorm_state(run.model)),
             "steps": len(self.losses),
             "batches_sha256": self._batch_hash.hexdigest(),
             "freeze_integrity": {
@@ -159,6 +192,29 @@ class ArmRunner:
         before = self._memory_start["rss_before_bytes"]
         return {"peak_bytes": max(0, peak - before), "kind": "cpu_peak_rss_growth",
                 "peak_rss_bytes": peak, **self._memory_start}
+
+
+def frozen_layer_batchnorm_state(model: nn.Module) -> dict[str, str]:
+    """sha256 of the running statistics of every BatchNorm whose own parameters are all frozen.
+
+    Under ``batchnorm: frozen`` these never change; a plain loop (BatchNorm in train mode) keeps
+    updating them even though ``requires_grad`` is False, which changes what the frozen layers compute.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            for buf in ("running_mean", "running_var"):
+                t = getattr(m, buf, None)
+                if t is not None:
+                    out[f"{name}.{buf}"] = tensor_sha256(t)
+    return out
+
+
+def batchnorm_drift(before: dict[str, str], after: dict[str, str]) -> dict:
+    """How many frozen layers' BatchNorm statistics changed between two :func:`frozen_layer_batchnorm_state`."""
+    changed = sorted({k.rsplit(".", 1)[0] for k, h in before.items() if after.get(k) != h})
+    return {"layers_checked": len({k.rsplit(".", 1)[0] for k in before}), "layers_changed": len(changed),
+            "changed": changed[:5]}
 
 
 def _batches(run: Run) -> Iterator:

@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 from freezetune import __version__
-from freezetune.compare import BASELINE, DEPTHS, depth_arms, run_comparison
+from freezetune.compare import BASELINE, DEPTHS, MODES, arm_mode, by_depth, depth_arms, run_comparison
 from freezetune.config import Config
 from freezetune.measure import resolve_device
 from freezetune.plot import share_text
@@ -41,6 +41,11 @@ CI_WARMUP = 2
 GATE_ARM = "layer4"  # frozen through layer4: only fc trains
 MIN_SPEEDUP = 1.5
 MIN_FRACTION_OF_PREDICTED = 0.8
+# freezetune's path must not be slower than the plain loop; 10 steps on a shared CPU are noisy,
+# so the gate allows this much before it calls a cell slower.
+MIN_VS_PLAIN = 0.9
+# The cached arm trains on the very features the optimized arm computes, so their losses agree.
+MAX_CACHED_LOSS_DIFF = 1e-3
 
 
 def bench_config(image_size: int, batch_size: int, steps: int, warmup: int, device: str = "auto",
@@ -67,6 +72,7 @@ def run_bench(
     isolate: bool = True,
     on_cell: Callable[[dict], None] | None = None,
     depths: tuple[str, ...] = DEPTHS,
+    modes: tuple[str, ...] = MODES,
 ) -> dict:
     """Runs the depth sweep for every (image size, batch size) cell.
 
@@ -80,6 +86,7 @@ def run_bench(
         isolate: One worker process per arm (per-arm peak memory).
         on_cell: Called with each cell's summary as soon as it is measured.
         depths: Freeze points swept besides full (all of them by default).
+        modes: How each freeze point is run: plain, optimized, cached (all by default).
 
     Returns:
         ``{"device", "device_slug", "versions", "matrix", "cells": [...]}``.
@@ -92,7 +99,8 @@ def run_bench(
         for batch in batch_sizes:
             cfg = bench_config(size, batch, steps, warmup, device)
             with tempfile.TemporaryDirectory(prefix="freezetune-bench-") as tmp:
-                result = run_comparison(cfg, depth_arms(cfg, depths), Path(tmp), steps, warmup, block, isolate)
+                result = run_comparison(cfg, depth_arms(cfg, depths, modes), Path(tmp), steps, warmup, block,
+                                        isolate)
             cell = cell_summary(result)
             cells.append(cell)
             if on_cell:
@@ -108,7 +116,8 @@ def run_bench(
         # Other processes' load skews CPU timings; say how busy the machine was.
         "load_average_1min": {"start": load_before, "end": _load_average()},
         "matrix": {"image_sizes": list(sizes), "batch_sizes": list(batch_sizes), "steps": steps,
-                   "warmup": warmup, "arms": [a.name for a in depth_arms(bench_config(64, 1, 1, 0), depths)],
+                   "warmup": warmup, "modes": list(modes),
+                   "arms": [a.name for a in depth_arms(bench_config(64, 1, 1, 0), depths, modes)],
                    "model": "resnet18", "weights": "random init (speed does not depend on values)",
                    "data": "synthetic", "isolation": "process" if isolate else "inline"},
         "cells": cells,
@@ -122,6 +131,8 @@ def cell_summary(result: dict) -> dict:
         t = a["timing"]
         arms[name] = {
             "label": a["label"],
+            "mode": a.get("mode"),
+            "depth": a.get("depth"),
             "trainable_share": a["trainable_share"],
             "flops_per_step": a["flops_per_step"],
             "speedup_flop_predicted": a["speedup"]["flop_predicted"],
@@ -136,12 +147,18 @@ def cell_summary(result: dict) -> dict:
             "loss_first": a["loss"]["first"],
             "loss_last": a["loss"]["last"],
             "freeze_integrity_ok": a["freeze_integrity"]["ok"],
+            "speedup_vs_plain": a["speedup"].get("vs_plain"),
+            "loss_max_abs_diff_vs_optimized": a.get("loss_max_abs_diff_vs_optimized"),
+            "frozen_bn_layers_changed": a["frozen_batchnorm_drift"]["layers_changed"],
+            "frozen_bn_layers_checked": a["frozen_batchnorm_drift"]["layers_checked"],
+            "cache_fill_s": (a.get("cache") or {}).get("cache_fill_s"),
         }
     return {
         "image_size": result["data"]["image_size"],
         "batch_size": result["data"]["batch_size"],
         "device": result["device"],
         "fairness": result["fairness"],
+        "skipped": result.get("skipped", []),
         "arms": arms,
     }
 
@@ -150,9 +167,11 @@ def gate(bench: dict, arm: str = GATE_ARM, min_speedup: float = MIN_SPEEDUP,
          min_fraction: float = MIN_FRACTION_OF_PREDICTED) -> list[str]:
     """The CI check. Returns one line per failure (empty: passed).
 
-    Fails a cell when any arm's frozen tensors changed or the arms were not comparable (different
-    initial weights, batches or step counts), and, on CPU, when the ``arm`` (fc only) measured
-    speedup is below ``min_speedup`` or below ``min_fraction`` of its FLOP-predicted speedup.
+    Fails a cell when any arm's frozen tensors changed, the arms were not comparable (different
+    initial weights, batches or step counts) or a cached arm's losses left the uncached ones'; and,
+    on CPU, when an optimized arm is slower than its plain sibling (beyond :data:`MIN_VS_PLAIN`) or
+    the ``arm`` (fc only) measured speedup is below ``min_speedup`` or below ``min_fraction`` of its
+    FLOP-predicted speedup.
     """
     failures = []
     for cell in bench["cells"]:
@@ -163,7 +182,18 @@ def gate(bench: dict, arm: str = GATE_ARM, min_speedup: float = MIN_SPEEDUP,
         for name, a in cell["arms"].items():
             if not a["freeze_integrity_ok"]:
                 failures.append(f"{where}: arm {name}: frozen tensors changed during training")
-        if not str(cell["device"]).startswith("cpu") or arm not in cell["arms"]:
+            diff = a.get("loss_max_abs_diff_vs_optimized")
+            if diff is not None and diff > MAX_CACHED_LOSS_DIFF:
+                failures.append(f"{where}: arm {name}: cached losses differ from uncached by {diff:.2g} "
+                                f"(> {MAX_CACHED_LOSS_DIFF:g})")
+        if not str(cell["device"]).startswith("cpu"):
+            continue
+        for name, a in cell["arms"].items():
+            vs_plain = a.get("speedup_vs_plain")
+            if a.get("mode") == "optimized" and vs_plain is not None and vs_plain < MIN_VS_PLAIN:
+                failures.append(f"{where}: arm {name}: freezetune's path is slower than the plain loop "
+                                f"({_x(vs_plain)} < {MIN_VS_PLAIN}x)")
+        if arm not in cell["arms"]:
             continue
         measured = cell["arms"][arm]["speedup_measured"]
         predicted = cell["arms"][arm]["speedup_flop_predicted"]
@@ -175,13 +205,16 @@ def gate(bench: dict, arm: str = GATE_ARM, min_speedup: float = MIN_SPEEDUP,
     return failures
 
 
-MD_COLUMNS = ("image", "batch", "arm", "trainable", "GFLOPs/step", "FLOP-predicted speedup",
+SUMMARY_COLUMNS = ("image", "batch", "frozen through", "trainable", "FLOP-predicted",
+                   "plain requires_grad=False", "freezetune", "freezetune vs plain", "freezetune + cache",
+                   "cache FLOP-predicted", "BN layers drifted (plain)", "cache loss diff")
+MD_COLUMNS = ("image", "batch", "arm", "mode", "trainable", "GFLOPs/step", "FLOP-predicted speedup",
               "measured speedup", "step median", "p10 / p90", "samples/s", "peak memory",
               "optimizer state", "loss first -> last", "frozen intact")
 
 
 def markdown_table(bench: dict) -> str:
-    """The benchmark as a markdown table, one row per (cell, arm), with a line saying what it is."""
+    """The benchmark as markdown: a line saying what it is, the per-depth summary, then every arm."""
     kind = next((a["memory_kind"] for c in bench["cells"] for a in c["arms"].values()), "-")
     lines = [
         f"Device: {bench['device']}; torch {bench['versions']['torch']}; {bench['matrix']['model']}, "
@@ -190,14 +223,18 @@ def markdown_table(bench: dict) -> str:
         "Weights are random (step cost does not depend on their values), so the loss columns only "
         "show that every arm trained the same steps; they say nothing about accuracy." + _load_note(bench),
         "",
+        summary_table(bench),
+        "Every arm:",
+        "",
         "| " + " | ".join(MD_COLUMNS) + " |",
-        "|" + "|".join("---" if c in ("arm", "trainable") else "--:" for c in MD_COLUMNS) + "|",
+        "|" + "|".join("---" if c in ("arm", "mode", "trainable") else "--:" for c in MD_COLUMNS) + "|",
     ]
     for cell in bench["cells"]:
         for name, a in cell["arms"].items():
             arm = name if name == BASELINE else f"{name} ({a['label']})"
             lines.append("| " + " | ".join([
-                f"{cell['image_size']}px", str(cell["batch_size"]), arm, share_text(a["trainable_share"]),
+                f"{cell['image_size']}px", str(cell["batch_size"]), arm, arm_mode(a, name),
+                share_text(a["trainable_share"]),
                 f"{a['flops_per_step'] / 1e9:.2f}", _x(a["speedup_flop_predicted"]),
                 f"**{_x(a['speedup_measured'])}**", fmt_seconds(a["step_median_s"]),
                 f"{fmt_seconds(a['step_p10_s'])} / {fmt_seconds(a['step_p90_s'])}",
@@ -207,6 +244,43 @@ def markdown_table(bench: dict) -> str:
                 "OK" if a["freeze_integrity_ok"] else "CHANGED",
             ]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summary_table(bench: dict) -> str:
+    """One row per (cell, freeze point): plain vs freezetune vs freezetune + cache, speedups over full.
+
+    Each speedup cell reads ``measured (step median)``. "BN layers drifted" counts the frozen
+    layers whose BatchNorm statistics the plain loop changed; "cache loss diff" is the largest
+    per-step loss difference between the cached and uncached freezetune arms.
+    """
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |",
+             "|" + "|".join("---" if c in ("frozen through", "trainable") else "--:" for c in SUMMARY_COLUMNS) + "|"]
+    for cell in bench["cells"]:
+        for depth, by_mode in by_depth(cell["arms"]):
+            opt = by_mode.get("optimized") or by_mode.get("full")
+            plain, cached = by_mode.get("plain"), by_mode.get("cached")
+            drift = f"{plain['frozen_bn_layers_changed']} of {plain['frozen_bn_layers_checked']}" if plain else "-"
+            diff = cached.get("loss_max_abs_diff_vs_optimized") if cached else None
+            lines.append("| " + " | ".join([
+                f"{cell['image_size']}px", str(cell["batch_size"]),
+                "nothing (full fine-tuning)" if depth is None else _depth_label(depth, opt),
+                share_text(opt["trainable_share"]), _x(opt["speedup_flop_predicted"]),
+                _measured(plain), f"**{_measured(opt)}**", _x(opt.get("speedup_vs_plain")),
+                f"**{_measured(cached)}**" if cached else "-",
+                _x(cached["speedup_flop_predicted"]) if cached else "-", drift,
+                "-" if diff is None else f"{diff:.1g}",
+            ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _depth_label(depth: str, arm: dict) -> str:
+    return f"{depth} (fc only)" if arm.get("label") == "fc only" else depth
+
+
+def _measured(arm: dict | None) -> str:
+    if arm is None:
+        return "-"
+    return f"{_x(arm['speedup_measured'])} ({fmt_seconds(arm['step_median_s'])})"
 
 
 def device_slug(device: torch.device) -> str:

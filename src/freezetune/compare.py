@@ -30,6 +30,8 @@ from freezetune import __version__
 from freezetune.arm import ArmSpec, InlineArm, ProcessArm
 from freezetune.config import Config, FreezeConfig
 from freezetune.errors import ConfigError
+from freezetune.fastpath import frozen_prefix, prefix_batchnorm_frozen
+from freezetune.featcache import decide
 from freezetune.freeze import apply_freeze
 from freezetune.model import build_model
 from freezetune.runfolder import atomic_write, prepare_run_dir, write_json
@@ -37,8 +39,11 @@ from freezetune.runfolder import atomic_write, prepare_run_dir, write_json
 # Freeze points of the depth sweep, shallowest first; the last one leaves only fc training.
 DEPTHS = ("stem", "layer1", "layer2", "layer3", "layer4")
 BASELINE = "full"
+# Ways of running a frozen arm, measured side by side (see ArmSpec.mode): the plain requires_grad=False
+# loop, freezetune's optimized path, and that path with the feature cache filled.
+MODES = ("plain", "optimized", "cached")
 
-# Called after every turn: (arm name, phase "warmup"/"timed", steps just run, steps per arm in all).
+# Called after every turn: (arm name, phase "fill"/"warmup"/"timed", steps just run, steps per arm in all).
 Progress = Callable[[str, str, int, int], None]
 
 
@@ -46,14 +51,15 @@ Progress = Callable[[str, str, int, int], None]
 # Arms and schedule
 
 
-def frozen_vs_full_arms(config: Config) -> list[ArmSpec]:
-    """The two arms of ``compare frozen-vs-full``: everything trainable, and the config's freeze spec.
+def frozen_vs_full_arms(config: Config, modes: tuple[str, ...] = MODES) -> list[ArmSpec]:
+    """The arms of ``compare frozen-vs-full``: everything trainable, and the config's freeze spec.
 
-    A ``freeze.schedule`` (gradual unfreezing) is not applied: the frozen arm keeps its starting
-    freeze state for every step, which is the state whose cost is being measured.
+    The frozen spec is run once per mode: ``frozen`` (freezetune's path), ``frozen:plain`` and
+    ``frozen:cached``. A ``freeze.schedule`` (gradual unfreezing) is not applied: the frozen arms
+    keep their starting freeze state for every step, which is the state whose cost is measured.
 
     Raises:
-        ConfigError: If the config freezes nothing, so both arms would be the same.
+        ConfigError: If the config freezes nothing, so both arms would be the same, or on a bad mode.
     """
     spec = config.freeze
     if spec.trainable is None and spec.frozen is None and spec.until is None:
@@ -61,33 +67,54 @@ def frozen_vs_full_arms(config: Config) -> list[ArmSpec]:
             "the config freezes nothing (no freeze.trainable, freeze.frozen or freeze.until), "
             "so the frozen arm would equal the full one; e.g. add freeze.until=layer3"
         )
-    return [
-        ArmSpec(BASELINE, "all trainable", _freeze_dict(FreezeConfig(batchnorm=spec.batchnorm))),
-        ArmSpec("frozen", _describe_freeze(spec), _freeze_dict(spec)),
-    ]
+    full = ArmSpec(BASELINE, "all trainable", _freeze_dict(FreezeConfig(batchnorm=spec.batchnorm)), "full")
+    return [full, *_mode_arms("frozen", _describe_freeze(spec), spec, check_modes(modes), None)]
 
 
-def depth_arms(config: Config, stages: tuple[str, ...] = DEPTHS) -> list[ArmSpec]:
+def depth_arms(config: Config, stages: tuple[str, ...] = DEPTHS, modes: tuple[str, ...] = MODES) -> list[ArmSpec]:
     """The arms of ``compare depths``: full, then frozen through each stage up to layer4 (fc only).
 
-    The config's own freeze selectors are ignored; its BatchNorm policy applies to every arm.
+    Each freeze point is run in every mode: ``layer3`` (freezetune's path), ``layer3:plain`` and
+    ``layer3:cached``. The config's own freeze selectors are ignored; its BatchNorm policy applies.
 
     Args:
         config: The base config.
         stages: The freeze points to sweep, a subset of :data:`DEPTHS` (all of them by default).
+        modes: A subset of :data:`MODES` that includes ``optimized``.
 
     Raises:
-        ConfigError: On a stage that is not a freeze point.
+        ConfigError: On a stage that is not a freeze point, or a bad mode.
     """
     unknown = [s for s in stages if s not in DEPTHS]
     if unknown:
         raise ConfigError(f"unknown freeze point(s) {', '.join(unknown)}; choose from {', '.join(DEPTHS)}")
+    modes = check_modes(modes)
     bn = config.freeze.batchnorm
-    arms = [ArmSpec(BASELINE, "all trainable", _freeze_dict(FreezeConfig(batchnorm=bn)))]
+    arms = [ArmSpec(BASELINE, "all trainable", _freeze_dict(FreezeConfig(batchnorm=bn)), "full")]
     for stage in (s for s in DEPTHS if s in stages):
         label = "fc only" if stage == DEPTHS[-1] else f"frozen ..{stage}"
-        arms.append(ArmSpec(stage, label, _freeze_dict(FreezeConfig(until=stage, batchnorm=bn))))
+        arms.extend(_mode_arms(stage, label, FreezeConfig(until=stage, batchnorm=bn), modes, stage))
     return arms
+
+
+def check_modes(modes) -> tuple[str, ...]:
+    """Validates a selection of :data:`MODES` (``optimized`` is required) and puts it in order.
+
+    Raises:
+        ConfigError: On an unknown mode, or one without ``optimized``.
+    """
+    modes = tuple(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if "optimized" not in modes:
+        raise ConfigError("modes must include optimized: the other modes are reported against it")
+    return tuple(m for m in MODES if m in modes)
+
+
+def _mode_arms(name: str, label: str, spec: FreezeConfig, modes: tuple[str, ...], depth: str | None) -> list[ArmSpec]:
+    return [ArmSpec(name if mode == "optimized" else f"{name}:{mode}", label, _freeze_dict(spec), mode, depth)
+            for mode in modes]
 
 
 def schedule(names: list[str], steps: int, block: int) -> list[tuple[str, int]]:
@@ -156,20 +183,30 @@ def run_comparison(
         raise ConfigError(f"--warmup must be 0 or more (got {warmup})")
     block = block or default_block(steps)
     with tempfile.TemporaryDirectory(prefix="freezetune-compare-") as tmp:
-        weights_path, loaded = _initial_weights(config, arms, Path(tmp))
-        configs = [arm_config(config, arm, weights_path, out_dir / "arms" / arm.name) for arm in arms]
+        weights_path, loaded, skipped = _initial_weights(config, arms, Path(tmp))
+        arms = [a for a in arms if a.name not in skipped]
+        if len(arms) < 2:
+            raise ConfigError(f"nothing to compare: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")
+        configs = [arm_config(config, arm, weights_path, out_dir / "arms" / _folder(arm.name)) for arm in arms]
         runners = _start(configs, arms, isolate)
+        fills = {}
         try:
             infos = _call_all(runners, "setup")
             for name, phase, n in _plan(arms, steps, warmup, block):
-                runners[name].submit("steps", n, phase == "warmup")
-                runners[name].wait()
+                if phase == "fill":
+                    runners[name].submit("fill")
+                    fills[name] = runners[name].wait()
+                else:
+                    runners[name].submit("steps", n, phase == "warmup")
+                    runners[name].wait()
                 if progress:
                     progress(name, phase, n, steps + warmup)
             finals = _call_all(runners, "finish")
         finally:
             for runner in runners.values():
                 runner.close()
+    for name, info in fills.items():
+        finals[name]["cache"] = info
     meta = {
         "model": config.model.name,
         "weights": {"source": loaded.weights_source, "notice": loaded.notice},
@@ -177,38 +214,63 @@ def run_comparison(
                  "batch_size": config.data.batch_size},
         "steps": {"timed": steps, "warmup": warmup, "block": block},
         "isolation": "process" if isolate else "inline",
+        "skipped": [{"arm": k, "reason": v} for k, v in skipped.items()],
     }
     return assemble(arms, infos, finals, meta)
 
 
 def arm_config(config: Config, arm: ArmSpec, weights_path: Path, arm_dir: Path) -> Config:
-    """The config one arm trains with: its freeze spec, the shared initial weights, its own folder.
+    """The config one arm trains with: its freeze spec and mode, the shared initial weights, its folder.
 
     Validation data is dropped because a comparison never evaluates, so no arm pays to build it.
-    The feature cache is off: a comparison times real steps, and a cached epoch skips the frozen
-    prefix altogether (a different saving, paid for with the first epoch and memory).
+    Only ``cached`` arms use the feature cache. ``plain`` arms put BatchNorm in train mode and turn
+    the frozen-prefix path off (their optimizer is replaced by the arm itself).
     """
     data = config.to_dict()
     data["freeze"] = dict(arm.freeze)
     data["model"]["weights"] = str(weights_path)
     data["data"]["val_size"] = 0
-    if "feature_cache" in data["train"]:
-        data["train"]["feature_cache"] = "off"
+    data["train"]["feature_cache"] = "on" if arm.mode == "cached" else "off"
+    if arm.mode == "plain":
+        data["freeze"]["batchnorm"] = "train"
+        data["train"]["fold_batchnorm"] = False
     data["output"] = {"dir": str(arm_dir), "overwrite": True}
     return Config.model_validate(data)
 
 
 def _initial_weights(config: Config, arms: list[ArmSpec], tmp: Path):
-    """Builds the model once (seeded), checks every arm's freeze spec on it, and saves its weights."""
+    """Builds the model once (seeded), checks every arm's freeze spec on it, and saves its weights.
+
+    Returns:
+        The weights file, the loaded model, and ``{arm name: reason}`` for cached arms whose
+        feature cache would not be correct (they are left out).
+    """
     from safetensors.torch import save_file
 
     torch.manual_seed(config.seed)
     loaded = build_model(config.model)
+    skipped = {}
     for arm in arms:
-        apply_freeze(loaded.model, FreezeConfig.model_validate(arm.freeze), config.model.name)
+        plan = apply_freeze(loaded.model, FreezeConfig.model_validate(arm.freeze), config.model.name)
+        if arm.mode == "cached":
+            reason = _why_no_cache(config, loaded.model, plan)
+            if reason:
+                skipped[arm.name] = reason
     path = tmp / "initial.safetensors"
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, str(path))
-    return path, loaded
+    return path, loaded, skipped
+
+
+def _why_no_cache(config: Config, model, plan) -> str | None:
+    prefix = frozen_prefix(model, config.model.name)
+    bn_frozen = prefix_batchnorm_frozen(model, config.model.name, prefix, plan)
+    auto = config.model_copy(update={"train": config.train.model_copy(update={"feature_cache": "auto"})})
+    decision = decide(auto, prefix, bn_frozen)
+    return None if decision.enabled else decision.reason
+
+
+def _folder(arm_name: str) -> str:
+    return arm_name.replace(":", "-")
 
 
 def _start(configs: list[Config], arms: list[ArmSpec], isolate: bool) -> dict:
@@ -232,7 +294,9 @@ def _call_all(runners: dict, command: str) -> dict:
 
 def _plan(arms: list[ArmSpec], steps: int, warmup: int, block: int) -> list[tuple[str, str, int]]:
     names = [a.name for a in arms]
-    turns = [(name, "warmup", warmup) for name in names] if warmup else []
+    # Cached arms fill their cache first, one after another, so each fill time is measured alone.
+    turns = [(a.name, "fill", 0) for a in arms if a.mode == "cached"]
+    turns += [(name, "warmup", warmup) for name in names] if warmup else []
     return turns + [(name, "timed", n) for name, n in schedule(names, steps, block)]
 
 
@@ -251,6 +315,8 @@ def assemble(arms: list[ArmSpec], infos: dict, finals: dict, meta: dict) -> dict
         info, final = infos[arm.name], finals[arm.name]
         out_arms[arm.name] = {
             "label": arm.label,
+            "mode": arm.mode,
+            "depth": arm.depth,
             "freeze": arm.freeze,
             "params": info["params"],
             "trainable_share": info["params"]["trainable"] / info["params"]["total"],
@@ -262,9 +328,10 @@ def assemble(arms: list[ArmSpec], infos: dict, finals: dict, meta: dict) -> dict
             **final,
         }
     base = out_arms[BASELINE]
-    for arm in out_arms.values():
+    for name, arm in out_arms.items():
         arm["speedup"] = _speedups(base, arm)
         arm["memory_saved_bytes"] = _saved(base["memory"]["peak_bytes"], arm["memory"]["peak_bytes"])
+        _against_siblings(name, arm, out_arms)
     devices = sorted({info["device"] for info in infos.values()})
     return {
         "freezetune_version": __version__,
@@ -289,6 +356,43 @@ def _speedups(base: dict, arm: dict) -> dict:
         "measured": base_t / arm_t if base_t and arm_t else None,
         "flop_predicted": base["flops_per_step"] / arm["flops_per_step"] if arm["flops_per_step"] else None,
     }
+
+
+def _against_siblings(name: str, arm: dict, arms: dict) -> None:
+    """Adds how an arm compares with the other modes of the same freeze spec.
+
+    ``speedup.vs_plain`` is the plain arm's median step time over this arm's; a cached arm also
+    gets ``loss_max_abs_diff_vs_optimized``, the largest per-step loss difference from the
+    uncached optimized arm, which trains the same steps on the same weights and data.
+    """
+    stem = name.split(":", 1)[0]
+    plain, optimized = arms.get(f"{stem}:plain"), arms.get(stem)
+    if arm["mode"] in ("optimized", "cached") and plain is not None:
+        arm["speedup"]["vs_plain"] = _ratio(plain["timing"]["step_median_s"], arm["timing"]["step_median_s"])
+    if arm["mode"] == "cached" and optimized is not None:
+        pairs = zip(arm["losses"], optimized["losses"], strict=False)
+        arm["loss_max_abs_diff_vs_optimized"] = max((abs(a - b) for a, b in pairs), default=None)
+
+
+def arm_mode(arm: dict, name: str) -> str:
+    """An arm's mode; results written before modes existed count as ``optimized`` (or ``full``)."""
+    return arm.get("mode") or ("full" if name == BASELINE else "optimized")
+
+
+def by_depth(arms: dict) -> list[tuple[str | None, dict]]:
+    """Groups arms by freeze spec, in order: ``[(depth or None for full, {mode: arm}), ...]``.
+
+    Arms of a frozen-vs-full result all group under their name's stem (``frozen``).
+    """
+    groups: dict = {}
+    for name, a in arms.items():
+        depth = None if name == BASELINE else (a.get("depth") or name.split(":", 1)[0])
+        groups.setdefault(depth, {})[arm_mode(a, name)] = a
+    return list(groups.items())
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 def _saved(base: int | None, arm: int | None) -> int | None:
@@ -316,6 +420,7 @@ def frozen_vs_full(
     block: int | None = None,
     isolate: bool = True,
     progress: Progress | None = None,
+    modes: tuple[str, ...] = MODES,
 ) -> dict:
     """Runs ``compare frozen-vs-full`` and writes compare.json, compare.csv and compare.png.
 
@@ -327,12 +432,14 @@ def frozen_vs_full(
         block: Steps per turn; see :func:`default_block`.
         isolate: One worker process per arm (per-arm memory); False runs them all in this process.
         progress: Called after each turn.
+        modes: Which ways of running the frozen spec to measure (:data:`MODES`); a cached arm
+            whose cache would not be correct is left out, with the reason in ``skipped``.
 
     Returns:
         The result, with ``speedup``, ``memory_saved`` and ``freeze_integrity`` of the frozen arm
         at the top level.
     """
-    arms = frozen_vs_full_arms(config)
+    arms = frozen_vs_full_arms(config, modes=modes)
     out_dir = prepare_run_dir(out or Path(config.output.dir) / "compare", config.output.overwrite)
     result = run_comparison(config, arms, out_dir, steps, warmup, block, isolate, progress)
     result = {"kind": "frozen-vs-full", **result, **headline(result, "frozen")}
@@ -348,6 +455,7 @@ def depths(
     block: int | None = None,
     isolate: bool = True,
     progress: Progress | None = None,
+    modes: tuple[str, ...] = MODES,
 ) -> dict:
     """Runs ``compare depths`` (full, then frozen through stem ... layer4) and writes depths.*.
 
@@ -356,7 +464,7 @@ def depths(
     Returns:
         The result; ``freeze_integrity.ok`` is true only if no arm's frozen tensors changed.
     """
-    arms = depth_arms(config)
+    arms = depth_arms(config, modes=modes)
     out_dir = prepare_run_dir(out or Path(config.output.dir) / "depths", config.output.overwrite)
     result = run_comparison(config, arms, out_dir, steps, warmup, block, isolate, progress)
     integrity = {name: arm["freeze_integrity"]["ok"] for name, arm in result["arms"].items()}
@@ -376,11 +484,12 @@ def _write(result: dict, out_dir: Path, stem: str) -> None:
 
 
 CSV_COLUMNS = (
-    "arm", "label", "params_trainable", "params_frozen", "params_total", "trainable_share",
+    "arm", "label", "mode", "depth", "params_trainable", "params_frozen", "params_total", "trainable_share",
     "flops_per_step", "flops_forward", "flops_backward", "speedup_flop_predicted", "speedup_measured",
     "step_median_s", "step_p10_s", "step_p90_s", "samples_per_s", "steps_timed", "warmup_steps",
     "peak_memory_bytes", "memory_kind", "memory_saved_bytes", "optimizer_state_bytes", "loss_first",
-    "loss_last", "freeze_integrity_ok", "frozen_tensors_checked",
+    "loss_last", "freeze_integrity_ok", "frozen_tensors_checked", "speedup_vs_plain",
+    "loss_max_abs_diff_vs_optimized", "frozen_bn_layers_changed", "cache_fill_s",
 )
 
 
@@ -390,7 +499,8 @@ def csv_rows(result: dict) -> list[dict]:
     for name, a in result["arms"].items():
         t, p = a["timing"], a["params"]
         rows.append({
-            "arm": name, "label": a["label"], "params_trainable": p["trainable"],
+            "arm": name, "label": a["label"], "mode": a["mode"], "depth": a["depth"],
+            "params_trainable": p["trainable"],
             "params_frozen": p["frozen"], "params_total": p["total"],
             "trainable_share": a["trainable_share"], "flops_per_step": a["flops_per_step"],
             "flops_forward": a["flops"]["forward"], "flops_backward": a["flops"]["backward"],
@@ -402,6 +512,10 @@ def csv_rows(result: dict) -> list[dict]:
             "optimizer_state_bytes": a["optimizer_state_bytes"], "loss_first": a["loss"]["first"],
             "loss_last": a["loss"]["last"], "freeze_integrity_ok": a["freeze_integrity"]["ok"],
             "frozen_tensors_checked": a["freeze_integrity"]["tensors_checked"],
+            "speedup_vs_plain": a["speedup"].get("vs_plain"),
+            "loss_max_abs_diff_vs_optimized": a.get("loss_max_abs_diff_vs_optimized"),
+            "frozen_bn_layers_changed": a["frozen_batchnorm_drift"]["layers_changed"],
+            "cache_fill_s": (a.get("cache") or {}).get("cache_fill_s"),
         })
     return rows
 

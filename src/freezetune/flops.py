@@ -52,6 +52,18 @@ def step_flops(model: nn.Module, batch_size: int, image_size: int, num_classes: 
     return {"forward": forward, "backward": total - forward, "total": total, "by_module": by_module}
 
 
+def without_prefix(flops: dict, modules: list[str]) -> dict:
+    """A :func:`step_flops` result minus the forward FLOPs of the given (frozen, cached) modules.
+
+    With the feature cache, a step after the first epoch reads the frozen prefix's output instead of
+    computing it; being frozen, the prefix had no backward FLOPs to begin with.
+    """
+    skipped = sum(flops["by_module"].get(m, {}).get("forward", 0) for m in modules)
+    by_module = {k: v for k, v in flops["by_module"].items() if k not in modules}
+    return {"forward": flops["forward"] - skipped, "backward": flops["backward"],
+            "total": flops["total"] - skipped, "by_module": by_module}
+
+
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
                          transposed, _output_padding, groups, output_mask, out_shape=None, **_) -> int:
     """The ``convolution_backward`` FLOP formula of torch, with grouped weight gradients fixed.

@@ -27,6 +27,12 @@ BLOCK_OPTION = typer.Option(
 )
 DEVICE_OPTION = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N [default: the config's].",
                              show_default=False)
+MODES_OPTION = typer.Option(
+    "plain,optimized,cached", "--modes",
+    help="How to run each frozen spec, comma-separated: plain (requires_grad=False loop: BatchNorm in train "
+    "mode, no fast path, every parameter to SGD), optimized (freezetune's path), cached (optimized with "
+    "the feature cache filled; left out with the reason where it would not be correct).",
+)
 INLINE_OPTION = typer.Option(
     False, "--inline", help="Run all arms in this process: starts faster, but peak memory is not measured.",
 )
@@ -50,17 +56,20 @@ def frozen_vs_full(
     device: str = DEVICE_OPTION,
     block: int = BLOCK_OPTION,
     inline: bool = INLINE_OPTION,
+    modes: str = MODES_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Train the config's freeze spec against full fine-tuning and show what freezing buys.
 
-    Writes compare.json, compare.csv and compare.png.
+    The frozen spec runs in every mode of --modes (frozen:plain, frozen, frozen:cached). Writes
+    compare.json, compare.csv and compare.png.
     """
     from freezetune import compare
 
     cfg = _config(config, overrides, device)
-    with _progress(2, steps, warmup, cfg) as report:
-        result = compare.frozen_vs_full(cfg, out, steps, warmup, block, not inline, report)
+    chosen = _modes(modes)
+    with _progress(len(compare.frozen_vs_full_arms(cfg, chosen)), steps, warmup, cfg) as report:
+        result = compare.frozen_vs_full(cfg, out, steps, warmup, block, not inline, report, chosen)
     _print_notice(result)
     console.print(arms_table(result, "frozen vs full"))
     _print_headline(result)
@@ -78,20 +87,22 @@ def depths(
     device: str = DEVICE_OPTION,
     block: int = BLOCK_OPTION,
     inline: bool = INLINE_OPTION,
+    modes: str = MODES_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Sweep the freeze point: full, then frozen through stem, layer1 ... layer4 (fc only).
 
-    The config's freeze selectors are ignored (its batchnorm policy applies). Writes depths.json,
-    depths.csv and depths.png.
+    Each freeze point runs in every mode of --modes. The config's freeze selectors are ignored (its
+    batchnorm policy applies). Writes depths.json, depths.csv and depths.png.
     """
     from freezetune import compare
 
     cfg = _config(config, overrides, device)
-    with _progress(len(compare.depth_arms(cfg)), steps, warmup, cfg) as report:
-        result = compare.depths(cfg, out, steps, warmup, block, not inline, report)
+    chosen = _modes(modes)
+    with _progress(len(compare.depth_arms(cfg, modes=chosen)), steps, warmup, cfg) as report:
+        result = compare.depths(cfg, out, steps, warmup, block, not inline, report, chosen)
     _print_notice(result)
-    console.print(arms_table(result, "freeze depth sweep"))
+    console.print(depths_table(result))
     console.print(f"files: {result['files']['json']}, .csv, .png")
     _exit_on_problems(result)
 
@@ -113,10 +124,12 @@ def arms_table(result: dict, title: str) -> Table:
         table.add_row(what, *(fmt(a) for a in arms.values()))
 
     row("freeze", lambda a: a["label"])
+    row("mode", lambda a: a.get("mode", "-"))
     row("trainable params", lambda a: f"{_count(a['params']['trainable'])} ({share_text(a['trainable_share'])})")
     row("GFLOPs/step fwd+bwd", lambda a: f"{a['flops']['forward'] / 1e9:.2f}+{a['flops']['backward'] / 1e9:.2f}")
     row("FLOP-predicted speedup", lambda a: _x(a["speedup"]["flop_predicted"]))
     row("measured speedup", lambda a: f"[bold]{_x(a['speedup']['measured'])}[/]")
+    row("speedup vs plain", lambda a: _x(a["speedup"].get("vs_plain")))
     row("step time median", lambda a: fmt_seconds(a["timing"]["step_median_s"]))
     row("step time p10 / p90",
         lambda a: f"{fmt_seconds(a['timing']['step_p10_s'])} / {fmt_seconds(a['timing']['step_p90_s'])}")
@@ -126,9 +139,61 @@ def arms_table(result: dict, title: str) -> Table:
     row("loss first -> last", lambda a: f"{a['loss']['first']:.3f} -> {a['loss']['last']:.3f}")
     row("frozen tensors intact", lambda a: ("[green]OK[/]" if a["freeze_integrity"]["ok"] else "[red]CHANGED[/]")
         + f" ({a['freeze_integrity']['tensors_checked']})")
+    row("frozen BN stats changed", lambda a: f"{a['frozen_batchnorm_drift']['layers_changed']} layers"
+        if "frozen_batchnorm_drift" in a else "-")
+    row("cache fill (once)", lambda a: fmt_seconds(a["cache"]["cache_fill_s"]) if a.get("cache") else "-")
     kind = next(iter(arms.values()))["memory"]["kind"]
-    table.caption = f"peak memory: {kind}; speedups relative to full"
+    skipped = "; ".join(f"{s['arm']}: {s['reason']}" for s in result.get("skipped", []))
+    table.caption = f"peak memory: {kind}; speedups relative to full" + (f"; left out: {skipped}" if skipped else "")
     return table
+
+
+def depths_table(result: dict) -> Table:
+    """One row per freeze point: plain vs freezetune vs freezetune + cache, as speedups over full.
+
+    Narrow enough for an 80-column terminal; step times and everything else are in depths.json/.csv.
+    """
+    from rich import box
+
+    from freezetune.compare import BASELINE, by_depth
+    from freezetune.plot import share_text
+    from freezetune.report import fmt_seconds
+
+    d = result["data"]
+    table = Table(title=f"{result['model']} freeze depth sweep | {result['device']} | {d['image_size']}px, batch "
+                  f"{d['batch_size']} | {result['steps']['timed']} timed steps/arm (+{result['steps']['warmup']} "
+                  f"warm-up) | torch {result['versions']['torch']}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for col in ("frozen to", "trainable", "predicted", "plain", "freezetune", "+cache", "BN drift"):
+        table.add_column(col, justify="left" if col == "frozen to" else "right", no_wrap=True)
+    intact = True
+    for depth, arms in by_depth(result["arms"]):
+        opt = arms.get("optimized") or arms.get("full")
+        plain, cached = arms.get("plain"), arms.get("cached")
+        drift = plain["frozen_batchnorm_drift"] if plain else None
+        intact = intact and all(a["freeze_integrity"]["ok"] for a in arms.values())
+        table.add_row(
+            "full" if depth is None else f"{depth}{' (fc)' if opt['label'] == 'fc only' else ''}",
+            share_text(opt["trainable_share"]), _x(opt["speedup"]["flop_predicted"]),
+            _x(plain["speedup"]["measured"]) if plain else "-", f"[bold]{_x(opt['speedup']['measured'])}[/]",
+            f"[bold]{_x(cached['speedup']['measured'])}[/]" if cached else "-",
+            f"{drift['layers_changed']}/{drift['layers_checked']}" if drift else "-",
+        )
+    full = result["arms"][BASELINE]["timing"]["step_median_s"]
+    skipped = "; ".join(f"{s['arm']}: {s['reason']}" for s in result.get("skipped", []))
+    table.caption = (
+        f"measured speedup over full ({fmt_seconds(full)}/step); predicted: FLOPs, uncached; BN drift: frozen "
+        f"layers whose BatchNorm statistics the plain loop changed; frozen tensors "
+        + ("[green]intact[/]" if intact else "[red]CHANGED[/]") + (f"; left out: {skipped}" if skipped else "")
+    )
+    table.caption_justify = "left"
+    return table
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    from freezetune.compare import check_modes
+
+    return check_modes(m.strip() for m in text.split(",") if m.strip())
 
 
 def _print_headline(result: dict) -> None:
