@@ -98,6 +98,23 @@ def test_resume_after_max_steps_is_bit_identical(uninterrupted, tmp_path, stop_a
     assert load_config(out / "config.yaml").train.max_steps == 8
 
 
+def test_resume_continues_with_the_saved_loss_scale(tmp_path, monkeypatch):
+    # fp16 scaling needs CUDA; a CPU GradScaler exercises the same save/restore path here.
+    import freezetune.train as train_module
+
+    def cpu_scaler(precision, device):
+        return torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+
+    monkeypatch.setattr(train_module, "grad_scaler", cpu_scaler)
+    out = tmp_path / "scaled"
+    first = run(load_config(None, overrides(out, train__max_steps=3)))
+    saved = load_checkpoint(out / "checkpoint.pt")["scaler"]
+    assert first["steps"] == 3 and saved["scale"] == 8.0 * 2**3  # grew once per finite step
+
+    setup = train_module.setup(resume_config(out, ["train.max_steps=8"]), resume=True)
+    assert setup.scaler.get_scale() == saved["scale"]
+
+
 def _images(root: Path, n_per_class: int = 4) -> None:
     from PIL import Image
 

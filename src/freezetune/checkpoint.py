@@ -40,6 +40,7 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     progress: dict,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Writes ``checkpoint.pt``; the previous checkpoint survives until the new one is complete.
 
@@ -48,6 +49,7 @@ def save_checkpoint(
         model: The model (its full state dict is saved).
         optimizer: The optimizer (momentum buffers included).
         progress: ``step``, ``epoch``, ``batch_in_epoch`` and anything else small and plain.
+        scaler: The fp16 gradient scaler, whose loss scale a resumed run continues from.
 
     Returns:
         The checkpoint path.
@@ -58,6 +60,9 @@ def save_checkpoint(
         "rng": rng_state(),
         **progress,
     }
+    if scaler is not None:
+        # Floats and ints only, so the checkpoint still loads with weights_only=True.
+        payload["scaler"] = scaler.state_dict()
     path = Path(run_dir) / CHECKPOINT_NAME
     atomic_write(path, lambda f: torch.save(payload, f))
     return path

@@ -109,6 +109,7 @@ class Run:
     cache: FeatureCache | None = None
     speed: dict = field(default_factory=dict)
     scaler: torch.amp.GradScaler | None = None
+    restored_scaler: dict | None = None  # GradScaler state from the checkpoint being resumed
     compiled: nn.Module | None = None
     epoch_times: list[dict] = field(default_factory=list)
     dist: dist.DistInfo = field(default_factory=dist.DistInfo)
@@ -233,6 +234,10 @@ def _setup_speed(run: Run) -> None:
     check_precision(cfg.train.precision, run.device)
     if run.scaler is None:  # created once: its loss scale must survive a rebuild after unfreezing
         run.scaler = grad_scaler(cfg.train.precision, run.device)
+        if run.scaler is not None and run.restored_scaler:
+            # A resumed fp16 run continues with the loss scale it had reached, instead of
+            # re-learning it from 65536 through a burst of skipped (overflowing) steps.
+            run.scaler.load_state_dict(run.restored_scaler)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     prefix = frozen_prefix(model, cfg.model.name)
@@ -343,6 +348,7 @@ def _restore(run: Run) -> None:
         raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first})") from None
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
+    run.restored_scaler = ckpt.get("scaler")
     run.resumed_from_step = run.saved_step = run.progress["step"]
 
 
@@ -519,7 +525,7 @@ def save(run: Run) -> None:
         weights_source=run.loaded.weights_source,
         seed=run.config.seed,
     )
-    save_checkpoint(run.run_dir, run.model, run.optimizer, dict(run.progress))
+    save_checkpoint(run.run_dir, run.model, run.optimizer, dict(run.progress), run.scaler)
     run.saved_step = run.progress["step"]
 
 
