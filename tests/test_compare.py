@@ -123,7 +123,7 @@ def inline_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp")
     cfg = load_config(None, tiny_overrides(out / "run", **{"freeze.until": "layer3"}))
     turns = []
-    result = compare.frozen_vs_full(cfg, steps=3, warmup=1, block=2, isolate=False,
+    result = compare.frozen_vs_full(cfg, steps=3, warmup=1, block=2, memory=False,
                                     progress=lambda *a: turns.append(a[:3]))
     return result, turns, out / "run" / "compare"
 
@@ -200,12 +200,12 @@ def test_plain_arm_lets_frozen_batchnorm_statistics_drift(inline_result):
 
 def test_an_impossible_cached_arm_is_left_out_with_the_reason(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"freeze.until": "layer4", "data.augment": True}))
-    result = compare.frozen_vs_full(cfg, steps=1, warmup=0, isolate=False, modes=("optimized", "cached"))
+    result = compare.frozen_vs_full(cfg, steps=1, warmup=0, memory=False, modes=("optimized", "cached"))
     assert list(result["arms"]) == ["full", "frozen"]
     assert result["skipped"][0]["arm"] == "frozen:cached" and "augment" in result["skipped"][0]["reason"]
 
 
-def test_inline_arms_do_not_pretend_to_measure_memory(inline_result):
+def test_without_the_memory_pass_memory_is_not_pretended(inline_result):
     result, _, _ = inline_result
     assert result["arms"]["full"]["memory"]["peak_bytes"] is None
     assert result["memory_saved"]["bytes"] is None
@@ -241,15 +241,18 @@ def write_config(tmp_path, **freeze):
     return path
 
 
-def test_cli_frozen_vs_full_in_worker_processes(tmp_path):
+def test_cli_frozen_vs_full_times_inline_and_measures_memory_per_process(tmp_path):
     path = write_config(tmp_path, until="layer4")
     res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--steps", "2",
                                    "--warmup", "1", "--out", str(tmp_path / "out"), "--modes", "optimized"])
     assert res.exit_code == 0, res.output
     assert "faster measured" in res.output and "freeze integrity" in res.output
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
-    assert result["isolation"] == "process"
+    assert result["isolation"].startswith("timing: all arms in one process")
+    assert "memory: each arm in its own process" in result["isolation"]
+    assert result["memory_pass"]["fairness"]["same_initial_weights"]
     full, frozen = result["arms"]["full"], result["arms"]["frozen"]
+    assert frozen["memory_saved_bytes"] == full["memory"]["peak_bytes"] - frozen["memory"]["peak_bytes"]
     for arm in (full, frozen):
         assert arm["memory"]["kind"] in ("cpu_peak_rss_growth", "cuda_max_allocated")
         assert arm["memory"]["peak_bytes"] > 0
@@ -264,7 +267,7 @@ def test_cli_frozen_vs_full_in_worker_processes(tmp_path):
 def test_cli_depths(tmp_path):
     path = write_config(tmp_path, trainable=["fc"])
     res = CliRunner().invoke(app, ["compare", "depths", "--config", str(path), "--steps", "1", "--warmup", "0",
-                                   "--inline", "data.batch_size=2"])
+                                   "--no-memory", "data.batch_size=2"])
     assert res.exit_code == 0, res.output
     assert "freezetune" in res.output and "+cache" in res.output  # the per-depth table
     out = tmp_path / "run" / "depths"
@@ -295,7 +298,7 @@ def test_cli_refuses_bad_modes(tmp_path):
 
 def test_cli_refuses_a_config_that_freezes_nothing(tmp_path):
     path = write_config(tmp_path)
-    res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--inline"])
+    res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--no-memory"])
     assert res.exit_code == 2
     assert "freezes nothing" in res.output
     assert "Traceback" not in res.output

@@ -33,8 +33,9 @@ MODES_OPTION = typer.Option(
     "mode, no fast path, every parameter to SGD), optimized (freezetune's path), cached (optimized with "
     "the feature cache filled; left out with the reason where it would not be correct).",
 )
-INLINE_OPTION = typer.Option(
-    False, "--inline", help="Run all arms in this process: starts faster, but peak memory is not measured.",
+NO_MEMORY_OPTION = typer.Option(
+    False, "--no-memory",
+    help="Skip the memory pass (each arm a few steps in its own process): faster, but peak memory is not measured.",
 )
 
 
@@ -55,7 +56,7 @@ def frozen_vs_full(
                              show_default=False),
     device: str = DEVICE_OPTION,
     block: int = BLOCK_OPTION,
-    inline: bool = INLINE_OPTION,
+    no_memory: bool = NO_MEMORY_OPTION,
     modes: str = MODES_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -69,7 +70,7 @@ def frozen_vs_full(
     cfg = _config(config, overrides, device)
     chosen = _modes(modes)
     with _progress(len(compare.frozen_vs_full_arms(cfg, chosen)), steps, warmup, cfg) as report:
-        result = compare.frozen_vs_full(cfg, out, steps, warmup, block, not inline, report, chosen)
+        result = compare.frozen_vs_full(cfg, out, steps, warmup, block, not no_memory, report, chosen)
     _print_notice(result)
     console.print(arms_table(result, "frozen vs full"))
     _print_headline(result)
@@ -86,7 +87,7 @@ def depths(
                              show_default=False),
     device: str = DEVICE_OPTION,
     block: int = BLOCK_OPTION,
-    inline: bool = INLINE_OPTION,
+    no_memory: bool = NO_MEMORY_OPTION,
     modes: str = MODES_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -100,7 +101,7 @@ def depths(
     cfg = _config(config, overrides, device)
     chosen = _modes(modes)
     with _progress(len(compare.depth_arms(cfg, modes=chosen)), steps, warmup, cfg) as report:
-        result = compare.depths(cfg, out, steps, warmup, block, not inline, report, chosen)
+        result = compare.depths(cfg, out, steps, warmup, block, not no_memory, report, chosen)
     _print_notice(result)
     console.print(depths_table(result))
     console.print(f"files: {result['files']['json']}, .csv, .png")
@@ -208,7 +209,7 @@ def _print_headline(result: dict) -> None:
         kind = result["arms"]["frozen"]["memory"]["kind"]
         console.print(f"peak memory saved: {fmt_bytes(mem['bytes'])}{pct} [dim]({kind})[/]")
     else:
-        console.print("peak memory: not measured (--inline)")
+        console.print("peak memory: not measured (--no-memory)")
     if integ["ok"]:
         console.print(f"freeze integrity: [green]OK[/] ({integ['tensors_checked']} frozen tensors, "
                       f"sha256 {integ['sha256_after'][:12]} before and after)")
@@ -254,7 +255,10 @@ class _progress:
         self._bar.stop()
 
     def _advance(self, arm: str, phase: str, n: int, per_arm: int) -> None:
-        self._bar.update(self._task, advance=n, arm=f"{arm} ({phase})")
+        if phase == "memory":
+            self._bar.update(self._task, arm="memory pass: each arm a few steps in its own process")
+        else:
+            self._bar.update(self._task, advance=n, arm=f"{arm} ({phase})")
 
 
 def _x(value: float | None) -> str:
