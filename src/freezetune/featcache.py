@@ -94,15 +94,23 @@ def dataset_identity(dataset: Dataset) -> str:
 class FeatureCache:
     """Per-sample prefix outputs, in memory up to ``max_bytes``, else memory-mapped in the run folder.
 
+    The in-memory store lives on the training device. On a GPU that matters: an H200 run with the
+    store in host memory (224 px, batch 64) spent longer copying a stem-prefix batch (51 MiB) to the
+    GPU every step than recomputing the stem took, so caching early prefixes was slower than not
+    caching (0.92x vs 1.25x over full fine-tuning).
+
     Args:
         size: Number of samples in the training set.
         run_dir: Where a memory-mapped cache lives.
         key: From :func:`cache_key`; a file with another key is discarded.
-        max_bytes: In-memory limit.
+        max_bytes: In-memory limit (device memory on a GPU).
+        device: Where the in-memory store lives; a memory-mapped one is always in host memory.
     """
 
-    def __init__(self, size: int, run_dir: Path, key: str, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, size: int, run_dir: Path, key: str, max_bytes: int = DEFAULT_MAX_BYTES,
+                 device: torch.device | str = "cpu"):
         self.size, self.run_dir, self.key, self.max_bytes = size, Path(run_dir), key, max_bytes
+        self.device = torch.device(device)
         self.features: torch.Tensor | None = None
         self.labels = torch.zeros(size, dtype=torch.long)
         self.filled = torch.zeros(size, dtype=torch.bool)
@@ -121,23 +129,23 @@ class FeatureCache:
         return 0 if self.features is None else self.features.numel() * self.features.element_size()
 
     def put(self, indices: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Stores a batch of prefix outputs (moved to the CPU) for these sample indices."""
-        features = features.detach().to("cpu", torch.float32)
+        """Stores a batch of prefix outputs (as float32, where the store lives) for these sample indices."""
         if self.features is None:
             self._allocate(tuple(features.shape[1:]))
-        self.features[indices] = features.contiguous()
+        features = features.detach().to(self.features.device, torch.float32)
+        self.features[indices.to(self.features.device)] = features.contiguous()
         self.labels[indices] = labels.cpu()
         self.filled[indices] = True
         if self.on_disk and self.complete:
             self._write_meta()
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the stored features and labels for these sample indices."""
-        return self.features[indices], self.labels[indices]
+        """Returns the stored features (on the store's device) and labels for these sample indices."""
+        return self.features[indices.to(self.features.device)], self.labels[indices]
 
     def _allocate(self, shape: tuple[int, ...]) -> None:
         if self.size * math.prod(shape) * 4 <= self.max_bytes:
-            self.features = torch.empty((self.size, *shape), dtype=torch.float32)
+            self.features = torch.empty((self.size, *shape), dtype=torch.float32, device=self.device)
             return
         self.on_disk = True
         (self.run_dir / CACHE_META).unlink(missing_ok=True)  # the old file is being replaced

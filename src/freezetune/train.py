@@ -251,7 +251,8 @@ def _setup_speed(run: Run) -> None:
                                  suffix_channels_last=cfg.train.channels_last)
     if decision.enabled:
         key = cache_key(model, run.plan, cfg, run.data.train)
-        run.cache = FeatureCache(len(run.data.train), run.run_dir, key, cfg.train.feature_cache_max_bytes)
+        run.cache = FeatureCache(len(run.data.train), run.run_dir, key, cfg.train.feature_cache_max_bytes,
+                                 device=run.device)
     if cfg.train.compile:
         if run.split is not None:
             run.split.prefix = torch.compile(run.split.prefix)
