@@ -109,43 +109,54 @@ def depths(
 
 
 def arms_table(result: dict, title: str) -> Table:
-    """One column per arm, one row per figure: parameters, FLOPs, speedups, time, memory, loss."""
+    """One column per arm, one row per figure: parameters, FLOPs, speedups, time, memory, loss.
+
+    Row names and cells are kept short so that full and three frozen modes fit 80 columns.
+    """
+    from rich import box
+
     from freezetune.plot import share_text
     from freezetune.report import fmt_bytes, fmt_seconds
 
     d, arms = result["data"], result["arms"]
     table = Table(title=f"{result['model']} {title} | {result['device']} | {d['image_size']}px, batch "
                   f"{d['batch_size']} | {result['steps']['timed']} timed steps/arm (+{result['steps']['warmup']} "
-                  f"warm-up) | torch {result['versions']['torch']}", title_justify="left")
-    table.add_column("")
+                  f"warm-up) | torch {result['versions']['torch']}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("", no_wrap=True)
     for name in arms:
         table.add_column(name, justify="right")
 
     def row(what: str, fmt) -> None:
         table.add_row(what, *(fmt(a) for a in arms.values()))
 
+    def ms(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
     row("freeze", lambda a: a["label"])
     row("mode", lambda a: a.get("mode", "-"))
-    row("trainable params", lambda a: f"{_count(a['params']['trainable'])} ({share_text(a['trainable_share'])})")
-    row("GFLOPs/step fwd+bwd", lambda a: f"{a['flops']['forward'] / 1e9:.2f}+{a['flops']['backward'] / 1e9:.2f}")
-    row("FLOP-predicted speedup", lambda a: _x(a["speedup"]["flop_predicted"]))
-    row("measured speedup", lambda a: f"[bold]{_x(a['speedup']['measured'])}[/]")
-    row("speedup vs plain", lambda a: _x(a["speedup"].get("vs_plain")))
-    row("step time median", lambda a: fmt_seconds(a["timing"]["step_median_s"]))
-    row("step time p10 / p90",
-        lambda a: f"{fmt_seconds(a['timing']['step_p10_s'])} / {fmt_seconds(a['timing']['step_p90_s'])}")
+    row("trainable", lambda a: f"{_count(a['params']['trainable'])} {share_text(a['trainable_share'])}")
+    row("GFLOPs fwd+bwd", lambda a: f"{a['flops']['forward'] / 1e9:.2f}+{a['flops']['backward'] / 1e9:.2f}")
+    row("FLOP-predicted", lambda a: _x(a["speedup"]["flop_predicted"]))
+    row("measured", lambda a: f"[bold]{_x(a['speedup']['measured'])}[/]")
+    row("vs plain", lambda a: _x(a["speedup"].get("vs_plain")))
+    row("step median", lambda a: fmt_seconds(a["timing"]["step_median_s"]))
+    row("p10-p90 ms", lambda a: f"{ms(a['timing']['step_p10_s'])}-{ms(a['timing']['step_p90_s'])}")
     row("samples/s", lambda a: f"{a['timing']['samples_per_s']:.1f}" if a["timing"]["samples_per_s"] else "-")
     row("peak memory", lambda a: fmt_bytes(a["memory"]["peak_bytes"]))
     row("optimizer state", lambda a: fmt_bytes(a["optimizer_state_bytes"]))
-    row("loss first -> last", lambda a: f"{a['loss']['first']:.3f} -> {a['loss']['last']:.3f}")
-    row("frozen tensors intact", lambda a: ("[green]OK[/]" if a["freeze_integrity"]["ok"] else "[red]CHANGED[/]")
+    row("loss 1st->last", lambda a: f"{a['loss']['first']:.3f}->{a['loss']['last']:.3f}")
+    row("frozen intact", lambda a: ("[green]OK[/]" if a["freeze_integrity"]["ok"] else "[red]CHANGED[/]")
         + f" ({a['freeze_integrity']['tensors_checked']})")
-    row("frozen BN stats changed", lambda a: f"{a['frozen_batchnorm_drift']['layers_changed']} layers"
+    row("BN stats moved", lambda a: f"{a['frozen_batchnorm_drift']['layers_changed']} layers"
         if "frozen_batchnorm_drift" in a else "-")
-    row("cache fill (once)", lambda a: fmt_seconds(a["cache"]["cache_fill_s"]) if a.get("cache") else "-")
+    row("cache fill", lambda a: fmt_seconds(a["cache"]["cache_fill_s"]) if a.get("cache") else "-")
     kind = next(iter(arms.values()))["memory"]["kind"]
     skipped = "; ".join(f"{s['arm']}: {s['reason']}" for s in result.get("skipped", []))
-    table.caption = f"peak memory: {kind}; speedups relative to full" + (f"; left out: {skipped}" if skipped else "")
+    table.caption = (f"speedups over full; vs plain: over the plain requires_grad=False loop; BN stats moved: "
+                     f"frozen layers whose BatchNorm statistics changed; peak memory: {kind}"
+                     + (f"; left out: {skipped}" if skipped else ""))
+    table.caption_justify = "left"
     return table
 
 
