@@ -30,8 +30,7 @@ from freezetune import __version__
 from freezetune.arm import ArmSpec, InlineArm, ProcessArm
 from freezetune.config import Config, FreezeConfig
 from freezetune.errors import ConfigError
-from freezetune.fastpath import frozen_prefix, prefix_batchnorm_frozen
-from freezetune.featcache import decide
+from freezetune.featcache import assess
 from freezetune.freeze import apply_freeze
 from freezetune.model import build_model
 from freezetune.runfolder import atomic_write, prepare_run_dir, write_json
@@ -323,10 +322,8 @@ def _initial_weights(config: Config, arms: list[ArmSpec], tmp: Path):
 
 
 def _why_no_cache(config: Config, model, plan) -> str | None:
-    prefix = frozen_prefix(model, config.model.name)
-    bn_frozen = prefix_batchnorm_frozen(model, config.model.name, prefix, plan)
     auto = config.model_copy(update={"train": config.train.model_copy(update={"feature_cache": "auto"})})
-    decision = decide(auto, prefix, bn_frozen)
+    _, _, decision = assess(model, plan, auto)
     return None if decision.enabled else decision.reason
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from freezetune.config import Config
 from freezetune.errors import ConfigError
+from freezetune.fastpath import frozen_prefix, prefix_batchnorm_frozen
 from freezetune.freeze import FreezePlan, combined_sha256, fingerprint
 from freezetune.zoo import is_resnet
 
@@ -60,6 +61,17 @@ def decide(config: Config, prefix: list[str], prefix_bn_frozen: bool) -> CacheDe
     if why_not:
         return CacheDecision(False, f"feature cache off: {why_not}")
     return CacheDecision(True, f"feature cache on: caching the output of {', '.join(prefix)} once per sample")
+
+
+def assess(model: torch.nn.Module, plan: FreezePlan, config: Config) -> tuple[list[str], bool, CacheDecision]:
+    """The model's frozen prefix, whether its BatchNorm is frozen, and :func:`decide` on them.
+
+    Raises:
+        ConfigError: With ``train.feature_cache: on``, naming why caching would be incorrect.
+    """
+    prefix = frozen_prefix(model, config.model.name)
+    bn_frozen = prefix_batchnorm_frozen(model, config.model.name, prefix, plan)
+    return prefix, bn_frozen, decide(config, prefix, bn_frozen)
 
 
 def cache_key(model: torch.nn.Module, plan: FreezePlan, config: Config, dataset: Dataset) -> str:

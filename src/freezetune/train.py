@@ -32,8 +32,8 @@ from freezetune.config import Config, dump_config, load_config
 from freezetune.data import Data, EpochSampler, build_data, make_loader
 from freezetune.errors import ConfigError, NonFiniteLossError, RunDirError, WeightsError
 from freezetune.export import checkpoint_sizes, save_trainable
-from freezetune.fastpath import SplitForward, frozen_prefix, prefix_batchnorm_frozen
-from freezetune.featcache import FeatureCache, IndexedDataset, cache_key, decide
+from freezetune.fastpath import SplitForward
+from freezetune.featcache import FeatureCache, IndexedDataset, assess, cache_key
 from freezetune.freeze import (
     FreezePlan,
     apply_freeze,
@@ -240,9 +240,7 @@ def _setup_speed(run: Run) -> None:
             run.scaler.load_state_dict(run.restored_scaler)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    prefix = frozen_prefix(model, cfg.model.name)
-    bn_frozen = prefix_batchnorm_frozen(model, cfg.model.name, prefix, run.plan)
-    decision = decide(cfg, prefix, bn_frozen)
+    prefix, bn_frozen, decision = assess(model, run.plan, cfg)
     if prefix and (cfg.train.fold_batchnorm or decision.enabled):
         # channels-last for the folded prefix is a measured CPU win (see SplitForward); on CUDA
         # the prefix follows train.channels_last like the rest of the model.
@@ -556,6 +554,11 @@ def epoch_batches(run: Run, epoch: int):
             yield batch[0], batch[1], None, "images"
 
 
+def _memory_format(run: Run) -> torch.memory_format:
+    """The layout images are moved to the device in (``train.channels_last``)."""
+    return torch.channels_last if run.config.train.channels_last else torch.contiguous_format
+
+
 def fill_cache(run: Run) -> float:
     """Stores the frozen prefix's output for every training sample without training; returns seconds.
 
@@ -568,7 +571,7 @@ def fill_cache(run: Run) -> float:
     """
     if run.cache is None:
         raise ValueError("this run has no feature cache (train.feature_cache is off or not possible)")
-    memory_format = torch.channels_last if run.config.train.channels_last else torch.contiguous_format
+    memory_format = _memory_format(run)
     synchronize(run.device)
     start = time.perf_counter()
     for inputs, labels, indices, _ in epoch_batches(run, 0):
@@ -590,7 +593,7 @@ def train_step(run: Run, batch, loss_fn: nn.Module) -> tuple[float, float]:
     inputs, labels, indices, kind = batch
     synchronize(run.device)
     start = time.perf_counter()
-    memory_format = torch.channels_last if run.config.train.channels_last else torch.contiguous_format
+    memory_format = _memory_format(run)
     x = inputs.to(run.device, non_blocking=True, memory_format=memory_format)
     y = labels.to(run.device, non_blocking=True)
     with autocast(run.config.train.precision, run.device):
@@ -615,7 +618,7 @@ def evaluate(run: Run, loss_fn: nn.Module) -> dict:
     run.model.eval()
     loader = make_loader(run.data.val, run.config.data.batch_size, run.config.data.num_workers)
     total_loss, correct, seen = 0.0, 0, 0
-    memory_format = torch.channels_last if run.config.train.channels_last else torch.contiguous_format
+    memory_format = _memory_format(run)
     for x, y in loader:
         x, y = x.to(run.device, memory_format=memory_format), y.to(run.device)
         with autocast(run.config.train.precision, run.device):
