@@ -5,7 +5,7 @@
     python scripts/bench.py --sizes 64 --batch-sizes 8 --steps 5
     python scripts/bench.py --ci                 # small matrix; exit 1 if fc-only freezing does not pay
 
-The work is done by freezetune.bench; this script only parses options and prints.
+The work is done by freezetune.compare.bench; this script only parses options and prints.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from freezetune import bench
+from freezetune.compare import bench
 from freezetune.errors import FreezetuneError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from freezetune import bench
+from freezetune.compare import bench
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from freezetune.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from freezetune.cli import app
 from freezetune.config import dump_config, load_config
 from freezetune.errors import WeightsError
 from freezetune.export import TRAINABLE_NAME, load_trainable
-from freezetune.model import read_weights_file
-from freezetune.runfolder import read_jsonl, remove_stale_temps
-from freezetune.train import save, setup
+from freezetune.models.weights import read_weights_file
+from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from freezetune.training.recipe import save, setup
+from freezetune.training.run_dir import read_jsonl, remove_stale_temps
 
 TINY = {
     "device": "cpu",

@@ -7,8 +7,8 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_overrides
-from freezetune import compare
 from freezetune.cli import app
+from freezetune.compare import run as compare
 from freezetune.config import load_config
 from freezetune.errors import ConfigError
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from freezetune.config import load_config
-from freezetune.freeze import preview
+from freezetune.freezing.plan import preview
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 

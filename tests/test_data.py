@@ -3,8 +3,8 @@ import torch
 from PIL import Image
 
 from freezetune.config import DataConfig
-from freezetune.data import EpochSampler, build_data, make_loader, synthetic_dataset
 from freezetune.errors import DataError
+from freezetune.training.data import EpochSampler, build_data, make_loader, synthetic_dataset
 
 
 def test_synthetic_is_deterministic_and_balanced():

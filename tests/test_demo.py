@@ -10,8 +10,8 @@ from freezetune.cli.demo_cmd import HASH_CHARS, render_autograd, render_frozen, 
 from freezetune.config import ModelConfig
 from freezetune.demo import DemoInputError, autograd_demo, frozen_demo, parse_vector
 from freezetune.errors import FreezetuneError
-from freezetune.freeze import tensor_sha256
-from freezetune.model import build_model
+from freezetune.freezing.plan import tensor_sha256
+from freezetune.models.weights import build_model
 
 runner = CliRunner()
 STEPS, SEED = 2, 1

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from freezetune.runfolder import read_jsonl
+from freezetune.training.run_dir import read_jsonl
 
 COMMON = ["model.weights=none", "data.image_size=32", "data.train_size=32", "data.val_size=8",
           "train.epochs=2", "train.warmup_steps=1", "freeze.trainable=[fc]", "device=cpu"]

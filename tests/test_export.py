@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from freezetune.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from freezetune.cli import app
 from freezetune.config import ModelConfig, load_config
 from freezetune.errors import WeightsError
@@ -21,8 +20,9 @@ from freezetune.export import (
     load_trainable,
     rebuild_base,
 )
-from freezetune.model import build_model
-from freezetune.train import run
+from freezetune.models.weights import build_model
+from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from freezetune.training.recipe import run
 
 TINY = {
     "seed": 5,

@@ -4,8 +4,8 @@ import torchvision
 from torch import nn
 
 from freezetune.config import FreezeConfig
-from freezetune.fastpath import SplitForward, fold_batchnorm, frozen_prefix, prefix_batchnorm_frozen
-from freezetune.freeze import apply_freeze, fingerprint, set_train_mode
+from freezetune.freezing.plan import apply_freeze, fingerprint, set_train_mode
+from freezetune.speed.prefix import SplitForward, fold_batchnorm, frozen_prefix, prefix_batchnorm_frozen
 
 
 def model_with_real_bn_stats(seed=0):

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from freezetune.errors import ConfigError
-from freezetune.featcache import FeatureCache, decide
-from freezetune.runfolder import read_jsonl
-from freezetune.train import run
+from freezetune.speed.feature_cache import FeatureCache, decide
+from freezetune.training.recipe import run
+from freezetune.training.run_dir import read_jsonl
 
 
 def test_decide_explains_why_not(tiny):

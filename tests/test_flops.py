@@ -2,8 +2,8 @@ import pytest
 import torchvision
 
 from freezetune.config import FreezeConfig
-from freezetune.flops import step_flops
-from freezetune.freeze import apply_freeze
+from freezetune.freezing.plan import apply_freeze
+from freezetune.measure.flops import step_flops
 
 BATCH, SIZE, CLASSES = 4, 32, 10
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from freezetune.config import FreezeConfig, ModelConfig
 from freezetune.errors import FreezeError
-from freezetune.freeze import (
+from freezetune.freezing.plan import (
     apply_freeze,
     fingerprint,
     match_modules,

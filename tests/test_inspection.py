@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 from freezetune.cli import app
 from freezetune.cli.inspect_cmd import render
 from freezetune.config import load_config
-from freezetune.flops import forward_flops_by_module, step_flops
-from freezetune.freeze import apply_freeze, unfreeze_all
+from freezetune.freezing.params import count_params
+from freezetune.freezing.plan import apply_freeze, unfreeze_all
 from freezetune.inspection import graph_nodes, inspect_config, load_for_inspection, trace_graph
-from freezetune.model import build_model
-from freezetune.params import count_params
+from freezetune.measure.flops import forward_flops_by_module, step_flops
+from freezetune.models.weights import build_model
 
 runner = CliRunner()
 KEYS = {"model", "weights_source", "weights_notice", "freeze", "batch_size", "image_size", "depth",

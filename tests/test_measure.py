@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from freezetune.errors import DeviceError
-from freezetune.measure import peak_memory, percentile, resolve_device, timing_stats
+from freezetune.measure.timing import peak_memory, percentile, resolve_device, timing_stats
 
 
 def test_percentile_interpolates():

@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 from freezetune.config import ModelConfig
 from freezetune.errors import WeightsError
-from freezetune.model import build_model, imagenet_state_dict, read_weights_file
+from freezetune.models.weights import build_model, imagenet_state_dict, read_weights_file
 
 
 def reference_state(num_classes=1000, seed=1):

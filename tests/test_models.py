@@ -14,15 +14,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conftest import tiny_overrides
-from freezetune import zoo
 from freezetune.cli import app
 from freezetune.config import FreezeConfig, ModelConfig, load_config
 from freezetune.errors import ConfigError, FreezeError
-from freezetune.fastpath import frozen_prefix
-from freezetune.featcache import decide
-from freezetune.flops import step_flops
-from freezetune.freeze import apply_freeze, match_parameters, modules_until
-from freezetune.model import build_model, replace_head
+from freezetune.freezing.plan import apply_freeze, match_parameters, modules_until
+from freezetune.measure.flops import step_flops
+from freezetune.models import catalog as zoo
+from freezetune.models.weights import build_model, replace_head
+from freezetune.speed.feature_cache import decide
+from freezetune.speed.prefix import frozen_prefix
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mobilenet_v3_small_example.yaml"
 runner = CliRunner()
@@ -168,7 +168,7 @@ def test_unknown_freeze_point_lists_the_models_own_names():
 
 
 def test_image_size_the_model_cannot_take_is_a_config_error(monkeypatch):
-    monkeypatch.setattr("freezetune.model.build", zoo.meta_model)  # ViT-B is big: structure only
+    monkeypatch.setattr("freezetune.models.weights.build", zoo.meta_model)  # ViT-B is big: structure only
     model = build_model(ModelConfig(name="vit_b_16", weights="none")).model
     with pytest.raises(ConfigError, match=r"vit_b_16 is built for 224x224 images \(got 32x32\)"):
         model(torch.empty(1, 3, 32, 32, device="meta"))

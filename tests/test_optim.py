@@ -3,8 +3,8 @@ import torch
 import torchvision
 
 from freezetune.config import FreezeConfig, OptimConfig, ParamGroupRule
-from freezetune.freeze import apply_freeze, unfreeze
-from freezetune.optim import (
+from freezetune.freezing.plan import apply_freeze, unfreeze
+from freezetune.training.optim import (
     add_unfrozen,
     build_optimizer,
     check_optimizer,

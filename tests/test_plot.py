@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
-from freezetune.compare import DEPTHS
-from freezetune.plot import (
+from freezetune.compare.run import DEPTHS
+from freezetune.render.plot import (
     GROUP_WIDTH,
     arm_group,
     arm_mode,

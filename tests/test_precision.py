@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from freezetune.errors import DeviceError
-from freezetune.precision import autocast, check_precision, grad_scaler
-from freezetune.runfolder import read_jsonl
-from freezetune.train import run
+from freezetune.speed.precision import autocast, check_precision, grad_scaler
+from freezetune.training.recipe import run
+from freezetune.training.run_dir import read_jsonl
 
 
 def test_fp16_refused_on_cpu_with_reason():

@@ -12,11 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from freezetune.checkpoint import load_checkpoint
 from freezetune.cli import app
 from freezetune.config import load_config
-from freezetune.runfolder import read_jsonl
-from freezetune.train import resume_config, run
+from freezetune.training.checkpoint import load_checkpoint
+from freezetune.training.recipe import resume_config, run
+from freezetune.training.run_dir import read_jsonl
 
 # 16 images in batches of 4: 4 steps per epoch, 8 in all. One BatchNorm layer trains besides the
 # head, so running statistics and momentum buffers must survive the checkpoint too.
@@ -100,7 +100,7 @@ def test_resume_after_max_steps_is_bit_identical(uninterrupted, tmp_path, stop_a
 
 def test_resume_continues_with_the_saved_loss_scale(tmp_path, monkeypatch):
     # fp16 scaling needs CUDA; a CPU GradScaler exercises the same save/restore path here.
-    import freezetune.train as train_module
+    import freezetune.training.recipe as train_module
 
     def cpu_scaler(precision, device):
         return torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
@@ -195,7 +195,7 @@ def test_resume_from_a_folder_without_checkpoint(tmp_path):
 def test_ctrl_c_stops_after_the_step_and_resume_matches(uninterrupted, tmp_path, monkeypatch):
     """SIGINT arrives in the middle of step 3: the step completes, is checkpointed and logged, the
     summary is written, exit 130 with the resume command; resuming then matches the straight run."""
-    import freezetune.train as train_module
+    import freezetune.training.recipe as train_module
 
     real_step, calls = train_module.train_step, []
 

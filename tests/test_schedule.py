@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from freezetune.config import load_config
-from freezetune.runfolder import read_jsonl
-from freezetune.train import Reporter, resume_config, run, setup
+from freezetune.training.recipe import Reporter, resume_config, run, setup
+from freezetune.training.run_dir import read_jsonl
 
 SCHEDULE = "[{epoch: 1, unfreeze: [layer4], lr_mult: 0.1}, {epoch: 2, unfreeze: [layer3]}]"
 
@@ -38,8 +38,8 @@ def test_phases_unfreeze_at_their_epochs_with_new_groups(tmp_path):
 
 def test_batchnorm_switches_to_train_mode_only_when_its_layer_unfreezes(tmp_path):
     r = setup(config(tmp_path, "b"))
-    from freezetune.freeze import set_train_mode
-    from freezetune.train import apply_phases
+    from freezetune.freezing.plan import set_train_mode
+    from freezetune.training.recipe import apply_phases
 
     set_train_mode(r.model, r.plan)
     assert not r.model.layer4[0].bn1.training

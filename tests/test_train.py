@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from freezetune.errors import RunDirError
-from freezetune.freeze import fingerprint
-from freezetune.runfolder import read_jsonl
-from freezetune.train import Reporter, check_optimizer, optimizer_state_bytes, run, setup
+from freezetune.freezing.plan import fingerprint
+from freezetune.training.recipe import Reporter, check_optimizer, optimizer_state_bytes, run, setup
+from freezetune.training.run_dir import read_jsonl
 
 
 def test_run_writes_the_run_folder_contract(tiny):
@@ -41,7 +41,7 @@ def test_frozen_tensors_bit_identical_and_trainable_ones_move(tiny):
     r = setup(cfg)
     before = fingerprint(r.model, r.plan)
     fc_before = r.model.fc.weight.detach().clone()
-    from freezetune.train import cleanup, train
+    from freezetune.training.recipe import cleanup, train
 
     summary = cleanup(r, train(r))
     assert fingerprint(r.model, r.plan) == before
@@ -54,7 +54,7 @@ def test_batchnorm_train_policy_lets_statistics_move(tiny):
     cfg = tiny(freeze__trainable="[fc]", freeze__batchnorm="train")
     r = setup(cfg)
     mean_before = r.model.bn1.running_mean.clone()
-    from freezetune.train import cleanup, train
+    from freezetune.training.recipe import cleanup, train
 
     summary = cleanup(r, train(r))
     assert not torch.equal(mean_before, r.model.bn1.running_mean)
@@ -65,7 +65,7 @@ def test_optimizer_holds_only_trainable_and_state_is_small(tiny):
     r = setup(tiny(freeze__trainable="[fc]"))
     ids = {id(p) for g in r.optimizer.param_groups for p in g["params"]}
     assert ids == {id(r.model.fc.weight), id(r.model.fc.bias)}
-    from freezetune.train import train
+    from freezetune.training.recipe import train
 
     train(r)
     check_optimizer(r.optimizer, r.model)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from freezetune.errors import ConfigError
 
 # The ResNets: the default family, with fixed freeze points and the frozen-prefix fast path. Any
-# torchvision classification model is accepted; freezetune.zoo lists them with their freeze points.
+# torchvision classification model is accepted; freezetune.models.catalog lists them with their freeze points.
 MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 WEIGHTS_KEYWORDS = ("imagenet", "auto", "none")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -41,7 +41,7 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        from freezetune.zoo import check_model_name  # imports torchvision: only when validating
+        from freezetune.models.catalog import check_model_name  # imports torchvision: only when validating
 
         try:
             check_model_name(v)

@@ -19,9 +19,9 @@ from torch import nn
 
 from freezetune.config import Config, FreezeConfig, ModelConfig
 from freezetune.errors import FreezetuneError
-from freezetune.freeze import apply_freeze, fingerprint, set_train_mode, tensor_sha256
-from freezetune.model import build_model
-from freezetune.train import make_optimizer
+from freezetune.freezing.plan import apply_freeze, fingerprint, set_train_mode, tensor_sha256
+from freezetune.models.weights import build_model
+from freezetune.training.recipe import make_optimizer
 
 # The frozen-layer demo: train layer4 and fc, freeze everything up to layer3.
 FROZEN_DEMO_TRAINABLE = ["layer4", "fc"]

@@ -22,9 +22,9 @@ from torch import nn
 
 from freezetune.config import load_config
 from freezetune.errors import RunDirError, WeightsError
-from freezetune.freeze import FreezePlan, combined_sha256, frozen_state, tensor_sha256
-from freezetune.model import build_model
-from freezetune.runfolder import atomic_write, write_json
+from freezetune.freezing.plan import FreezePlan, combined_sha256, frozen_state, tensor_sha256
+from freezetune.models.weights import build_model
+from freezetune.training.run_dir import atomic_write, write_json
 
 TRAINABLE_NAME = "checkpoint.trainable.safetensors"
 MANIFEST_NAME = "checkpoint.trainable.json"
@@ -146,7 +146,7 @@ def save_trainable(
 
 def checkpoint_sizes(run_dir: str | Path) -> dict:
     """Sizes in bytes of the run's full and trainable-only checkpoints (None when absent)."""
-    from freezetune.checkpoint import CHECKPOINT_NAME
+    from freezetune.training.checkpoint import CHECKPOINT_NAME
 
     def size(name: str) -> int | None:
         p = Path(run_dir) / name
@@ -242,11 +242,11 @@ def load_into(model: nn.Module, path: str | Path) -> Trainable:
 def rebuild_base(run_dir: str | Path, trainable: Trainable, base: str | Path | None = None):
     """Rebuilds a run's starting model from its config, or from a given weights file.
 
-    Mirrors :func:`freezetune.train.setup`: seed, then build the model, so a random-init base comes
+    Mirrors :func:`freezetune.training.recipe.setup`: seed, then build the model, so a random-init base comes
     back bit for bit. The global torch RNG is left as it was.
 
     Returns:
-        The :class:`freezetune.model.LoadedModel`.
+        The :class:`freezetune.models.weights.LoadedModel`.
 
     Raises:
         RunDirError: If the run folder has no config.yaml.

@@ -7,7 +7,7 @@ the same tensors are saved for backward, so the counts below are what a real ste
 
 The figures compare the config's freeze plan against the same model fully trainable:
 
-* FLOPs per step (:func:`freezetune.flops.step_flops`), forward and backward.
+* FLOPs per step (:func:`freezetune.measure.flops.step_flops`), forward and backward.
 * Activation memory: bytes of the tensors autograd saves during forward to use in backward
   (unique storages, parameters excluded), found with ``torch.autograd.graph.saved_tensors_hooks``.
 * The autograd graph: nodes reachable from ``loss.grad_fn`` and which parameters it reaches.
@@ -24,10 +24,10 @@ from torch import nn
 
 from freezetune.config import Config, ModelConfig
 from freezetune.errors import WeightsError
-from freezetune.flops import forward_flops_by_module, step_flops
-from freezetune.freeze import FreezePlan, apply_freeze, set_train_mode, unfreeze_all
-from freezetune.model import LoadedModel, build_model, imagenet_state_dict
-from freezetune.params import count_params
+from freezetune.freezing.params import count_params
+from freezetune.freezing.plan import FreezePlan, apply_freeze, set_train_mode, unfreeze_all
+from freezetune.measure.flops import forward_flops_by_module, step_flops
+from freezetune.models.weights import LoadedModel, build_model, imagenet_state_dict
 
 # What the activation-memory figure is, printed next to it and stored in the JSON.
 ACTIVATION_MEMORY_WHAT = (

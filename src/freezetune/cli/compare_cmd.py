@@ -65,7 +65,7 @@ def frozen_vs_full(
     The frozen spec runs in every mode of --modes (frozen:plain, frozen, frozen:cached). Writes
     compare.json, compare.csv and compare.png.
     """
-    from freezetune import compare
+    from freezetune.compare import run as compare
 
     cfg = _config(config, overrides, device)
     chosen = _modes(modes)
@@ -96,7 +96,7 @@ def depths(
     Each freeze point runs in every mode of --modes. The config's freeze selectors are ignored (its
     batchnorm policy applies). Writes depths.json, depths.csv and depths.png.
     """
-    from freezetune import compare
+    from freezetune.compare import run as compare
 
     cfg = _config(config, overrides, device)
     chosen = _modes(modes)
@@ -115,8 +115,8 @@ def arms_table(result: dict, title: str) -> Table:
     """
     from rich import box
 
-    from freezetune.plot import share_text
-    from freezetune.report import fmt_bytes, fmt_seconds
+    from freezetune.render.console import fmt_bytes, fmt_seconds
+    from freezetune.render.plot import share_text
 
     d, arms = result["data"], result["arms"]
     table = Table(title=f"{result['model']} {title} | {result['device']} | {d['image_size']}px, batch "
@@ -167,9 +167,9 @@ def depths_table(result: dict) -> Table:
     """
     from rich import box
 
-    from freezetune.compare import BASELINE, by_depth
-    from freezetune.plot import share_text
-    from freezetune.report import fmt_seconds
+    from freezetune.compare.run import BASELINE, by_depth
+    from freezetune.render.console import fmt_seconds
+    from freezetune.render.plot import share_text
 
     d = result["data"]
     table = Table(title=f"{result['model']} freeze depth sweep | {result['device']} | {d['image_size']}px, batch "
@@ -203,13 +203,13 @@ def depths_table(result: dict) -> Table:
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from freezetune.compare import check_modes
+    from freezetune.compare.run import check_modes
 
     return check_modes(m.strip() for m in text.split(",") if m.strip())
 
 
 def _print_headline(result: dict) -> None:
-    from freezetune.report import fmt_bytes
+    from freezetune.render.console import fmt_bytes
 
     s, mem, integ = result["speedup"], result["memory_saved"], result["freeze_integrity"]
     frozen = result["arms"]["frozen"]["label"]

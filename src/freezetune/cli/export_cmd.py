@@ -32,7 +32,7 @@ def export(
     Refuses a base whose frozen weights differ (sha256) from the ones the run trained on.
     """
     from freezetune.export import export_run
-    from freezetune.report import fmt_bytes
+    from freezetune.render.console import fmt_bytes
 
     done = export_run(run_dir, out, base=base, overwrite=overwrite)
     console.print(

@@ -204,6 +204,6 @@ def fmt_pct(p: float) -> str:
 
 
 def _fmt_bytes(n: float) -> str:
-    from freezetune.report import fmt_bytes
+    from freezetune.render.console import fmt_bytes
 
     return fmt_bytes(n)

@@ -32,7 +32,7 @@ def models(
 
     Parameter counts come from models built on the meta device: no weights, no memory.
     """
-    from freezetune.zoo import catalog
+    from freezetune.models.catalog import catalog
 
     infos = catalog(pattern, num_classes)
     if as_json:
@@ -45,7 +45,7 @@ def models(
 
 
 def _print_list(infos: list) -> None:
-    from freezetune.zoo import compact_points
+    from freezetune.models.catalog import compact_points
 
     table = Table(title=f"torchvision classification models ({len(infos)})", title_justify="left")
     table.add_column("family")

@@ -42,8 +42,8 @@ def train(
     Writes config.yaml, metrics.jsonl, summary.json and checkpoint.pt to output.dir.
     """
     from freezetune.errors import ConfigError
-    from freezetune.report import ConsoleReporter, summary_table
-    from freezetune.train import resume_config, run
+    from freezetune.render.console import ConsoleReporter, summary_table
+    from freezetune.training.recipe import resume_config, run
 
     if resume is not None:
         if config is not None:
@@ -71,8 +71,8 @@ def validate(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Check a config (and overrides), including its freeze patterns, and print the resolved config."""
-    from freezetune.freeze import preview
-    from freezetune.params import count_params, trainable_line
+    from freezetune.freezing.params import count_params, trainable_line
+    from freezetune.freezing.plan import preview
 
     cfg = load_config(config, overrides or [])
     model, _ = preview(cfg.model, cfg.freeze)

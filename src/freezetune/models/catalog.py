@@ -380,7 +380,7 @@ def select_models(pattern: str | None = None) -> list[str]:
 
 def describe(name: str, num_classes: int = 1000) -> ModelInfo:
     """Builds a model on the meta device and describes its freeze points and parameter counts."""
-    from freezetune.model import replace_head  # model.py imports this module
+    from freezetune.models.weights import replace_head  # model.py imports this module
 
     model = meta_model(name)
     order = derive_stages(name, model)  # not stages(): that would build the model again

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from freezetune.freeze import FreezePlan
-from freezetune.model import stages
-from freezetune.zoo import is_resnet
+from freezetune.freezing.plan import FreezePlan
+from freezetune.models.catalog import is_resnet
+from freezetune.models.weights import stages
 
 _CONV_BN = re.compile(r"^conv(\d+)$")
 

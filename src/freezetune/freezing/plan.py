@@ -21,7 +21,7 @@ from torch import nn
 
 from freezetune.config import FreezeConfig, ModelConfig
 from freezetune.errors import FreezeError
-from freezetune.model import build_model, stages
+from freezetune.models.weights import build_model, stages
 
 
 @dataclass
@@ -140,7 +140,7 @@ def modules_until(model_name: str, stage: str) -> tuple[str, ...]:
     """Returns the stage members from the input up to and including ``stage``.
 
     Members are module names and, for ViT, loose parameter names (``class_token``); see
-    :func:`freezetune.zoo.stages` for each model's freeze points.
+    :func:`freezetune.models.catalog.stages` for each model's freeze points.
 
     Raises:
         FreezeError: If ``stage`` is not a freeze point of the model.

@@ -14,8 +14,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from freezetune.params import trainable_line
-from freezetune.train import Reporter, Run
+from freezetune.freezing.params import trainable_line
+from freezetune.training.recipe import Reporter, Run
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -28,18 +28,18 @@ from torch import nn
 
 from freezetune import errors
 from freezetune.config import Config
-from freezetune.fastpath import prefix_modules
-from freezetune.flops import step_flops, without_prefix
-from freezetune.freeze import combined_sha256, fingerprint, tensor_sha256
-from freezetune.measure import (
+from freezetune.freezing.plan import combined_sha256, fingerprint, tensor_sha256
+from freezetune.measure.flops import step_flops, without_prefix
+from freezetune.measure.timing import (
     current_rss_bytes,
     device_description,
     peak_rss_bytes,
     reset_peak_memory,
     timing_stats,
 )
-from freezetune.optim import plain_optimizer
-from freezetune.train import Run, epoch_batches, fill_cache, optimizer_state_bytes, setup, train_step
+from freezetune.speed.prefix import prefix_modules
+from freezetune.training.optim import plain_optimizer
+from freezetune.training.recipe import Run, epoch_batches, fill_cache, optimizer_state_bytes, setup, train_step
 
 # How long the parent waits for a worker to exit after its last answer.
 _JOIN_TIMEOUT_S = 30.0
@@ -53,7 +53,7 @@ class ArmSpec:
         name: Short key used in the JSON output (``full``, ``frozen``, ``layer3``...).
         label: What a person reads in tables and plots.
         freeze: The ``freeze`` config section for this arm, as plain data.
-        mode: How the frozen part is run (see :data:`freezetune.compare.MODES`): ``full`` for the
+        mode: How the frozen part is run (see :data:`freezetune.compare.run.MODES`): ``full`` for the
             baseline, ``plain`` (a plain ``requires_grad=False`` loop: BatchNorm in train mode, no
             fast path, every parameter handed to torch's default SGD), ``optimized`` (freezetune's
             path) or ``cached`` (the same with the feature cache filled, so every step is a
@@ -69,7 +69,7 @@ class ArmSpec:
 
 
 class ArmRunner:
-    """Builds one arm with :func:`freezetune.train.setup` and trains it on command.
+    """Builds one arm with :func:`freezetune.training.recipe.setup` and trains it on command.
 
     Args:
         config: The arm's complete config (freeze spec, weights file and output folder set).
@@ -272,7 +272,7 @@ class InlineArm:
 
 
 class ProcessArm:
-    """Runs an :class:`ArmRunner` in a worker process (``python -m freezetune.arm``), one command at a time.
+    """Runs an :class:`ArmRunner` in a worker process (``python -m freezetune.compare.worker``), one command at a time.
 
     The worker is a fresh interpreter started with :mod:`subprocess` rather than
     :mod:`multiprocessing`, whose spawn start method re-imports the caller's ``__main__`` and so
@@ -285,7 +285,7 @@ class ProcessArm:
         parent, child = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "freezetune.arm", str(child.fileno())],
+                [sys.executable, "-m", "freezetune.compare.worker", str(child.fileno())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
             )
         except BaseException:

@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 
 from freezetune.config import Config
 from freezetune.errors import ConfigError
-from freezetune.fastpath import frozen_prefix, prefix_batchnorm_frozen
-from freezetune.freeze import FreezePlan, combined_sha256, fingerprint
-from freezetune.zoo import is_resnet
+from freezetune.freezing.plan import FreezePlan, combined_sha256, fingerprint
+from freezetune.models.catalog import is_resnet
+from freezetune.speed.prefix import frozen_prefix, prefix_batchnorm_frozen
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 CACHE_FILE = "feature_cache.bin"
@@ -183,7 +183,7 @@ class FeatureCache:
         self.on_disk = True
 
     def _write_meta(self) -> None:
-        from freezetune.runfolder import write_json
+        from freezetune.training.run_dir import write_json
 
         self._array.flush()
         write_json(self.run_dir / CACHE_META, {

@@ -8,7 +8,7 @@ process by default, which also makes its peak-memory figure its own.
 
 Usable from Python::
 
-    from freezetune.compare import frozen_vs_full
+    from freezetune.compare.run import frozen_vs_full
     from freezetune.config import load_config
 
     result = frozen_vs_full(load_config("configs/resnet18_linear_probe.yaml"), steps=10)
@@ -27,13 +27,13 @@ import torch
 import torchvision
 
 from freezetune import __version__
-from freezetune.arm import ArmSpec, InlineArm, ProcessArm
+from freezetune.compare.worker import ArmSpec, InlineArm, ProcessArm
 from freezetune.config import Config, FreezeConfig
 from freezetune.errors import ConfigError
-from freezetune.featcache import assess
-from freezetune.freeze import apply_freeze
-from freezetune.model import build_model
-from freezetune.runfolder import atomic_write, prepare_run_dir, write_json
+from freezetune.freezing.plan import apply_freeze
+from freezetune.models.weights import build_model
+from freezetune.speed.feature_cache import assess
+from freezetune.training.run_dir import atomic_write, prepare_run_dir, write_json
 
 # Freeze points of the depth sweep, shallowest first; the last one leaves only fc training.
 DEPTHS = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -532,7 +532,7 @@ def depths(
 
 
 def _write(result: dict, out_dir: Path, stem: str) -> None:
-    from freezetune.plot import comparison_plot
+    from freezetune.render.plot import comparison_plot
 
     result["out_dir"] = str(out_dir)
     result["files"] = {ext: str(out_dir / f"{stem}.{ext}") for ext in ("json", "csv", "png")}

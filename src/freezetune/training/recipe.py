@@ -3,7 +3,7 @@
 Usable from Python without the CLI::
 
     from freezetune.config import load_config
-    from freezetune.train import run
+    from freezetune.training.recipe import run
 
     summary = run(load_config("configs/quickstart.yaml", ["train.max_steps=5"]))
 
@@ -26,15 +26,11 @@ import torchvision
 from torch import nn
 
 from freezetune import __version__
-from freezetune import distributed as dist
-from freezetune.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
 from freezetune.config import Config, dump_config, load_config
-from freezetune.data import Data, EpochSampler, build_data, make_loader
 from freezetune.errors import ConfigError, NonFiniteLossError, RunDirError, WeightsError
 from freezetune.export import checkpoint_sizes, save_trainable
-from freezetune.fastpath import SplitForward
-from freezetune.featcache import FeatureCache, IndexedDataset, assess, cache_key
-from freezetune.freeze import (
+from freezetune.freezing.params import count_params
+from freezetune.freezing.plan import (
     FreezePlan,
     apply_freeze,
     combined_sha256,
@@ -43,7 +39,7 @@ from freezetune.freeze import (
     set_train_mode,
     unfreeze,
 )
-from freezetune.measure import (
+from freezetune.measure.timing import (
     device_description,
     peak_memory,
     reset_peak_memory,
@@ -51,11 +47,15 @@ from freezetune.measure import (
     synchronize,
     timing_stats,
 )
-from freezetune.model import LoadedModel, build_model
-from freezetune.optim import add_unfrozen, build_optimizer, check_optimizer, optimizer_state_bytes, set_lr
-from freezetune.params import count_params
-from freezetune.precision import autocast, check_precision, grad_scaler
-from freezetune.runfolder import (
+from freezetune.models.weights import LoadedModel, build_model
+from freezetune.speed.feature_cache import FeatureCache, IndexedDataset, assess, cache_key
+from freezetune.speed.precision import autocast, check_precision, grad_scaler
+from freezetune.speed.prefix import SplitForward
+from freezetune.training import distributed as dist
+from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from freezetune.training.data import Data, EpochSampler, build_data, make_loader
+from freezetune.training.optim import add_unfrozen, build_optimizer, check_optimizer, optimizer_state_bytes, set_lr
+from freezetune.training.run_dir import (
     MetricsLog,
     prepare_run_dir,
     read_jsonl,

@@ -4,7 +4,7 @@ Weights come from torchvision's own cache and download (``imagenet``), a local f
 loaded with ``weights_only=True``, or ``.safetensors``), or nowhere (``none``). ``auto`` prefers
 ImageNet but never blocks an offline machine: it falls back to random init and says so loudly.
 
-Any torchvision classification model can be built (see :mod:`freezetune.zoo` for their freeze
+Any torchvision classification model can be built (see :mod:`freezetune.models.catalog` for their freeze
 points); its classifier layer (ResNet ``fc``, MobileNet/EfficientNet/ConvNeXt ``classifier[-1]``,
 ViT ``heads.head``) is replaced to give ``num_classes`` outputs.
 """
@@ -22,7 +22,7 @@ from torch import nn
 
 from freezetune.config import ModelConfig
 from freezetune.errors import WeightsError
-from freezetune.zoo import (  # noqa: F401 - RESNET_STAGES and stages are part of this module's API
+from freezetune.models.catalog import (  # noqa: F401 - RESNET_STAGES and stages are part of this module's API
     AUX_PREFIXES,
     RESNET_STAGES,
     build,
@@ -104,7 +104,7 @@ class InputSizeCheck:
     """Forward pre-hook: a one-line config error instead of a shape error deep inside the model.
 
     ViT (position embeddings) and MaxViT (window partitions) accept one image size; AlexNet and
-    Inception-v3 have a minimum. See :func:`freezetune.zoo.check_image_size`.
+    Inception-v3 have a minimum. See :func:`freezetune.models.catalog.check_image_size`.
     """
 
     def __init__(self, name: str):
@@ -183,7 +183,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> dict:
-    from freezetune.checkpoint import safe_torch_load
+    from freezetune.training.checkpoint import safe_torch_load
 
     return safe_torch_load(path, "weights")
 

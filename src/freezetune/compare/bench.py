@@ -1,6 +1,6 @@
 """The benchmark: the freeze-depth sweep over a fixed matrix of image and batch sizes on this device.
 
-Each cell of the matrix is one :func:`freezetune.compare.run_comparison` of the depth arms (full,
+Each cell of the matrix is one :func:`freezetune.compare.run.run_comparison` of the depth arms (full,
 frozen through stem ... layer4) on synthetic data with random-init weights (speed does not depend
 on the weights' values), so the benchmark needs no download and no dataset. The result is written
 as ``benchmarks/<device>-torch<version>.json`` plus a markdown table of the same figures.
@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 from freezetune import __version__
-from freezetune.compare import (
+from freezetune.compare.run import (
     BASELINE,
     DEPTHS,
     MEMORY_STEPS,
@@ -34,10 +34,10 @@ from freezetune.compare import (
     measure,
 )
 from freezetune.config import Config
-from freezetune.measure import resolve_device
-from freezetune.plot import share_text
-from freezetune.report import fmt_bytes, fmt_seconds
-from freezetune.runfolder import write_json, write_text
+from freezetune.measure.timing import resolve_device
+from freezetune.render.console import fmt_bytes, fmt_seconds
+from freezetune.render.plot import share_text
+from freezetune.training.run_dir import write_json, write_text
 
 DEFAULT_SIZES = (64, 224)
 DEFAULT_BATCH_SIZES = (8, 32)
@@ -87,7 +87,7 @@ def run_bench(
 ) -> dict:
     """Runs the depth sweep for every (image size, batch size) cell.
 
-    Timing and memory are measured in two passes (see :func:`freezetune.compare.measure`).
+    Timing and memory are measured in two passes (see :func:`freezetune.compare.run.measure`).
 
     Args:
         sizes: Image sizes in pixels.
@@ -95,7 +95,7 @@ def run_bench(
         steps: Timed steps per arm and cell.
         warmup: Untimed steps per arm and cell.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        block: Steps per turn (see :func:`freezetune.compare.default_block`).
+        block: Steps per turn (see :func:`freezetune.compare.run.default_block`).
         memory: Run the memory pass (per-arm peak memory); without it memory is not measured.
         on_cell: Called with each cell's summary as soon as it is measured.
         depths: Freeze points swept besides full (all of them by default).

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from freezetune.errors import WeightsError
-from freezetune.runfolder import atomic_write
+from freezetune.training.run_dir import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

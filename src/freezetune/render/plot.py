@@ -3,7 +3,7 @@
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` (Agg), never through pyplot, so
 plotting neither needs a display nor changes the backend of a caller's own matplotlib session.
 
-Every frozen freeze spec may be run in several modes (:data:`freezetune.compare.MODES`); each mode
+Every frozen freeze spec may be run in several modes (:data:`freezetune.compare.run.MODES`); each mode
 keeps one colour in every panel: the plain ``requires_grad=False`` loop, freezetune's optimized
 path, and that path with the feature cache. Any subset of modes plots, and so do results written
 before modes existed (an arm without ``mode`` is the optimized path, ``full`` is the baseline).
@@ -17,8 +17,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from freezetune.compare import BASELINE, DEPTHS, MODES
-from freezetune.runfolder import atomic_write
+from freezetune.compare.run import BASELINE, DEPTHS, MODES
+from freezetune.training.run_dir import atomic_write
 
 MEASURED = "#d1495b"  # measured figures: warm red
 PREDICTED = "#00798c"  # FLOP arithmetic: teal
@@ -42,7 +42,7 @@ def comparison_plot(result: dict, path: str | Path) -> Path:
     """Draws a comparison result to a PNG: one bar per arm for frozen-vs-full, grouped bars for depths.
 
     Args:
-        result: What :func:`freezetune.compare.frozen_vs_full` or ``depths`` returned.
+        result: What :func:`freezetune.compare.run.frozen_vs_full` or ``depths`` returned.
         path: The PNG to write (atomically).
 
     Returns:

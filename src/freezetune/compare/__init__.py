@@ -1,0 +1,1 @@
+"""Side-by-side measurement of freeze configs (arms), and the benchmark built on it."""

@@ -1,0 +1,1 @@
+"""Every ``requires_grad`` decision: freeze plans, integrity fingerprints, gradual unfreezing."""

@@ -1,0 +1,1 @@
+"""Measurement: synchronized timing, memory high-water marks, FLOP counts."""

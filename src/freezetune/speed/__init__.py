@@ -1,0 +1,1 @@
+"""How a run executes fast: the execution decision, the frozen prefix, the feature cache, precision."""

@@ -1,0 +1,1 @@
+"""The training engine: the recipe, its step, optimizer, data, checkpoints and run folder."""
