@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from freezetune.cli import app
 
 CONFIG = """\
 seed: 0
@@ -171,7 +168,7 @@ def snapshot(root: Path) -> dict[Path, bytes]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case):
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case, cli):
     old = tmp_path / "old_run"  # an earlier run's folder that must survive untouched
     old.mkdir()
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"):
@@ -179,7 +176,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case):
     args, expect = case(tmp_path)
     before = snapshot(tmp_path)
 
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = cli(*args)
 
     assert result.exit_code == 2, (result.exception, result.output)
     assert isinstance(result.exception, SystemExit)
@@ -198,11 +195,11 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, case):
     assert {p: after.get(p) for p in before} == before  # nothing that existed was changed
 
 
-def test_skip_bad_images_trains_and_warns_naming_the_file(tmp_path, caplog):
+def test_skip_bad_images_trains_and_warns_naming_the_file(tmp_path, caplog, cli):
     root = images(tmp_path / "imgs", corrupt=True)
     args = train(tmp_path, *folder_overrides(root), "data.skip_bad_images=true")
     with caplog.at_level(logging.WARNING):
-        result = CliRunner().invoke(app, [str(a) for a in args])
+        result = cli(*args)
     assert result.exit_code == 0, result.output
     broken = str(root / "train" / "cat" / "broken.png")
     assert broken in caplog.text + result.stderr

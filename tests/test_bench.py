@@ -1,19 +1,21 @@
-import importlib.util
 import json
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from freezetune.cli import app
 from freezetune.compare import bench
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+SHRUNK = ["--sizes", "16", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--no-memory",
+          "--depths", "layer4"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def invoke(*args):
+    return CliRunner().invoke(app, ["bench", *map(str, args)])
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,10 @@ def tiny_bench():
 
 
 def test_tiny_matrix_writes_json_and_markdown(tiny_bench, tmp_path):
-    json_path, md_path = bench.write_bench(tiny_bench, tmp_path, command="python scripts/bench.py --tiny")
+    json_path, md_path = bench.write_bench(tiny_bench, tmp_path, command="freezetune bench --tiny")
     assert json_path.name.startswith("cpu-") and "-torch" in json_path.name
     data = json.loads(json_path.read_text())
-    assert data["command"] == "python scripts/bench.py --tiny"
+    assert data["command"] == "freezetune bench --tiny"
     assert [(c["image_size"], c["batch_size"]) for c in data["cells"]] == [(16, 2), (16, 3)]
     for cell in data["cells"]:
         assert list(cell["arms"]) == ["full", "layer4:plain", "layer4", "layer4:cached"]
@@ -37,7 +39,7 @@ def test_tiny_matrix_writes_json_and_markdown(tiny_bench, tmp_path):
         assert cell["arms"]["layer4:plain"]["frozen_bn_layers_changed"] == 20
         assert cell["arms"]["layer4:cached"]["loss_max_abs_diff_vs_optimized"] <= 1e-5
     md = md_path.read_text()
-    assert "`python scripts/bench.py --tiny`" in md
+    assert "`freezetune bench --tiny`" in md
     rows = [line for line in md.splitlines() if line.startswith("| 16px")]
     assert len(rows) == 2 * 2 + 2 * 4  # summary: full + layer4 per cell; then every arm
     assert "| image | batch | arm |" in md and "| image | batch | frozen through |" in md
@@ -123,28 +125,108 @@ def test_gate_judges_speed_on_cpu_only():
     assert bench.gate(fake_bench(measured=1.1, device="cuda:0 (NVIDIA H100)")) == []
 
 
-def test_script_runs_a_shrunk_matrix(tmp_path, capsys):
-    script = load_script()
-    code = script.main(["--sizes", "16", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
-                        "--device", "cpu", "--no-memory", "--depths", "layer4", "--out", str(tmp_path)])
-    assert code == 0
-    out = capsys.readouterr().out
+def test_bench_runs_a_shrunk_matrix(tmp_path):
+    result = invoke(*SHRUNK, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
     assert "| image | batch |" in out
     assert len(list(tmp_path.glob("*.json"))) == 1 and len(list(tmp_path.glob("*.md"))) == 1
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["command"] == "freezetune bench " + " ".join([*SHRUNK, "--out", str(tmp_path)])
+    assert "measured 16px batch 2: fc-only" in result.stderr
 
 
-def test_script_ci_mode_exits_nonzero_when_the_gate_fails(tmp_path, monkeypatch, capsys):
-    script = load_script()
-    seen = {}
+@pytest.fixture
+def fake_run(monkeypatch):
+    """Replaces the measuring with a canned result; returns what run_bench was called with."""
+    seen = {"measured": 1.2}
 
-    def fake_run(sizes, batch_sizes, steps, warmup, *args):
-        seen.update(sizes=sizes, batch_sizes=batch_sizes, steps=steps)
-        return {**fake_bench(measured=1.2), "device": "cpu (2 threads)", "device_slug": "cpu-2threads",
-                "versions": {"torch": "2.0"}, "created": "now", "wall_s": 1.0,
+    def run(sizes, batch_sizes, steps, warmup, *args):
+        seen.update(sizes=sizes, batch_sizes=batch_sizes, steps=steps, args=args)
+        return {**fake_bench(measured=seen["measured"]), "device": "cpu (2 threads)", "device_slug": "cpu-2threads",
+                "freezetune_version": "0", "versions": {"torch": "2.0"}, "created": "now", "wall_s": 1.0,
+                "load_average_1min": {"start": None, "end": None},
                 "matrix": {"model": "resnet18", "steps": steps, "warmup": warmup}}
 
-    monkeypatch.setattr(script.bench, "run_bench", fake_run)
-    monkeypatch.setattr(script.bench, "markdown_table", lambda b: "table\n")
-    assert script.main(["--ci", "--out", str(tmp_path)]) == 1
-    assert "BENCH GATE FAILED" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "run_bench", run)
+    monkeypatch.setattr(bench, "markdown_table", lambda b: "table\n")
+    return seen
+
+
+def test_bench_ci_mode_exits_nonzero_when_the_gate_fails(tmp_path, fake_run):
+    result = invoke("--ci", "--out", tmp_path)
+    assert result.exit_code == 1
+    assert "BENCH GATE FAILED" in result.stderr
+    seen = {k: fake_run[k] for k in ("sizes", "batch_sizes", "steps")}
     assert seen == {"sizes": bench.CI_SIZES, "batch_sizes": bench.CI_BATCH_SIZES, "steps": bench.CI_STEPS}
+
+
+def test_bench_ci_mode_passes_a_good_result(tmp_path, fake_run):
+    fake_run["measured"] = 3.0
+    result = invoke("--ci", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("table\n")
+    assert "bench gate passed: fc-only measured speedup >= 1.5x" in result.stdout
+    assert "BENCH GATE FAILED" not in result.stderr
+    assert fake_run["args"][2] is False  # --ci implies --no-memory
+
+
+def test_bench_default_out_is_relative_to_the_current_directory(tmp_path, monkeypatch, fake_run):
+    fake_run["measured"] = 3.0
+    monkeypatch.chdir(tmp_path)
+    assert invoke("--ci").exit_code == 0
+    assert len(list((tmp_path / "runs" / "bench-ci").glob("*.json"))) == 1
+    assert invoke().exit_code == 0
+    assert len(list((tmp_path / "benchmarks").glob("*.md"))) == 1
+    assert json.loads(next((tmp_path / "runs" / "bench-ci").glob("*.json")).read_text())["command"] == (
+        "freezetune bench --ci")
+
+
+@pytest.mark.parametrize("args,sizes,batch_sizes,depths,modes", [
+    (["--sizes", "64,224", "--batch-sizes", "8"], (64, 224), (8,), bench.DEPTHS, bench.MODES),
+    (["--sizes", "64", "--sizes", "224", "--depths", "layer3", "--depths", "layer4"], (64, 224),
+     bench.DEFAULT_BATCH_SIZES, ("layer3", "layer4"), bench.MODES),
+    (["--modes", "plain, optimized", "--depths", "stem,layer4"], bench.DEFAULT_SIZES, bench.DEFAULT_BATCH_SIZES,
+     ("stem", "layer4"), ("plain", "optimized")),
+])
+def test_list_options_repeat_or_take_commas(tmp_path, fake_run, args, sizes, batch_sizes, depths, modes):
+    assert invoke(*args, "--out", tmp_path).exit_code == 0
+    assert (fake_run["sizes"], fake_run["batch_sizes"]) == (sizes, batch_sizes)
+    assert fake_run["args"][4:] == (depths, modes)  # after device, block, memory, on_cell
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sizes", "64,0"], "--sizes must be positive"),
+    (["--batch-sizes", "-1"], "--batch-sizes must be positive"),
+    (["--sizes", "big"], "--sizes: invalid int value: 'big'"),
+    (["--steps", "-1"], "--steps must be at least 1 and --warmup at least 0"),
+    (["--warmup", "-1"], "--steps must be at least 1 and --warmup at least 0"),
+    (["--depths", "layer9"], "unknown freeze point(s) layer9"),
+    (["--sizes", "64", "224"], "unexpected argument(s) 224: give a list option several values by repeating it"),
+])
+def test_bad_options_are_one_line_and_exit_2(tmp_path, args, message):
+    result = invoke(*args, "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())
+
+
+def test_help_names_the_ci_thresholds_and_the_list_syntax():
+    result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert f"{bench.MIN_SPEEDUP}x" in text and f"sizes {bench.CI_SIZES}" in text
+    assert "[default: 64 224]" in text and "[default: all: stem layer1 layer2 layer3 layer4]" in text
+    assert "separate values with commas" in text and "relative to the current directory" in text
+    assert "{" not in text
+
+
+def test_the_script_is_a_shim_for_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *SHRUNK, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert exit_.value.code == 0
+    assert "| image | batch |" in capsys.readouterr().out
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["command"].startswith("freezetune bench --sizes 16 ")

@@ -15,14 +15,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from freezetune.atomic import remove_stale_temps
 from freezetune.cli import app
 from freezetune.config import dump_config, load_config
 from freezetune.errors import WeightsError
-from freezetune.export import TRAINABLE_NAME, load_trainable
 from freezetune.models.weights import read_weights_file
 from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from freezetune.training.recipe import save, setup
-from freezetune.training.run_dir import read_jsonl, remove_stale_temps
+from freezetune.training.recipe import Recipe
+from freezetune.training.run_dir import read_jsonl
+from freezetune.training.state import RunState
+from freezetune.training.trainable import TRAINABLE_NAME, load_trainable
 
 TINY = {
     "device": "cpu",
@@ -66,7 +68,7 @@ class Linear(torch.nn.Module):
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = Linear(1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    save_checkpoint(tmp_path, model, opt, {"step": 1, "epoch": 0, "batch_in_epoch": 1})
+    save_checkpoint(tmp_path, model, opt, RunState(step=1, epoch=0, batch_in_epoch=1))
     before = (tmp_path / CHECKPOINT_NAME).read_bytes()
 
     def torn_save(obj, f):
@@ -75,7 +77,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError):
-        save_checkpoint(tmp_path, Linear(2.0), opt, {"step": 2, "epoch": 0, "batch_in_epoch": 2})
+        save_checkpoint(tmp_path, Linear(2.0), opt, RunState(step=2, epoch=0, batch_in_epoch=2))
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 1
     assert temps(tmp_path) == []
@@ -85,7 +87,7 @@ def test_checkpoint_files_get_normal_permissions(tmp_path):
     old = os.umask(0o022)
     try:
         model = Linear(1.0)
-        save_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 0})
+        save_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), RunState(step=0))
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / CHECKPOINT_NAME).stat().st_mode) == 0o644
@@ -98,8 +100,8 @@ def _save_forever(run, first_step: int) -> None:
         step = first_step
         while True:
             step += 1
-            run.progress.update(step=step, batch_in_epoch=step)
-            save(run)
+            run.state.step = run.state.batch_in_epoch = step
+            run.save()
     finally:
         os._exit(1)
 
@@ -107,8 +109,8 @@ def _save_forever(run, first_step: int) -> None:
 def test_sigkill_at_random_moments_while_saving_leaves_loadable_checkpoints(tmp_path):
     # Every parameter trains: checkpoint.pt holds weights + momentum (~90 MB), the trainable file
     # the weights (~45 MB), so each save takes long enough to be hit mid-write.
-    run = setup(load_config(None, overrides(tmp_path / "run")))
-    save(run)
+    run = Recipe(load_config(None, overrides(tmp_path / "run"))).setup()
+    run.save()
     rng = random.Random(0)
     hit_mid_write, full_steps = 0, set()
     for round_ in range(1, 7):
@@ -239,7 +241,7 @@ def test_crafted_pickle_as_checkpoint_is_rejected_without_running(tmp_path, fmt)
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     model = Linear(1.0)
-    save_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 0})
+    save_checkpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), RunState(step=0))
     path = tmp_path / CHECKPOINT_NAME
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(WeightsError, match="checkpoint.*weights_only=True"):

@@ -91,6 +91,18 @@ def test_config_errors_one_line_each_exit_2(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = invoke("validate", "--config", tmp_path / "missing.yaml", "--debug")
     assert result.exit_code != 0 and result.exception is not None
+    # CliRunner keeps the exception instead of printing it: what a user sees needs a real process.
+    command = [sys.executable, "-m", "freezetune", "validate", "--config", str(tmp_path / "missing.yaml")]
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and debug.stderr.startswith("Traceback (most recent call last):")
+    lines = debug.stderr.strip().splitlines()
+    assert lines[-1].startswith("freezetune.errors.ConfigError: ") and "missing.yaml" in lines[-1]  # type, message
+    assert "raise ConfigError" in debug.stderr  # down to where it was raised
+    assert not any(line.startswith("error:") for line in lines)  # the traceback instead of the one line
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr + plain.stdout
+    assert plain.stderr.strip().count("\n") == 0 and plain.stderr.startswith("error:")
+    assert "missing.yaml" in plain.stderr
 
 
 def test_python_dash_m_entry_point(tmp_path):

@@ -3,13 +3,10 @@ import json
 import math
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
+from freezetune import compare
 from freezetune.cli import app
-from freezetune.compare import run as compare
-from freezetune.config import load_config
 from freezetune.errors import ConfigError
 
 TOP_KEYS = ("speedup", "freeze_integrity", "device", "versions", "fairness", "arms")
@@ -119,9 +116,9 @@ def test_assemble_flags_arms_that_did_not_start_alike():
 
 
 @pytest.fixture(scope="module")
-def inline_result(tmp_path_factory):
+def inline_result(tmp_path_factory, tiny_at):
     out = tmp_path_factory.mktemp("cmp")
-    cfg = load_config(None, tiny_overrides(out / "run", **{"freeze.until": "layer3"}))
+    cfg = tiny_at(out / "run", freeze__until="layer3")
     turns = []
     result = compare.frozen_vs_full(cfg, steps=3, warmup=1, block=2, memory=False,
                                     progress=lambda *a: turns.append(a[:3]))
@@ -198,8 +195,8 @@ def test_plain_arm_lets_frozen_batchnorm_statistics_drift(inline_result):
     assert "vs_plain" in frozen["speedup"] and "vs_plain" in result["arms"]["frozen:cached"]["speedup"]
 
 
-def test_an_impossible_cached_arm_is_left_out_with_the_reason(tmp_path):
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", **{"freeze.until": "layer4", "data.augment": True}))
+def test_an_impossible_cached_arm_is_left_out_with_the_reason(tiny):
+    cfg = tiny(freeze__until="layer4", data__augment=True)
     result = compare.frozen_vs_full(cfg, steps=1, warmup=0, memory=False, modes=("optimized", "cached"))
     assert list(result["arms"]) == ["full", "frozen"]
     assert result["skipped"][0]["arm"] == "frozen:cached" and "augment" in result["skipped"][0]["reason"]
@@ -227,22 +224,8 @@ def test_outputs_are_written(inline_result):
 # ---- the CLI end to end ------------------------------------------------------------------------
 
 
-def write_config(tmp_path, **freeze):
-    cfg = {
-        "device": "cpu",
-        "model": {"name": "resnet18", "num_classes": 4, "weights": "none"},
-        "freeze": freeze,
-        "data": {"source": "synthetic", "image_size": 32, "batch_size": 4, "train_size": 12, "val_size": 4},
-        "train": {"warmup_steps": 1},
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def test_cli_frozen_vs_full_times_inline_and_measures_memory_per_process(tmp_path):
-    path = write_config(tmp_path, until="layer4")
+def test_cli_frozen_vs_full_times_inline_and_measures_memory_per_process(tmp_path, tiny_yaml):
+    path = tiny_yaml(freeze__until="layer4")
     res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--steps", "2",
                                    "--warmup", "1", "--out", str(tmp_path / "out"), "--modes", "optimized"])
     assert res.exit_code == 0, res.output
@@ -264,8 +247,8 @@ def test_cli_frozen_vs_full_times_inline_and_measures_memory_per_process(tmp_pat
         assert (tmp_path / "out" / f"compare.{ext}").is_file()
 
 
-def test_cli_depths(tmp_path):
-    path = write_config(tmp_path, trainable=["fc"])
+def test_cli_depths(tmp_path, tiny_yaml):
+    path = tiny_yaml(freeze__trainable="[fc]")
     res = CliRunner().invoke(app, ["compare", "depths", "--config", str(path), "--steps", "1", "--warmup", "0",
                                    "--no-memory", "data.batch_size=2"])
     assert res.exit_code == 0, res.output
@@ -289,26 +272,44 @@ def test_cli_depths(tmp_path):
     assert (out / "depths.png").is_file()
 
 
-def test_cli_refuses_bad_modes(tmp_path):
-    path = write_config(tmp_path, until="layer4")
+def test_cli_refuses_bad_modes(tmp_path, tiny_yaml):
+    path = tiny_yaml(freeze__until="layer4")
     res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--modes", "plain,quick"])
     assert res.exit_code == 2
     assert "unknown mode(s) quick" in res.output and "Traceback" not in res.output
 
 
-def test_cli_refuses_a_config_that_freezes_nothing(tmp_path):
-    path = write_config(tmp_path)
+def test_cli_refuses_a_config_that_freezes_nothing(tmp_path, tiny_yaml):
+    path = tiny_yaml()
     res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--no-memory"])
     assert res.exit_code == 2
     assert "freezes nothing" in res.output
     assert "Traceback" not in res.output
 
 
-def test_cli_refuses_to_overwrite_a_previous_comparison(tmp_path):
-    path = write_config(tmp_path, until="layer4")
+def test_cli_refuses_to_overwrite_a_previous_comparison(tmp_path, tiny_yaml):
+    path = tiny_yaml(freeze__until="layer4")
     out = tmp_path / "out"
     out.mkdir()
     (out / "compare.json").write_text("{}")
     res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "--out", str(out)])
     assert res.exit_code == 2
     assert "not empty" in res.output
+
+
+def test_depth_arms_come_from_the_model_catalog_for_every_family(tiny):
+    cfg = tiny(model__name="mobilenet_v3_small")
+    arms = compare.depth_arms(cfg, modes=("optimized",))
+    assert [a.name for a in arms] == ["full", "stem", "stage1", "stage2", "stage3", "stage4", "last_conv"]
+    assert arms[-1].label == "head only"
+    with pytest.raises(ConfigError, match="choose from stem, stage1"):
+        compare.depth_arms(cfg, stages=("layer3",))
+
+
+def test_compare_depths_runs_a_non_resnet(tmp_path, tiny):
+    cfg = tiny(model__name="mobilenet_v3_small")
+    arms = compare.depth_arms(cfg, stages=("stage4",), modes=("optimized", "cached"))
+    result = compare.measure(cfg, arms, tmp_path / "out", steps=1, warmup=0, memory=False)
+    assert list(result["arms"]) == ["full", "stage4"]  # no frozen-prefix path, so no cached arm
+    assert "ResNets only" in result["skipped"][0]["reason"]
+    assert result["arms"]["stage4"]["freeze_integrity"]["ok"]

@@ -6,12 +6,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from freezetune.cli import app
-from freezetune.cli.demo_cmd import HASH_CHARS, render_autograd, render_frozen, vec
 from freezetune.config import ModelConfig
 from freezetune.demo import DemoInputError, autograd_demo, frozen_demo, parse_vector
 from freezetune.errors import FreezetuneError
-from freezetune.freezing.plan import tensor_sha256
+from freezetune.freezing.integrity import tensor_sha256
 from freezetune.models.weights import build_model
+from freezetune.render.demo import HASH_CHARS, render_autograd, render_frozen
+from freezetune.render.format import vec
 
 runner = CliRunner()
 STEPS, SEED = 2, 1

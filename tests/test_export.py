@@ -7,22 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from freezetune.cli import app
 from freezetune.config import ModelConfig, load_config
 from freezetune.errors import WeightsError
-from freezetune.export import (
-    MANIFEST_NAME,
-    TRAINABLE_NAME,
-    export_run,
-    load_into,
-    load_trainable,
-    rebuild_base,
-)
+from freezetune.export import export_run, rebuild_base
 from freezetune.models.weights import build_model
 from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from freezetune.training.recipe import run
+from freezetune.training.trainable import MANIFEST_NAME, TRAINABLE_NAME, load_into, load_trainable
 
 TINY = {
     "seed": 5,
@@ -40,10 +32,6 @@ TINY = {
 def train_run(out: Path, **extra) -> dict:
     values = {**TINY, "output.dir": str(out), **{k.replace("__", "."): v for k, v in extra.items()}}
     return run(load_config(None, [f"{k}={v}" for k, v in values.items()]))
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def stderr_lines(result) -> list[str]:
@@ -90,7 +78,7 @@ def test_fc_only_checkpoint_holds_just_the_head_and_names_its_base(fc_run):
     assert sizes["trainable_bytes"] * 100 < sizes["full_bytes"]
 
 
-def test_export_cli_writes_weights_that_load_as_the_trained_model(fc_run, tmp_path):
+def test_export_cli_writes_weights_that_load_as_the_trained_model(fc_run, tmp_path, cli):
     out, _ = fc_run
     dest = tmp_path / "model.safetensors"
     result = cli("export", out, "--out", dest)
@@ -133,7 +121,7 @@ def _random_base(path: Path, seed: int) -> Path:
     return path
 
 
-def test_a_different_base_is_refused(fc_run, tmp_path):
+def test_a_different_base_is_refused(fc_run, tmp_path, cli):
     out, _ = fc_run
     other = _random_base(tmp_path / "other.safetensors", seed=99)
     dest = tmp_path / "model.safetensors"
@@ -151,7 +139,7 @@ def test_a_different_base_is_refused(fc_run, tmp_path):
     assert_same_state(model.state_dict(), before)
 
 
-def test_the_right_base_file_is_accepted(fc_run, tmp_path):
+def test_the_right_base_file_is_accepted(fc_run, tmp_path, cli):
     out, _ = fc_run
     model = rebuild_base(out, load_trainable(out)).model
     torch.save(model.state_dict(), tmp_path / "base.pth")
@@ -202,7 +190,7 @@ def _corrupt_checkpoint(tmp_path, out):
     ],
     ids=["out-exists", "out-not-safetensors", "out-folder-missing", "no-checkpoint", "corrupt"],
 )
-def test_export_user_errors(fc_run, tmp_path, make_args, expect):
+def test_export_user_errors(fc_run, tmp_path, make_args, expect, cli):
     out, _ = fc_run
     args = make_args(tmp_path, out)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

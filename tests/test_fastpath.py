@@ -4,7 +4,8 @@ import torchvision
 from torch import nn
 
 from freezetune.config import FreezeConfig
-from freezetune.freezing.plan import apply_freeze, fingerprint, set_train_mode
+from freezetune.freezing.integrity import fingerprint
+from freezetune.freezing.plan import apply_freeze, set_train_mode
 from freezetune.speed.prefix import SplitForward, fold_batchnorm, frozen_prefix, prefix_batchnorm_frozen
 
 
@@ -26,10 +27,9 @@ def model_with_real_bn_stats(seed=0):
     (FreezeConfig(frozen=["layer2"]), []),  # stem trains: no prefix
     (FreezeConfig(), []),
 ])
-def test_frozen_prefix(spec, prefix):
-    m = torchvision.models.resnet18(num_classes=10)
-    apply_freeze(m, spec, "resnet18")
-    assert frozen_prefix(m, "resnet18") == prefix
+def test_frozen_prefix(resnet18, spec, prefix):
+    apply_freeze(resnet18, spec, "resnet18")
+    assert frozen_prefix(resnet18, "resnet18") == prefix
 
 
 def test_folding_is_numerically_equivalent_and_removes_batchnorm():

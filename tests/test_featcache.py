@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from freezetune.errors import ConfigError
-from freezetune.speed.feature_cache import FeatureCache, decide
+from freezetune.speed.execution import decide_cache as decide
+from freezetune.speed.feature_cache import FeatureCache
 from freezetune.training.recipe import run
 from freezetune.training.run_dir import read_jsonl
 

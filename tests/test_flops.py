@@ -1,16 +1,8 @@
-import pytest
-import torchvision
-
 from freezetune.config import FreezeConfig
 from freezetune.freezing.plan import apply_freeze
 from freezetune.measure.flops import step_flops
 
-BATCH, SIZE, CLASSES = 4, 32, 10
-
-
-@pytest.fixture(scope="module")
-def model():
-    return torchvision.models.resnet18(num_classes=CLASSES)
+BATCH, SIZE, CLASSES = 4, 32, 10  # CLASSES: the head of the resnet18 fixture
 
 
 def flops_with(model, **spec):
@@ -18,27 +10,27 @@ def flops_with(model, **spec):
     return step_flops(model, BATCH, SIZE)
 
 
-def test_more_trainable_layers_cost_more(model):
-    full = flops_with(model)
-    layer4_fc = flops_with(model, trainable=["layer4", "fc"])
-    fc_only = flops_with(model, until="layer4")
+def test_more_trainable_layers_cost_more(resnet18):
+    full = flops_with(resnet18)
+    layer4_fc = flops_with(resnet18, trainable=["layer4", "fc"])
+    fc_only = flops_with(resnet18, until="layer4")
     assert full["total"] > layer4_fc["total"] > fc_only["total"] > 0
 
 
-def test_forward_does_not_depend_on_the_mask(model):
-    forwards = {flops_with(model, until=u)["forward"] for u in (None, "stem", "layer2", "layer4")}
+def test_forward_does_not_depend_on_the_mask(resnet18):
+    forwards = {flops_with(resnet18, until=u)["forward"] for u in (None, "stem", "layer2", "layer4")}
     assert len(forwards) == 1
 
 
-def test_full_step_is_about_three_forwards(model):
-    full = flops_with(model)
+def test_full_step_is_about_three_forwards(resnet18):
+    full = flops_with(resnet18)
     # Backward costs two forwards (input and weight gradients), less the first conv's input gradient.
     assert 2.5 <= full["total"] / full["forward"] <= 3.5
     assert full["total"] == full["forward"] + full["backward"]
 
 
-def test_frozen_prefix_has_no_backward_flops(model):
-    counts = flops_with(model, until="layer2")["by_module"]
+def test_frozen_prefix_has_no_backward_flops(resnet18):
+    counts = flops_with(resnet18, until="layer2")["by_module"]
     for name in ("conv1", "layer1", "layer2"):
         assert counts[name]["forward"] > 0
         assert counts[name]["backward"] == 0, name
@@ -46,22 +38,22 @@ def test_frozen_prefix_has_no_backward_flops(model):
         assert counts[name]["backward"] > 0, name
 
 
-def test_fc_only_backward_is_just_the_weight_gradient(model):
-    fc_only = flops_with(model, until="layer4")
+def test_fc_only_backward_is_just_the_weight_gradient(resnet18):
+    fc_only = flops_with(resnet18, until="layer4")
     # grad of fc.weight is a (classes x batch) @ (batch x 512) product; no input gradient is needed.
     assert fc_only["backward"] == 2 * BATCH * 512 * CLASSES
     assert set(fc_only["by_module"]) >= {"conv1", "layer1", "layer4", "fc"}
 
 
-def test_by_module_sums_to_the_total(model):
-    f = flops_with(model, trainable=["layer4", "fc"])
+def test_by_module_sums_to_the_total(resnet18):
+    f = flops_with(resnet18, trainable=["layer4", "fc"])
     assert sum(m["forward"] for m in f["by_module"].values()) == f["forward"]
     assert sum(m["backward"] for m in f["by_module"].values()) == f["backward"]
 
 
-def test_counting_leaves_the_model_alone(model):
-    apply_freeze(model, FreezeConfig(until="layer3"), "resnet18")
-    before = {n: (p.device.type, p.requires_grad) for n, p in model.named_parameters()}
-    step_flops(model, BATCH, SIZE)
-    assert {n: (p.device.type, p.requires_grad) for n, p in model.named_parameters()} == before
-    assert all(p.grad is None for p in model.parameters())
+def test_counting_leaves_the_model_alone(resnet18):
+    apply_freeze(resnet18, FreezeConfig(until="layer3"), "resnet18")
+    before = {n: (p.device.type, p.requires_grad) for n, p in resnet18.named_parameters()}
+    step_flops(resnet18, BATCH, SIZE)
+    assert {n: (p.device.type, p.requires_grad) for n, p in resnet18.named_parameters()} == before
+    assert all(p.grad is None for p in resnet18.parameters())

@@ -1,6 +1,7 @@
 import copy
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -8,18 +9,18 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from freezetune.cli import app
-from freezetune.cli.inspect_cmd import render
 from freezetune.config import load_config
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import apply_freeze, unfreeze_all
 from freezetune.inspection import graph_nodes, inspect_config, load_for_inspection, trace_graph
 from freezetune.measure.flops import forward_flops_by_module, step_flops
 from freezetune.models.weights import build_model
+from freezetune.render.inspection import render
 
 runner = CliRunner()
 KEYS = {"model", "weights_source", "weights_notice", "freeze", "batch_size", "image_size", "depth",
         "params", "modules", "step_flops", "predicted_speedup", "activation_memory", "graph",
-        "outside_backward_graph"}
+        "outside_backward_graph", "execution"}
 
 
 TINY = ["model.weights=none", "data.image_size=32", "data.batch_size=4"]
@@ -262,3 +263,20 @@ def test_nothing_frozen_has_no_savings():
     assert r.step_flops["frozen"] == r.step_flops["full"] and r.predicted_speedup == 1
     assert r.activation_memory["saved_bytes"] == 0 and r.outside_backward_graph == []
     assert r.graph["frozen"].nodes == r.graph["full"].nodes
+
+
+def test_inspect_says_how_train_would_run_the_step(tmp_path):
+    from rich.console import Console
+
+    from freezetune.config import load_config
+    from freezetune.inspection import inspect_config
+    from freezetune.render.inspection import execution
+
+    cfg = load_config(None, ["model.weights=none", "data.image_size=32", "freeze.until=layer2", "device=cpu"])
+    plan = inspect_config(cfg).execution
+    assert plan["frozen_prefix"] == ["stem", "layer1", "layer2"] and plan["folded_batchnorm"]
+    console = Console(width=200, record=True)
+    console.print(execution(plan))
+    text = console.export_text()
+    assert re.search(r"prefix without autograd +on +stem\.\.layer2 is frozen", text)
+    assert re.search(r"feature cache +off +train\.feature_cache is off", text)

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from freezetune.errors import DeviceError
-from freezetune.measure.timing import peak_memory, percentile, resolve_device, timing_stats
+from freezetune.measure.device import resolve_device
+from freezetune.measure.memory import peak_memory
+from freezetune.measure.timing import percentile, timing_stats
 
 
 def test_percentile_interpolates():

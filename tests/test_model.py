@@ -91,6 +91,24 @@ def test_auto_falls_back_to_random_init_with_notice(tmp_path, monkeypatch):
     assert loaded.weights_source == "random-init" and "RANDOM INIT" in loaded.notice
 
 
+def test_auto_tries_the_download_quietly(tmp_path, monkeypatch, capfd):
+    # torch.hub prints "Downloading: ..." before it finds out there is no network; under auto
+    # that line would precede the notice that says the weights are unavailable.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("FREEZETUNE_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+
+    def offline(url, *args, **kwargs):
+        print(f'Downloading: "{url}" to somewhere')
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    loaded = build_model(ModelConfig(weights="auto"))
+    assert "Name or service not known" in loaded.notice
+    out, err = capfd.readouterr()
+    assert "Downloading" not in out + err
+
+
 def test_none_is_random_init():
     loaded = build_model(ModelConfig(name="resnet34", num_classes=3, weights="none"))
     assert loaded.weights_source == "random-init" and loaded.model.fc.out_features == 3

@@ -11,21 +11,18 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from typer.testing import CliRunner
 
-from conftest import tiny_overrides
-from freezetune.cli import app
 from freezetune.config import FreezeConfig, ModelConfig, load_config
 from freezetune.errors import ConfigError, FreezeError
 from freezetune.freezing.plan import apply_freeze, match_parameters, modules_until
 from freezetune.measure.flops import step_flops
 from freezetune.models import catalog as zoo
-from freezetune.models.weights import build_model, replace_head
-from freezetune.speed.feature_cache import decide
+from freezetune.models.catalog import replace_head
+from freezetune.models.weights import build_model
+from freezetune.speed.execution import decide_cache as decide
 from freezetune.speed.prefix import frozen_prefix
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mobilenet_v3_small_example.yaml"
-runner = CliRunner()
 
 
 def frozen_names(model):
@@ -211,9 +208,9 @@ def test_depthwise_convolution_backward_is_not_overcounted():
 # end to end
 
 
-def test_train_mobilenet_end_to_end(tmp_path):
+def test_train_mobilenet_end_to_end(tmp_path, cli, tiny_args):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--config", str(CONFIG), *tiny_overrides(out, **{"train.max_steps": 3})])
+    result = cli("train", "--config", CONFIG, *tiny_args(out, train__max_steps=3))
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["freeze_integrity"]["ok"]
@@ -225,15 +222,15 @@ def test_train_mobilenet_end_to_end(tmp_path):
     assert summary["params"]["frozen"] == sum(p.numel() for n, p in model.named_parameters() if n in frozen)
 
 
-def test_models_command_lists_families_and_details():
-    result = runner.invoke(app, ["models", "mobilenet*"])
+def test_models_command_lists_families_and_details(cli):
+    result = cli("models", "mobilenet*")
     assert result.exit_code == 0, result.output
     assert "mobilenet_v3_small" in result.stdout and "stage1..stage4" in result.stdout
-    detail = runner.invoke(app, ["models", "mobilenet_v3_small", "--num-classes", "10"])
+    detail = cli("models", "mobilenet_v3_small", "--num-classes", "10")
     assert detail.exit_code == 0 and "last_conv" in detail.stdout and "classifier.3" in detail.stdout
-    data = json.loads(runner.invoke(app, ["models", "vit_b_16", "--json"]).stdout)["models"][0]
+    data = json.loads(cli("models", "vit_b_16", "--json").stdout)["models"][0]
     assert data["freeze_points"][:2] == ["embed", "encoder_layer_0"] and data["head"] == "heads.head"
     assert data["stages"]["embed"][1] == "class_token"
     assert data["params"] == torchvision.models.ViT_B_16_Weights.DEFAULT.meta["num_params"]
-    bad = runner.invoke(app, ["models", "resnet19"])
+    bad = cli("models", "resnet19")
     assert bad.exit_code == 2 and "did you mean" in bad.output

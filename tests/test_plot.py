@@ -4,7 +4,8 @@ import struct
 
 import pytest
 
-from freezetune.compare.run import DEPTHS
+from freezetune.compare.arms import DEPTHS
+from freezetune.render.format import size_text
 from freezetune.render.plot import (
     GROUP_WIDTH,
     arm_group,
@@ -13,7 +14,6 @@ from freezetune.render.plot import (
     depths_figure,
     frozen_vs_full_figure,
     needs_log,
-    size_text,
     sweep_layout,
 )
 

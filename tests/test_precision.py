@@ -39,14 +39,8 @@ def test_bf16_and_channels_last_training_track_fp32(tiny, tmp_path):
     assert all(s["freeze_integrity"]["ok"] for s in (ref, bf16, cl))
 
 
-def test_fp16_on_cpu_is_a_clean_cli_error(tmp_path):
-    from typer.testing import CliRunner
-
-    from conftest import tiny_overrides
-    from freezetune.cli import app
-
-    result = CliRunner().invoke(app, ["train", "--config", "configs/quickstart.yaml",
-                                      *tiny_overrides(tmp_path / "r", **{"train.precision": "fp16"})])
+def test_fp16_on_cpu_is_a_clean_cli_error(cli, tiny_args):
+    result = cli("train", "--config", "configs/quickstart.yaml", *tiny_args(train__precision="fp16"))
     if torch.cuda.is_available():
         pytest.skip("CUDA present: fp16 is allowed")
     assert result.exit_code == 2 and "fp16 needs CUDA" in result.stderr and "Traceback" not in result.output

@@ -111,8 +111,8 @@ def test_resume_continues_with_the_saved_loss_scale(tmp_path, monkeypatch):
     saved = load_checkpoint(out / "checkpoint.pt")["scaler"]
     assert first["steps"] == 3 and saved["scale"] == 8.0 * 2**3  # grew once per finite step
 
-    setup = train_module.setup(resume_config(out, ["train.max_steps=8"]), resume=True)
-    assert setup.scaler.get_scale() == saved["scale"]
+    setup = train_module.Recipe(resume_config(out, ["train.max_steps=8"]), resume=True).setup()
+    assert setup.engine.scaler.get_scale() == saved["scale"]
 
 
 def _images(root: Path, n_per_class: int = 4) -> None:

@@ -7,23 +7,30 @@ import signal
 import pytest
 import torch
 
-from freezetune.config import load_config
-from freezetune.training.recipe import Reporter, resume_config, run, setup
+from freezetune.training.recipe import Recipe, Reporter, resume_config, run
 from freezetune.training.run_dir import read_jsonl
 
 SCHEDULE = "[{epoch: 1, unfreeze: [layer4], lr_mult: 0.1}, {epoch: 2, unfreeze: [layer3]}]"
 
 
-def config(tmp_path, name, **extra):
-    values = {"model.weights": "none", "data.image_size": 32, "data.batch_size": 8, "data.train_size": 24,
-              "data.val_size": 0, "train.epochs": 3, "train.warmup_steps": 0, "device": "cpu",
-              "freeze.trainable": "[fc]", "freeze.schedule": SCHEDULE, "optim.scheduler": "cosine",
-              "output.dir": str(tmp_path / name), **extra}
-    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+# Three epochs of three batches, fc training until the schedule unfreezes layer4, then layer3.
+SCHEDULED = {"data.batch_size": 8, "data.train_size": 24, "data.val_size": 0, "train.epochs": 3,
+             "train.warmup_steps": 0, "freeze.trainable": "[fc]", "freeze.schedule": SCHEDULE,
+             "optim.scheduler": "cosine"}
 
 
-def test_phases_unfreeze_at_their_epochs_with_new_groups(tmp_path):
-    summary = run(config(tmp_path, "a"))
+@pytest.fixture
+def config(tmp_path, tiny_at):
+    """``config(name, **extra)``: the scheduled tiny config, writing to ``tmp_path / name``."""
+
+    def make(name, **extra):
+        return tiny_at(tmp_path / name, **{k.replace(".", "__"): v for k, v in {**SCHEDULED, **extra}.items()})
+
+    return make
+
+
+def test_phases_unfreeze_at_their_epochs_with_new_groups(tmp_path, config):
+    summary = run(config("a"))
     assert [p["epoch"] for p in summary["schedule"]] == [1, 2]
     groups = summary["optimizer"]["groups"]
     assert [g["name"] for g in groups] == ["base", "unfreeze@1", "unfreeze@2"]
@@ -36,14 +43,13 @@ def test_phases_unfreeze_at_their_epochs_with_new_groups(tmp_path):
     assert ckpt["phases"] == 2 and len(ckpt["optimizer"]["param_groups"]) == 3
 
 
-def test_batchnorm_switches_to_train_mode_only_when_its_layer_unfreezes(tmp_path):
-    r = setup(config(tmp_path, "b"))
+def test_batchnorm_switches_to_train_mode_only_when_its_layer_unfreezes(tmp_path, config):
+    r = Recipe(config("b")).setup()
     from freezetune.freezing.plan import set_train_mode
-    from freezetune.training.recipe import apply_phases
 
     set_train_mode(r.model, r.plan)
     assert not r.model.layer4[0].bn1.training
-    apply_phases(r, 1)
+    r.apply_phases(1)
     set_train_mode(r.model, r.plan)
     assert r.model.layer4[0].bn1.training and not r.model.layer3[0].bn1.training
 
@@ -60,9 +66,9 @@ class InterruptAt(Reporter):
 
 
 @pytest.mark.parametrize("stop_at", [3, 5])  # on an unfreeze boundary, and inside an unfrozen epoch
-def test_resume_after_unfreeze_restores_freeze_state_and_groups(tmp_path, stop_at):
-    full = run(config(tmp_path, "full"))
-    part = run(config(tmp_path, "part"), InterruptAt(stop_at))
+def test_resume_after_unfreeze_restores_freeze_state_and_groups(tmp_path, config, stop_at):
+    full = run(config("full"))
+    part = run(config("part"), InterruptAt(stop_at))
     assert part["status"] == "interrupted" and part["steps"] == stop_at
     resumed = run(resume_config(tmp_path / "part", []), resume=True)
     a = [r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
@@ -72,22 +78,22 @@ def test_resume_after_unfreeze_restores_freeze_state_and_groups(tmp_path, stop_a
     assert resumed["freeze_integrity"]["ok"]
 
 
-def test_schedule_epochs_must_increase(tmp_path):
+def test_schedule_epochs_must_increase(tmp_path, config):
     from freezetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="strictly increasing"):
-        config(tmp_path, "x", **{"freeze.schedule": "[{epoch: 2, unfreeze: [layer4]}, {epoch: 1, unfreeze: [fc]}]"})
+        config("x", **{"freeze.schedule": "[{epoch: 2, unfreeze: [layer4]}, {epoch: 1, unfreeze: [fc]}]"})
     with pytest.raises(ConfigError, match="freeze.schedule.0.unfreeze"):
-        config(tmp_path, "x", **{"freeze.schedule": "[{epoch: 1, unfreeze: []}]"})
+        config("x", **{"freeze.schedule": "[{epoch: 1, unfreeze: []}]"})
 
 
-def test_progress_view_says_when_a_phase_starts(tmp_path):
+def test_progress_view_says_when_a_phase_starts(tmp_path, config):
     messages = []
 
     class Collect(Reporter):
         def message(self, text):
             messages.append(text)
 
-    run(config(tmp_path, "c"), Collect())
+    run(config("c"), Collect())
     assert any(m.startswith("epoch 1: unfreezing layer4") for m in messages)
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["schedule"][1]["unfreeze"] == ["layer3"]

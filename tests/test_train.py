@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from freezetune.errors import RunDirError
-from freezetune.freezing.plan import fingerprint
-from freezetune.training.recipe import Reporter, check_optimizer, optimizer_state_bytes, run, setup
+from freezetune.freezing.integrity import fingerprint
+from freezetune.training.optim import check_optimizer, optimizer_state_bytes
+from freezetune.training.recipe import Recipe, Reporter, run
 from freezetune.training.run_dir import read_jsonl
 
 
@@ -38,12 +39,11 @@ def test_run_writes_the_run_folder_contract(tiny):
 
 def test_frozen_tensors_bit_identical_and_trainable_ones_move(tiny):
     cfg = tiny(freeze__trainable="[fc]", train__epochs=2, optim__lr=0.5)
-    r = setup(cfg)
+    r = Recipe(cfg).setup()
     before = fingerprint(r.model, r.plan)
     fc_before = r.model.fc.weight.detach().clone()
-    from freezetune.training.recipe import cleanup, train
 
-    summary = cleanup(r, train(r))
+    summary = r.summarize(r.train())
     assert fingerprint(r.model, r.plan) == before
     assert summary["freeze_integrity"]["ok"]
     assert not torch.equal(fc_before, r.model.fc.weight)
@@ -52,22 +52,19 @@ def test_frozen_tensors_bit_identical_and_trainable_ones_move(tiny):
 
 def test_batchnorm_train_policy_lets_statistics_move(tiny):
     cfg = tiny(freeze__trainable="[fc]", freeze__batchnorm="train")
-    r = setup(cfg)
+    r = Recipe(cfg).setup()
     mean_before = r.model.bn1.running_mean.clone()
-    from freezetune.training.recipe import cleanup, train
 
-    summary = cleanup(r, train(r))
+    summary = r.summarize(r.train())
     assert not torch.equal(mean_before, r.model.bn1.running_mean)
     assert summary["freeze_integrity"]["ok"]  # only parameters are promised under batchnorm: train
 
 
 def test_optimizer_holds_only_trainable_and_state_is_small(tiny):
-    r = setup(tiny(freeze__trainable="[fc]"))
+    r = Recipe(tiny(freeze__trainable="[fc]")).setup()
     ids = {id(p) for g in r.optimizer.param_groups for p in g["params"]}
     assert ids == {id(r.model.fc.weight), id(r.model.fc.bias)}
-    from freezetune.training.recipe import train
-
-    train(r)
+    r.train()
     check_optimizer(r.optimizer, r.model)
     assert optimizer_state_bytes(r.optimizer) == (512 * 10 + 10) * 4
 

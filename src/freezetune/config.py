@@ -38,17 +38,6 @@ class ModelConfig(_Strict):
     num_classes: int = Field(10, ge=1)
     weights: str = "auto"
 
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        from freezetune.models.catalog import check_model_name  # imports torchvision: only when validating
-
-        try:
-            check_model_name(v)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
-        return v
-
     @field_validator("weights")
     @classmethod
     def _weights_value(cls, v: str) -> str:
@@ -307,12 +296,37 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate_config(data: dict[str, Any], overrides: list[str], source: str) -> Config:
-    """Validates raw config data plus overrides; see :func:`load_config`."""
+    """Validates raw config data plus overrides; see :func:`load_config`.
+
+    Two checks, reported together: the schema, then ``model.name`` against the model catalog.
+    """
     merged, origin = apply_overrides(data, overrides)
+    problems = _model_name_problems(merged, source, origin)
     try:
-        return Config.model_validate(merged)
+        config = Config.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError([_describe(err, source, origin) for err in e.errors()]) from None
+        problems = [_describe(err, source, origin) for err in e.errors()] + problems
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _model_name_problems(merged: dict[str, Any], source: str, origin: dict[str, str]) -> list[str]:
+    """``model.name`` must be a torchvision classification model (the schema checks that it is a string)."""
+    model = merged.get("model")
+    name = model.get("name", ModelConfig.model_fields["name"].default) if isinstance(model, dict) else None
+    if not isinstance(name, str):
+        return []
+    # Imported here, not at the top: the catalog needs torchvision, and this module is kept
+    # importable without torch (tools read configs without training anything).
+    from freezetune.models.catalog import check_model_name
+
+    try:
+        check_model_name(name)
+    except ConfigError as e:
+        where = f"override {origin['model.name']!r}" if "model.name" in origin else source
+        return [f"{where}: model.name: {e}"]
+    return []
 
 
 def dump_config(config: Config) -> str:

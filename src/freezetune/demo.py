@@ -4,24 +4,25 @@ Both demos return plain data; the CLI only prints it, and the tests check every 
 
 * :func:`autograd_demo` is the classic ``Q = 3a^3 - b^2`` example: ``Q.backward(gradient=v)``
   computes the vector-Jacobian product ``J^T v``, checked against ``J`` built explicitly.
-* :func:`frozen_demo` takes a few SGD steps on a randomly initialised ResNet18 and shows that a
-  frozen layer gets no ``.grad`` and stays bit-identical, while BatchNorm running statistics
-  still drift unless the freeze plan keeps BatchNorm in eval mode.
+* :func:`frozen_demo` trains a randomly initialised ResNet18 for a few steps through the recipe
+  (the same loop as ``freezetune train``) and shows that a frozen layer gets no ``.grad`` and
+  stays bit-identical, while BatchNorm running statistics still drift unless the freeze plan
+  keeps BatchNorm in eval mode.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from freezetune.config import Config, FreezeConfig, ModelConfig
-from freezetune.errors import FreezetuneError
-from freezetune.freezing.plan import apply_freeze, fingerprint, set_train_mode, tensor_sha256
-from freezetune.models.weights import build_model
-from freezetune.training.recipe import make_optimizer
+from freezetune.config import Config, DataConfig, FreezeConfig, ModelConfig, OutputConfig, TrainConfig
+from freezetune.errors import DemoInputError
+from freezetune.freezing.integrity import fingerprint, tensor_sha256
+from freezetune.training.recipe import Recipe, StepRecord
 
 # The frozen-layer demo: train layer4 and fc, freeze everything up to layer3.
 FROZEN_DEMO_TRAINABLE = ["layer4", "fc"]
@@ -34,10 +35,6 @@ FROZEN_DEMO_TENSORS = (
     ("layer1.0.bn1.num_batches_tracked", "BN counter"),
     ("fc.weight", "trainable param"),
 )
-
-
-class DemoInputError(FreezetuneError):
-    """A demo option has a bad value (not numbers, or vectors of different lengths)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,23 +272,25 @@ def frozen_demo(steps: int = 3, seed: int = 0, batch_size: int = 8, image_size: 
 
 
 def _frozen_arm(batchnorm: str, steps: int, seed: int, batch_size: int, image_size: int) -> FrozenArm:
-    torch.manual_seed(seed)
-    config = Config(
-        seed=seed,
-        model=ModelConfig(name="resnet18", num_classes=10, weights="none"),
-        freeze=FreezeConfig(trainable=list(FROZEN_DEMO_TRAINABLE), batchnorm=batchnorm),
-    )
-    model = build_model(config.model).model
-    plan = apply_freeze(model, config.freeze, config.model.name)
-    set_train_mode(model, plan, True)
-    optimizer = make_optimizer(model, config)
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    before = {name: tensors[name].detach().clone() for name, _ in FROZEN_DEMO_TENSORS}
-    frozen_before = fingerprint(model, plan)
-    frozen_bn = _frozen_region_bn(model)
-    bn_before = {n: _bn_stats(m) for n, m in frozen_bn.items()}
-    watched = {name: tensors[name] for name, _ in FROZEN_DEMO_TENSORS}
-    losses, grad_seen = _sgd_steps(model, optimizer, watched, steps, seed, (batch_size, image_size))
+    """Trains one arm through the recipe (the same loop as ``freezetune train``), watching the tensors."""
+    with tempfile.TemporaryDirectory(prefix="freezetune-demo-") as tmp:
+        config = Config(
+            seed=seed,
+            device="cpu",
+            model=ModelConfig(name="resnet18", num_classes=10, weights="none"),
+            freeze=FreezeConfig(trainable=list(FROZEN_DEMO_TRAINABLE), batchnorm=batchnorm),
+            data=DataConfig(image_size=image_size, batch_size=batch_size, train_size=steps * batch_size, val_size=0),
+            train=TrainConfig(max_steps=steps, warmup_steps=0),
+            output=OutputConfig(dir=tmp, overwrite=True),
+        )
+        recipe = Recipe(config).setup()
+        model, plan = recipe.model, recipe.plan
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        before = {name: tensors[name].detach().clone() for name, _ in FROZEN_DEMO_TENSORS}
+        frozen_bn = _frozen_region_bn(model)
+        bn_before = {n: _bn_stats(m) for n, m in frozen_bn.items()}
+        watched = {name: tensors[name] for name, _ in FROZEN_DEMO_TENSORS}
+        losses, grad_seen = _train(recipe, watched)
     rows = [
         _change(name, role, before[name], tensors[name], grad_seen[name])
         for name, role in FROZEN_DEMO_TENSORS
@@ -300,33 +299,27 @@ def _frozen_arm(batchnorm: str, steps: int, seed: int, batch_size: int, image_si
         batchnorm=batchnorm,
         bn_mode="train" if frozen_bn["layer1.0.bn1"].training else "eval",
         tensors=rows,
-        fingerprint_tensors=len(frozen_before),
-        fingerprint_identical=sum(frozen_before[k] == v for k, v in fingerprint(model, plan).items()),
+        fingerprint_tensors=len(recipe.frozen_before),
+        fingerprint_identical=sum(recipe.frozen_before[k] == v for k, v in fingerprint(model, plan).items()),
         frozen_bn_layers=len(frozen_bn),
         frozen_bn_drifted=sum(bn_before[n] != _bn_stats(m) for n, m in frozen_bn.items()),
         losses=losses,
     )
 
 
-def _sgd_steps(
-    model: nn.Module, optimizer: torch.optim.Optimizer, watched: dict[str, torch.Tensor],
-    steps: int, seed: int, shape: tuple[int, int],
-) -> tuple[list[float], dict[str, set[bool]]]:
-    """SGD on seeded random batches; records per watched tensor whether ``.grad`` was None."""
-    batch_size, image_size = shape
+def _train(recipe: Recipe, watched: dict[str, torch.Tensor]) -> tuple[list[float], dict[str, set[bool]]]:
+    """Runs the recipe's loop; records per watched tensor whether ``.grad`` was None after each step.
+
+    Gradients stay in place from a step's backward until the next step clears them, so looking
+    after the step sees what backward produced.
+    """
     grad_seen: dict[str, set[bool]] = {name: set() for name in watched}
-    gen = torch.Generator().manual_seed(seed)  # both arms see the same batches
     losses = []
-    for _ in range(steps):
-        x = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
-        y = torch.randint(0, 10, (batch_size,), generator=gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        for name, seen in grad_seen.items():
-            seen.add(watched[name].grad is None)  # checked after backward, before the update
-        optimizer.step()
-        losses.append(loss.item())
+    for event in recipe.loop():
+        if isinstance(event, StepRecord):
+            for name, seen in grad_seen.items():
+                seen.add(watched[name].grad is None)
+            losses.append(event.loss)
     return losses, grad_seen
 
 

@@ -48,3 +48,15 @@ class RunDirError(FreezetuneError):
 
 class NonFiniteLossError(FreezetuneError):
     """Training produced a NaN or infinite loss."""
+
+
+class DemoInputError(FreezetuneError):
+    """A demo option has a bad value (not numbers, or vectors of different lengths)."""
+
+
+class FreezeIntegrityError(RuntimeError):
+    """A frozen tensor changed: a bug in freezetune or in the model, never the user's input.
+
+    Deliberately not a :class:`FreezetuneError`: the CLI keeps its traceback, because there is
+    nothing the user could fix.
+    """

@@ -1,242 +1,22 @@
-"""Trainable-only checkpoints, and merging them with their base into full weights.
+"""``freezetune export``: a run's base weights merged with its trainable-only checkpoint.
 
-A frozen layer never changes, so saving it again at every checkpoint only repeats the starting
-weights. ``checkpoint.trainable.safetensors`` holds just the tensors that can change (trainable
-parameters, plus the buffers of every BatchNorm layer that is in training mode) together with the
-sha256 of everything it leaves out: the frozen *base*. Merging refuses a base whose frozen tensors
-hash differently, so a checkpoint can never be silently combined with the wrong weights.
-
-The manifest travels inside the safetensors header (so the file is self-describing and written in
-one atomic rename); ``checkpoint.trainable.json`` is a readable copy for people and tools.
+The checkpoint format itself (what is saved, the base hash, merging) is
+:mod:`freezetune.training.trainable`; this module rebuilds the base a run started from and
+writes the merged weights as one ``.safetensors`` file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from freezetune.atomic import atomic_write
 from freezetune.config import load_config
 from freezetune.errors import RunDirError, WeightsError
-from freezetune.freezing.plan import FreezePlan, combined_sha256, frozen_state, tensor_sha256
 from freezetune.models.weights import build_model
-from freezetune.training.run_dir import atomic_write, write_json
-
-TRAINABLE_NAME = "checkpoint.trainable.safetensors"
-MANIFEST_NAME = "checkpoint.trainable.json"
-FORMAT = "freezetune-trainable/1"
-_META_KEY = "freezetune"
-
-
-@dataclass
-class Trainable:
-    """A loaded trainable-only checkpoint.
-
-    Attributes:
-        tensors: Name -> tensor, for exactly the tensors that were saved.
-        manifest: What the header says: model, num_classes, step, base_sha256, ...
-        path: The file it came from.
-    """
-
-    tensors: dict[str, torch.Tensor]
-    manifest: dict
-    path: Path
-
-
-# --------------------------------------------------------------------------------------------
-# saving
-
-
-def trainable_state(model: nn.Module, plan: FreezePlan) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Splits off the tensors that training can change.
-
-    Everything in the state dict except the frozen tensors of :func:`freeze.frozen_state` (frozen
-    parameters and the buffers of frozen BatchNorm layers): trainable parameters, buffers of
-    BatchNorm layers that train, and, with ``batchnorm: train``, the running statistics of
-    BatchNorm layers whose affine parameters are frozen.
-
-    Returns:
-        The tensors (detached, on the CPU), and the names among them that are buffers of
-        BatchNorm layers with frozen parameters.
-    """
-    frozen = set(frozen_state(model, plan))
-    state = model.state_dict()
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in state.items() if n not in frozen}
-    frozen_params = set(plan.frozen)
-    frozen_bn_buffers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        params = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
-        if params and all(p in frozen_params for p in params):
-            frozen_bn_buffers += [
-                f"{name}.{b}" for b, _ in module.named_buffers(recurse=False) if f"{name}.{b}" in tensors
-            ]
-    return tensors, sorted(frozen_bn_buffers)
-
-
-def base_sha256(state: dict[str, torch.Tensor], saved: set[str] | list[str]) -> str:
-    """The sha256 of the base: every tensor of ``state`` that the trainable checkpoint leaves out.
-
-    For a model trained with plan ``p`` this equals
-    ``combined_sha256(fingerprint(model, p))``, the digest the run's freeze-integrity check uses.
-    """
-    saved = set(saved)
-    return combined_sha256({n: tensor_sha256(t) for n, t in state.items() if n not in saved})
-
-
-def save_trainable(
-    run_dir: str | Path,
-    model: nn.Module,
-    plan: FreezePlan,
-    *,
-    base: str,
-    step: int,
-    model_name: str,
-    num_classes: int,
-    weights_source: str,
-    seed: int,
-) -> Path:
-    """Atomically writes ``checkpoint.trainable.safetensors`` and its JSON manifest.
-
-    Args:
-        run_dir: The run folder.
-        model: The model being trained.
-        plan: Its freeze plan.
-        base: sha256 of the frozen base, ``combined_sha256(fingerprint(model, plan))`` taken
-            before training.
-        step: Optimizer steps taken.
-        model_name: torchvision model name.
-        num_classes: Width of the head.
-        weights_source: Where the starting weights came from (``random-init``, ``imagenet`` or a
-            path), so that export can rebuild the base.
-        seed: The run seed (a random-init base is rebuilt from it).
-
-    Returns:
-        The safetensors path.
-    """
-    from safetensors.torch import save
-
-    tensors, frozen_bn_buffers = trainable_state(model, plan)
-    manifest = {
-        "format": FORMAT,
-        "model": model_name,
-        "num_classes": num_classes,
-        "step": step,
-        "base_sha256": base,
-        "weights_source": weights_source,
-        "seed": seed,
-        "batchnorm": plan.batchnorm,
-        "tensors": sorted(tensors),
-        "frozen_bn_buffers": frozen_bn_buffers,
-        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-    }
-    data = save(tensors, metadata={_META_KEY: json.dumps(manifest)})
-    path = Path(run_dir) / TRAINABLE_NAME
-    atomic_write(path, lambda f: f.write(data))
-    readable = {**manifest, "file": TRAINABLE_NAME, "file_bytes": len(data),
-                "file_sha256": hashlib.sha256(data).hexdigest()}
-    write_json(Path(run_dir) / MANIFEST_NAME, readable)
-    return path
-
-
-def checkpoint_sizes(run_dir: str | Path) -> dict:
-    """Sizes in bytes of the run's full and trainable-only checkpoints (None when absent)."""
-    from freezetune.training.checkpoint import CHECKPOINT_NAME
-
-    def size(name: str) -> int | None:
-        p = Path(run_dir) / name
-        return p.stat().st_size if p.is_file() else None
-
-    return {"full_bytes": size(CHECKPOINT_NAME), "trainable_bytes": size(TRAINABLE_NAME)}
-
-
-# --------------------------------------------------------------------------------------------
-# loading and merging
-
-
-def load_trainable(path: str | Path) -> Trainable:
-    """Reads a trainable-only checkpoint (a run folder or the ``.safetensors`` file itself).
-
-    Nothing is unpickled: safetensors holds raw tensor bytes and a JSON header.
-
-    Raises:
-        WeightsError: If the file is missing, not safetensors, or has no freezetune manifest.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / TRAINABLE_NAME
-    if not path.is_file():
-        raise WeightsError(f"{path}: trainable checkpoint not found")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a valid safetensors file ({_short(e)})") from None
-    try:
-        manifest = json.loads(meta[_META_KEY])
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')!r}")
-    except (KeyError, ValueError, TypeError) as e:
-        raise WeightsError(f"{path}: not a freezetune trainable checkpoint ({_short(e)})") from None
-    return Trainable(tensors, manifest, path)
-
-
-def merge(base: dict[str, torch.Tensor], trainable: Trainable, base_desc: str = "the base") -> dict:
-    """Combines a base state dict with a trainable checkpoint into full weights.
-
-    Args:
-        base: Full state dict of the starting model (frozen tensors as they were before training).
-        trainable: The loaded trainable checkpoint.
-        base_desc: How to name the base in error messages.
-
-    Returns:
-        A new state dict: the base with every saved tensor replaced.
-
-    Raises:
-        WeightsError: If the base lacks a saved tensor, shapes differ, or the base's frozen
-            tensors are not the ones the checkpoint was trained on.
-    """
-    src = trainable.path
-    missing = [n for n in trainable.tensors if n not in base]
-    if missing:
-        raise WeightsError(f"{src}: {base_desc} has no tensor {missing[0]} ({len(missing)} missing)")
-    wrong = [n for n, t in trainable.tensors.items() if t.shape != base[n].shape]
-    if wrong:
-        n = wrong[0]
-        raise WeightsError(
-            f"{src}: {n} is {tuple(trainable.tensors[n].shape)} but {tuple(base[n].shape)} in {base_desc}"
-        )
-    got = base_sha256(base, trainable.tensors)
-    want = trainable.manifest["base_sha256"]
-    if got != want:
-        raise WeightsError(
-            f"{src}: refusing to load onto a different base: its frozen weights have sha256 "
-            f"{got[:12]}..., but this checkpoint was trained on {want[:12]}... "
-            "(pass the weights the run started from)"
-        )
-    merged = {n: t.detach().to("cpu") for n, t in base.items()}
-    for n, t in trainable.tensors.items():
-        merged[n] = t.to(base[n].dtype)
-    return merged
-
-
-def load_into(model: nn.Module, path: str | Path) -> Trainable:
-    """Loads a trainable checkpoint into ``model``, which must hold the run's base weights.
-
-    Raises:
-        WeightsError: If ``model``'s frozen weights are not the checkpoint's base.
-    """
-    trainable = load_trainable(path)
-    model.load_state_dict(merge(model.state_dict(), trainable, "the model"))
-    return trainable
+from freezetune.training.trainable import META_KEY, Trainable, load_trainable, merge
 
 
 def rebuild_base(run_dir: str | Path, trainable: Trainable, base: str | Path | None = None):
@@ -305,7 +85,7 @@ def export_run(
     m = trainable.manifest
     meta = {"model": m["model"], "num_classes": m["num_classes"], "step": m["step"],
             "exported_from": str(run_dir), "base": loaded.weights_source}
-    data = save({n: t.contiguous() for n, t in merged.items()}, metadata={_META_KEY: json.dumps(meta)})
+    data = save({n: t.contiguous() for n, t in merged.items()}, metadata={META_KEY: json.dumps(meta)})
     try:
         atomic_write(out, lambda f: f.write(data))
     except OSError as e:
@@ -313,8 +93,3 @@ def export_run(
     return {"out": str(out), "bytes": len(data), "step": m["step"], "base": loaded.weights_source,
             "trainable_bytes": trainable.path.stat().st_size,
             "tensors_from_checkpoint": len(trainable.tensors)}
-
-
-def _short(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__

@@ -28,6 +28,7 @@ from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import FreezePlan, apply_freeze, set_train_mode, unfreeze_all
 from freezetune.measure.flops import forward_flops_by_module, step_flops
 from freezetune.models.weights import LoadedModel, build_model, imagenet_state_dict
+from freezetune.speed.execution import plan_execution
 
 # What the activation-memory figure is, printed next to it and stored in the JSON.
 ACTIVATION_MEMORY_WHAT = (
@@ -111,6 +112,7 @@ class Inspection:
     activation_memory: dict
     graph: dict[str, GraphStats]
     outside_backward_graph: list[str]
+    execution: dict = field(default_factory=dict)  # how train would run this freeze state, with reasons
 
     def to_dict(self) -> dict:
         """Returns plain JSON-able data."""
@@ -190,7 +192,15 @@ def inspect_config(config: Config, depth: int = 2) -> Inspection:
         },
         graph=graphs,
         outside_backward_graph=_outside_graph(graphs["frozen"].modules_outside_graph),
+        execution=plan_execution(model, plan, config, _device_type(config.device)).as_dict(),
     )
+
+
+def _device_type(device: str) -> str:
+    """The device type a run of this config would use, without initialising (or requiring) CUDA."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
 
 
 def _outside_graph(outside: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from freezetune import __version__
-from freezetune.cli import compare_cmd, demo_cmd, export_cmd, inspect_cmd, models_cmd, train_cmd
+from freezetune.cli import bench_cmd, compare_cmd, demo_cmd, export_cmd, inspect_cmd, models_cmd, train_cmd
 
 app = typer.Typer(
     name="freezetune",
@@ -43,8 +43,13 @@ demo_cmd.register(app)
 compare_cmd.register(app)
 export_cmd.register(app)
 models_cmd.register(app)
+bench_cmd.register(app)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point; exits with the command's exit code.
+
+    Args:
+        argv: The arguments, e.g. ``["bench", "--ci"]``; default ``sys.argv[1:]``.
+    """
+    app(args=argv, prog_name=None if argv is None else "freezetune")

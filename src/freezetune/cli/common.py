@@ -60,6 +60,12 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+def print_all(target: Console, parts: list) -> None:
+    """Prints each part (a rich renderable or a console-markup string) with its own ``print``, in order."""
+    for part in parts:
+        target.print(part)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Prints one error line and exits."""
     err_console.print(f"[bold red]error:[/] {_escape(message)}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from freezetune.cli.common import DEBUG_OPTION, console, user_errors
+from freezetune.cli.common import DEBUG_OPTION, console, print_all, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -32,12 +32,7 @@ def export(
     Refuses a base whose frozen weights differ (sha256) from the ones the run trained on.
     """
     from freezetune.export import export_run
-    from freezetune.render.console import fmt_bytes
+    from freezetune.render.export import export_lines
 
     done = export_run(run_dir, out, base=base, overwrite=overwrite)
-    console.print(
-        f"wrote {done['out']} ({fmt_bytes(done['bytes'])}): base {done['base']} + "
-        f"{done['tensors_from_checkpoint']} trained tensors ({fmt_bytes(done['trainable_bytes'])}) "
-        f"from step {done['step']}"
-    )
-    console.print(f"use it with: model.weights={done['out']}")
+    print_all(console, export_lines(done))

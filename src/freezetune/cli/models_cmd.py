@@ -6,9 +6,8 @@ import json
 from dataclasses import asdict
 
 import typer
-from rich.table import Table
 
-from freezetune.cli.common import DEBUG_OPTION, console, user_errors
+from freezetune.cli.common import DEBUG_OPTION, console, print_all, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -33,61 +32,13 @@ def models(
     Parameter counts come from models built on the meta device: no weights, no memory.
     """
     from freezetune.models.catalog import catalog
+    from freezetune.render.models import model_detail, models_list
 
     infos = catalog(pattern, num_classes)
+    rows = [{**asdict(i), "freeze_points": i.freeze_points} for i in infos]
     if as_json:
-        rows = [{**asdict(i), "freeze_points": i.freeze_points} for i in infos]
         typer.echo(json.dumps({"num_classes": num_classes, "models": rows}, indent=2))
     elif len(infos) == 1 and pattern == infos[0].name:
-        _print_detail(infos[0], num_classes)
+        print_all(console, model_detail(rows[0], num_classes))
     else:
-        _print_list(infos)
-
-
-def _print_list(infos: list) -> None:
-    from freezetune.models.catalog import compact_points
-
-    table = Table(title=f"torchvision classification models ({len(infos)})", title_justify="left")
-    table.add_column("family")
-    table.add_column("model")
-    table.add_column("params", justify="right")
-    table.add_column("freeze points (for freeze.until; the head always trains)")
-    family = None
-    for info in infos:
-        if family is not None and info.family != family:
-            table.add_section()
-        name = f"[bold]{info.name}[/] (default)" if info.default else info.name
-        points = compact_points(info.freeze_points)
-        table.add_row(info.family if info.family != family else "", name, _millions(info.params), points)
-        family = info.family
-    console.print(table)
-    console.print(
-        "ResNets also get frozen-prefix execution (no autograd, folded BatchNorm, feature cache); "
-        "other models run their plain forward. Details: freezetune models NAME"
-    )
-
-
-def _print_detail(info, num_classes: int) -> None:
-    table = Table(
-        title=f"{info.name}: freeze points ({info.params:,} params with a {num_classes}-class head)",
-        title_justify="left",
-    )
-    table.add_column("freeze point")
-    table.add_column("covers")
-    table.add_column("params", justify="right")
-    table.add_column("trainable with freeze.until", justify="right")
-    for stage, members in info.stages.items():
-        left = info.trainable_until.get(stage)
-        trainable = "-" if left is None else f"{left:,} ({100.0 * left / info.params:.1f}%)"
-        table.add_row(stage, " ".join(members), f"{info.stage_params[stage]:,}", trainable)
-    console.print(table)
-    console.print(f"family {info.family}: {info.rule}")
-    console.print(f"head: {info.head} is replaced to give model.num_classes outputs")
-    if not info.fast_path:
-        console.print("frozen-prefix execution (folded BatchNorm, feature cache) is ResNet-only: plain forward")
-    example = info.freeze_points[len(info.freeze_points) // 2]
-    console.print(f"e.g. freezetune train -c CONFIG model.name={info.name} freeze.until={example}")
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M"
+        print_all(console, models_list(rows))

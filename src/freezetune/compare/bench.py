@@ -17,27 +17,21 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
+from pydantic import BaseModel, ConfigDict
 
 from freezetune import __version__
-from freezetune.compare.run import (
-    BASELINE,
-    DEPTHS,
-    MEMORY_STEPS,
-    MEMORY_WARMUP,
-    MODES,
-    arm_mode,
-    by_depth,
-    depth_arms,
-    measure,
-)
+from freezetune.atomic import write_json, write_text
+from freezetune.compare.arms import BASELINE, DEPTHS, MODES, depth_arms
+from freezetune.compare.result import arm_mode, by_depth, flat_row
+from freezetune.compare.run import MEMORY_STEPS, MEMORY_WARMUP, measure
 from freezetune.config import Config
-from freezetune.measure.timing import resolve_device
-from freezetune.render.console import fmt_bytes, fmt_seconds
-from freezetune.render.plot import share_text
-from freezetune.training.run_dir import write_json, write_text
+from freezetune.measure.device import resolve_device
+from freezetune.render.format import fmt_bytes, fmt_seconds, share_text
+from freezetune.render.format import fmt_speedup as _x
 
 DEFAULT_SIZES = (64, 224)
 DEFAULT_BATCH_SIZES = (8, 32)
@@ -57,6 +51,7 @@ MIN_VS_PLAIN_MEAN = 1.0
 MIN_VS_PLAIN = 0.8
 # The cached arm trains on the very features the optimized arm computes, so their losses agree.
 MAX_CACHED_LOSS_DIFF = 1e-3
+BENCH_SCHEMA_VERSION = 1
 
 
 def bench_config(image_size: int, batch_size: int, steps: int, warmup: int, device: str = "auto",
@@ -118,6 +113,7 @@ def run_bench(
             if on_cell:
                 on_cell(cell)
     return {
+        "schema_version": BENCH_SCHEMA_VERSION,
         "freezetune_version": __version__,
         "device": cells[0]["device"] if cells else str(resolved),
         "device_slug": device_slug(resolved),
@@ -140,42 +136,37 @@ def run_bench(
 
 
 def cell_summary(result: dict) -> dict:
-    """The figures of one comparison that the benchmark keeps, per arm."""
-    arms = {}
-    for name, a in result["arms"].items():
-        t = a["timing"]
-        arms[name] = {
-            "label": a["label"],
-            "mode": a.get("mode"),
-            "depth": a.get("depth"),
-            "trainable_share": a["trainable_share"],
-            "flops_per_step": a["flops_per_step"],
-            "speedup_flop_predicted": a["speedup"]["flop_predicted"],
-            "speedup_measured": a["speedup"]["measured"],
-            "step_median_s": t["step_median_s"],
-            "step_p10_s": t["step_p10_s"],
-            "step_p90_s": t["step_p90_s"],
-            "samples_per_s": t["samples_per_s"],
-            "peak_memory_bytes": a["memory"]["peak_bytes"],
-            "memory_kind": a["memory"]["kind"],
-            "optimizer_state_bytes": a["optimizer_state_bytes"],
-            "loss_first": a["loss"]["first"],
-            "loss_last": a["loss"]["last"],
-            "freeze_integrity_ok": a["freeze_integrity"]["ok"],
-            "speedup_vs_plain": a["speedup"].get("vs_plain"),
-            "loss_max_abs_diff_vs_optimized": a.get("loss_max_abs_diff_vs_optimized"),
-            "frozen_bn_layers_changed": a["frozen_batchnorm_drift"]["layers_changed"],
-            "frozen_bn_layers_checked": a["frozen_batchnorm_drift"]["layers_checked"],
-            "cache_fill_s": (a.get("cache") or {}).get("cache_fill_s"),
-        }
+    """The figures of one comparison that the benchmark keeps: each arm's flat row (see ``flat_row``)."""
     return {
         "image_size": result["data"]["image_size"],
         "batch_size": result["data"]["batch_size"],
         "device": result["device"],
         "fairness": result["fairness"],
         "skipped": result.get("skipped", []),
-        "arms": arms,
+        "arms": {name: _without_name(flat_row(name, a)) for name, a in result["arms"].items()},
     }
+
+
+def _without_name(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "arm"}
+
+
+class BenchResult(BaseModel):
+    """What the benchmark JSON holds; ``schema_version`` says which layout a file has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = BENCH_SCHEMA_VERSION
+    freezetune_version: str
+    device: str
+    device_slug: str
+    versions: dict[str, str]
+    created: str
+    wall_s: float
+    load_average_1min: dict[str, float | None]
+    matrix: dict[str, Any]
+    cells: list[dict[str, Any]]
+    command: str | None = None
 
 
 def gate(bench: dict, arm: str = GATE_ARM, min_speedup: float = MIN_SPEEDUP,
@@ -335,7 +326,7 @@ def write_bench(bench: dict, out_dir: str | Path, command: str | None = None) ->
     if command:
         bench = {**bench, "command": command}
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    write_json(json_path, bench)
+    write_json(json_path, BenchResult.model_validate(bench).model_dump(mode="json", exclude_none=False))
     made_by = f"Made by `{command}` on {bench['created']}.\n\n" if command else ""
     write_text(md_path, f"# freezetune benchmark: {stem}\n\n{made_by}{markdown_table(bench)}")
     return json_path, md_path
@@ -353,7 +344,3 @@ def _load_average() -> float | None:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"

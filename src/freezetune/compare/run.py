@@ -8,7 +8,7 @@ process by default, which also makes its peak-memory figure its own.
 
 Usable from Python::
 
-    from freezetune.compare.run import frozen_vs_full
+    from freezetune.compare import frozen_vs_full
     from freezetune.config import load_config
 
     result = frozen_vs_full(load_config("configs/resnet18_linear_probe.yaml"), steps=10)
@@ -17,30 +17,23 @@ Usable from Python::
 
 from __future__ import annotations
 
-import csv
-import io
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torchvision
 
-from freezetune import __version__
-from freezetune.compare.worker import ArmSpec, InlineArm, ProcessArm
+from freezetune.atomic import atomic_write, write_json
+from freezetune.compare.arms import BASELINE, MODES, ArmSpec, arm_config, arm_folder, depth_arms, frozen_vs_full_arms
+from freezetune.compare.result import CompareResult, assemble, headline, saved_bytes, to_csv
+from freezetune.compare.worker import InlineArm, ProcessArm
 from freezetune.config import Config, FreezeConfig
 from freezetune.errors import ConfigError
 from freezetune.freezing.plan import apply_freeze
 from freezetune.models.weights import build_model
-from freezetune.speed.feature_cache import assess
-from freezetune.training.run_dir import atomic_write, prepare_run_dir, write_json
-
-# Freeze points of the depth sweep, shallowest first; the last one leaves only fc training.
-DEPTHS = ("stem", "layer1", "layer2", "layer3", "layer4")
-BASELINE = "full"
-# Ways of running a frozen arm, measured side by side (see ArmSpec.mode): the plain requires_grad=False
-# loop, freezetune's optimized path, and that path with the feature cache filled.
-MODES = ("plain", "optimized", "cached")
+from freezetune.render.plot import comparison_plot
+from freezetune.speed.execution import plan_execution
+from freezetune.training.run_dir import prepare_run_dir
 
 # The memory pass (see measure): peak memory is reached in the first steps (gradients, momentum).
 MEMORY_STEPS = 2
@@ -50,73 +43,7 @@ Progress = Callable[[str, str, int, int], None]
 
 
 # --------------------------------------------------------------------------------------------
-# Arms and schedule
-
-
-def frozen_vs_full_arms(config: Config, modes: tuple[str, ...] = MODES) -> list[ArmSpec]:
-    """The arms of ``compare frozen-vs-full``: everything trainable, and the config's freeze spec.
-
-    The frozen spec is run once per mode: ``frozen`` (freezetune's path), ``frozen:plain`` and
-    ``frozen:cached``. A ``freeze.schedule`` (gradual unfreezing) is not applied: the frozen arms
-    keep their starting freeze state for every step, which is the state whose cost is measured.
-
-    Raises:
-        ConfigError: If the config freezes nothing, so both arms would be the same, or on a bad mode.
-    """
-    spec = config.freeze
-    if spec.trainable is None and spec.frozen is None and spec.until is None:
-        raise ConfigError(
-            "the config freezes nothing (no freeze.trainable, freeze.frozen or freeze.until), "
-            "so the frozen arm would equal the full one; e.g. add freeze.until=layer3"
-        )
-    full = ArmSpec(BASELINE, "all trainable", _freeze_dict(FreezeConfig(batchnorm=spec.batchnorm)), "full")
-    return [full, *_mode_arms("frozen", _describe_freeze(spec), spec, check_modes(modes), None)]
-
-
-def depth_arms(config: Config, stages: tuple[str, ...] = DEPTHS, modes: tuple[str, ...] = MODES) -> list[ArmSpec]:
-    """The arms of ``compare depths``: full, then frozen through each stage up to layer4 (fc only).
-
-    Each freeze point is run in every mode: ``layer3`` (freezetune's path), ``layer3:plain`` and
-    ``layer3:cached``. The config's own freeze selectors are ignored; its BatchNorm policy applies.
-
-    Args:
-        config: The base config.
-        stages: The freeze points to sweep, a subset of :data:`DEPTHS` (all of them by default).
-        modes: A subset of :data:`MODES` that includes ``optimized``.
-
-    Raises:
-        ConfigError: On a stage that is not a freeze point, or a bad mode.
-    """
-    unknown = [s for s in stages if s not in DEPTHS]
-    if unknown:
-        raise ConfigError(f"unknown freeze point(s) {', '.join(unknown)}; choose from {', '.join(DEPTHS)}")
-    modes = check_modes(modes)
-    bn = config.freeze.batchnorm
-    arms = [ArmSpec(BASELINE, "all trainable", _freeze_dict(FreezeConfig(batchnorm=bn)), "full")]
-    for stage in (s for s in DEPTHS if s in stages):
-        label = "fc only" if stage == DEPTHS[-1] else f"frozen ..{stage}"
-        arms.extend(_mode_arms(stage, label, FreezeConfig(until=stage, batchnorm=bn), modes, stage))
-    return arms
-
-
-def check_modes(modes) -> tuple[str, ...]:
-    """Validates a selection of :data:`MODES` (``optimized`` is required) and puts it in order.
-
-    Raises:
-        ConfigError: On an unknown mode, or one without ``optimized``.
-    """
-    modes = tuple(modes)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ConfigError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    if "optimized" not in modes:
-        raise ConfigError("modes must include optimized: the other modes are reported against it")
-    return tuple(m for m in MODES if m in modes)
-
-
-def _mode_arms(name: str, label: str, spec: FreezeConfig, modes: tuple[str, ...], depth: str | None) -> list[ArmSpec]:
-    return [ArmSpec(name if mode == "optimized" else f"{name}:{mode}", label, _freeze_dict(spec), mode, depth)
-            for mode in modes]
+# Turns
 
 
 def schedule(names: list[str], steps: int, block: int) -> list[tuple[str, int]]:
@@ -189,11 +116,11 @@ def run_comparison(
         arms = [a for a in arms if a.name not in skipped]
         if len(arms) < 2:
             raise ConfigError(f"nothing to compare: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")
-        configs = [arm_config(config, arm, weights_path, out_dir / "arms" / _folder(arm.name)) for arm in arms]
+        configs = [arm_config(config, arm, weights_path, out_dir / "arms" / arm_folder(arm.name)) for arm in arms]
         runners = _start(configs, arms, isolate)
         fills = {}
         try:
-            infos = _call_all(runners, "setup")
+            infos = _call_all(runners, "setup", warmup + steps)
             for name, phase, n in _plan(arms, steps, warmup, block):
                 if phase == "fill":
                     runners[name].submit("fill")
@@ -272,30 +199,11 @@ def merge_memory(result: dict, peaks: dict) -> None:
     base = peaks["arms"][BASELINE]["memory"]["peak_bytes"]
     for name, arm in result["arms"].items():
         arm["memory"] = peaks["arms"][name]["memory"]
-        arm["memory_saved_bytes"] = _saved(base, arm["memory"]["peak_bytes"])
+        arm["memory_saved_bytes"] = saved_bytes(base, arm["memory"]["peak_bytes"])
     isolation = (f"timing: all arms in one process, interleaved; memory: each arm in its own process "
                  f"({MEMORY_WARMUP}+{MEMORY_STEPS} steps)")
     result["isolation"] = result["fairness"]["isolation"] = isolation
     result["memory_pass"] = {"steps": MEMORY_STEPS, "warmup": MEMORY_WARMUP, "fairness": peaks["fairness"]}
-
-
-def arm_config(config: Config, arm: ArmSpec, weights_path: Path, arm_dir: Path) -> Config:
-    """The config one arm trains with: its freeze spec and mode, the shared initial weights, its folder.
-
-    Validation data is dropped because a comparison never evaluates, so no arm pays to build it.
-    Only ``cached`` arms use the feature cache. ``plain`` arms put BatchNorm in train mode and turn
-    the frozen-prefix path off (their optimizer is replaced by the arm itself).
-    """
-    data = config.to_dict()
-    data["freeze"] = dict(arm.freeze)
-    data["model"]["weights"] = str(weights_path)
-    data["data"]["val_size"] = 0
-    data["train"]["feature_cache"] = "on" if arm.mode == "cached" else "off"
-    if arm.mode == "plain":
-        data["freeze"]["batchnorm"] = "train"
-        data["train"]["fold_batchnorm"] = False
-    data["output"] = {"dir": str(arm_dir), "overwrite": True}
-    return Config.model_validate(data)
 
 
 def _initial_weights(config: Config, arms: list[ArmSpec], tmp: Path):
@@ -323,12 +231,8 @@ def _initial_weights(config: Config, arms: list[ArmSpec], tmp: Path):
 
 def _why_no_cache(config: Config, model, plan) -> str | None:
     auto = config.model_copy(update={"train": config.train.model_copy(update={"feature_cache": "auto"})})
-    _, _, decision = assess(model, plan, auto)
+    decision = plan_execution(model, plan, auto).feature_cache
     return None if decision.enabled else decision.reason
-
-
-def _folder(arm_name: str) -> str:
-    return arm_name.replace(":", "-")
 
 
 def _start(configs: list[Config], arms: list[ArmSpec], isolate: bool) -> dict:
@@ -343,10 +247,10 @@ def _start(configs: list[Config], arms: list[ArmSpec], isolate: bool) -> dict:
     return runners
 
 
-def _call_all(runners: dict, command: str) -> dict:
+def _call_all(runners: dict, command: str, *args) -> dict:
     # Submit to every arm first, so that worker processes set up (import torch...) in parallel.
     for runner in runners.values():
-        runner.submit(command)
+        runner.submit(command, *args)
     return {name: runner.wait() for name, runner in runners.items()}
 
 
@@ -356,118 +260,6 @@ def _plan(arms: list[ArmSpec], steps: int, warmup: int, block: int) -> list[tupl
     turns = [(a.name, "fill", 0) for a in arms if a.mode == "cached"]
     turns += [(name, "warmup", warmup) for name in names] if warmup else []
     return turns + [(name, "timed", n) for name, n in schedule(names, steps, block)]
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-
-
-def assemble(arms: list[ArmSpec], infos: dict, finals: dict, meta: dict) -> dict:
-    """Merges what each arm reported into the result: per-arm figures, speedups and fairness checks.
-
-    Speedups are relative to the ``full`` arm: measured is its median step time over the arm's,
-    FLOP-predicted is its FLOPs per step over the arm's.
-    """
-    out_arms = {}
-    for arm in arms:
-        info, final = infos[arm.name], finals[arm.name]
-        out_arms[arm.name] = {
-            "label": arm.label,
-            "mode": arm.mode,
-            "depth": arm.depth,
-            "freeze": arm.freeze,
-            "params": info["params"],
-            "trainable_share": info["params"]["trainable"] / info["params"]["total"],
-            "flops_per_step": info["flops"]["total"],
-            "flops": info["flops"],
-            "frozen_batchnorm_layers": info["frozen_batchnorm_layers"],
-            "execution": info["execution"],
-            "initial_weights_sha256": info["initial_weights_sha256"],
-            **final,
-        }
-    base = out_arms[BASELINE]
-    for name, arm in out_arms.items():
-        arm["speedup"] = _speedups(base, arm)
-        arm["memory_saved_bytes"] = _saved(base["memory"]["peak_bytes"], arm["memory"]["peak_bytes"])
-        _against_siblings(name, arm, out_arms)
-    devices = sorted({info["device"] for info in infos.values()})
-    return {
-        "freezetune_version": __version__,
-        "device": devices[0] if len(devices) == 1 else devices,
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                     "freezetune": __version__},
-        **meta,
-        "fairness": {
-            "same_initial_weights": len({a["initial_weights_sha256"] for a in infos.values()}) == 1,
-            "same_batches": len({f["batches_sha256"] for f in finals.values()}) == 1,
-            "same_steps": len({f["steps"] for f in finals.values()}) == 1,
-            "order": "round-robin blocks: " + " ".join(a.name for a in arms) + " ...",
-            "isolation": meta["isolation"],
-        },
-        "arms": out_arms,
-    }
-
-
-def _speedups(base: dict, arm: dict) -> dict:
-    base_t, arm_t = base["timing"]["step_median_s"], arm["timing"]["step_median_s"]
-    return {
-        "measured": base_t / arm_t if base_t and arm_t else None,
-        "flop_predicted": base["flops_per_step"] / arm["flops_per_step"] if arm["flops_per_step"] else None,
-    }
-
-
-def _against_siblings(name: str, arm: dict, arms: dict) -> None:
-    """Adds how an arm compares with the other modes of the same freeze spec.
-
-    ``speedup.vs_plain`` is the plain arm's median step time over this arm's; a cached arm also
-    gets ``loss_max_abs_diff_vs_optimized``, the largest per-step loss difference from the
-    uncached optimized arm, which trains the same steps on the same weights and data.
-    """
-    stem = name.split(":", 1)[0]
-    plain, optimized = arms.get(f"{stem}:plain"), arms.get(stem)
-    if arm["mode"] in ("optimized", "cached") and plain is not None:
-        arm["speedup"]["vs_plain"] = _ratio(plain["timing"]["step_median_s"], arm["timing"]["step_median_s"])
-    if arm["mode"] == "cached" and optimized is not None:
-        pairs = zip(arm["losses"], optimized["losses"], strict=False)
-        arm["loss_max_abs_diff_vs_optimized"] = max((abs(a - b) for a, b in pairs), default=None)
-
-
-def arm_mode(arm: dict, name: str) -> str:
-    """An arm's mode; results written before modes existed count as ``optimized`` (or ``full``)."""
-    return arm.get("mode") or ("full" if name == BASELINE else "optimized")
-
-
-def by_depth(arms: dict) -> list[tuple[str | None, dict]]:
-    """Groups arms by freeze spec, in order: ``[(depth or None for full, {mode: arm}), ...]``.
-
-    Arms of a frozen-vs-full result all group under their name's stem (``frozen``).
-    """
-    groups: dict = {}
-    for name, a in arms.items():
-        depth = None if name == BASELINE else (a.get("depth") or name.split(":", 1)[0])
-        groups.setdefault(depth, {})[arm_mode(a, name)] = a
-    return list(groups.items())
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
-
-
-def _saved(base: int | None, arm: int | None) -> int | None:
-    return None if base is None or arm is None else base - arm
-
-
-def headline(result: dict, arm_name: str) -> dict:
-    """The frozen-vs-full headline for one arm: speedups, memory saved and freeze integrity."""
-    arm, base = result["arms"][arm_name], result["arms"][BASELINE]
-    saved = arm["memory_saved_bytes"]
-    base_peak = base["memory"]["peak_bytes"]
-    return {
-        "speedup": arm["speedup"],
-        "memory_saved": {"bytes": saved,
-                         "fraction": saved / base_peak if saved is not None and base_peak else None},
-        "freeze_integrity": arm["freeze_integrity"],
-    }
 
 
 def frozen_vs_full(
@@ -501,8 +293,7 @@ def frozen_vs_full(
     out_dir = prepare_run_dir(out or Path(config.output.dir) / "compare", config.output.overwrite)
     result = measure(config, arms, out_dir, steps, warmup, block, memory, progress)
     result = {"kind": "frozen-vs-full", **result, **headline(result, "frozen")}
-    _write(result, out_dir, "compare")
-    return result
+    return _write(result, out_dir, "compare")
 
 
 def depths(
@@ -527,75 +318,16 @@ def depths(
     result = measure(config, arms, out_dir, steps, warmup, block, memory, progress)
     integrity = {name: arm["freeze_integrity"]["ok"] for name, arm in result["arms"].items()}
     result = {"kind": "depths", **result, "freeze_integrity": {"ok": all(integrity.values()), "arms": integrity}}
-    _write(result, out_dir, "depths")
-    return result
+    return _write(result, out_dir, "depths")
 
 
-def _write(result: dict, out_dir: Path, stem: str) -> None:
-    from freezetune.render.plot import comparison_plot
-
+def _write(result: dict, out_dir: Path, stem: str) -> dict:
+    """Writes the result as JSON (through its typed record), CSV and PNG; returns the record's dict."""
     result["out_dir"] = str(out_dir)
     result["files"] = {ext: str(out_dir / f"{stem}.{ext}") for ext in ("json", "csv", "png")}
-    write_json(out_dir / f"{stem}.json", result)
-    atomic_write(out_dir / f"{stem}.csv", lambda f: f.write(to_csv(result)), mode="w")
-    comparison_plot(result, out_dir / f"{stem}.png")
-
-
-CSV_COLUMNS = (
-    "arm", "label", "mode", "depth", "params_trainable", "params_frozen", "params_total", "trainable_share",
-    "flops_per_step", "flops_forward", "flops_backward", "speedup_flop_predicted", "speedup_measured",
-    "step_median_s", "step_p10_s", "step_p90_s", "samples_per_s", "steps_timed", "warmup_steps",
-    "peak_memory_bytes", "memory_kind", "memory_saved_bytes", "optimizer_state_bytes", "loss_first",
-    "loss_last", "freeze_integrity_ok", "frozen_tensors_checked", "speedup_vs_plain",
-    "loss_max_abs_diff_vs_optimized", "frozen_bn_layers_changed", "cache_fill_s",
-)
-
-
-def csv_rows(result: dict) -> list[dict]:
-    """One flat row per arm, with the columns of :data:`CSV_COLUMNS`."""
-    rows = []
-    for name, a in result["arms"].items():
-        t, p = a["timing"], a["params"]
-        rows.append({
-            "arm": name, "label": a["label"], "mode": a["mode"], "depth": a["depth"],
-            "params_trainable": p["trainable"],
-            "params_frozen": p["frozen"], "params_total": p["total"],
-            "trainable_share": a["trainable_share"], "flops_per_step": a["flops_per_step"],
-            "flops_forward": a["flops"]["forward"], "flops_backward": a["flops"]["backward"],
-            "speedup_flop_predicted": a["speedup"]["flop_predicted"], "speedup_measured": a["speedup"]["measured"],
-            "step_median_s": t["step_median_s"], "step_p10_s": t["step_p10_s"], "step_p90_s": t["step_p90_s"],
-            "samples_per_s": t["samples_per_s"], "steps_timed": t["steps_timed"],
-            "warmup_steps": t["warmup_steps"], "peak_memory_bytes": a["memory"]["peak_bytes"],
-            "memory_kind": a["memory"]["kind"], "memory_saved_bytes": a["memory_saved_bytes"],
-            "optimizer_state_bytes": a["optimizer_state_bytes"], "loss_first": a["loss"]["first"],
-            "loss_last": a["loss"]["last"], "freeze_integrity_ok": a["freeze_integrity"]["ok"],
-            "frozen_tensors_checked": a["freeze_integrity"]["tensors_checked"],
-            "speedup_vs_plain": a["speedup"].get("vs_plain"),
-            "loss_max_abs_diff_vs_optimized": a.get("loss_max_abs_diff_vs_optimized"),
-            "frozen_bn_layers_changed": a["frozen_batchnorm_drift"]["layers_changed"],
-            "cache_fill_s": (a.get("cache") or {}).get("cache_fill_s"),
-        })
-    return rows
-
-
-def to_csv(result: dict) -> str:
-    """The result's per-arm rows as CSV text."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(csv_rows(result))
-    return buf.getvalue()
-
-
-def _freeze_dict(spec: FreezeConfig) -> dict:
-    # An unfreeze schedule is left out: a comparison times one freeze state, not a curriculum.
-    data = spec.model_dump(mode="json", exclude={"schedule"})
-    return {k: v for k, v in data.items() if v is not None}
-
-
-def _describe_freeze(spec: FreezeConfig) -> str:
-    if spec.until is not None:
-        return "fc only" if spec.until == DEPTHS[-1] else f"frozen ..{spec.until}"
-    if spec.trainable is not None:
-        return "training " + ", ".join(spec.trainable)
-    return "frozen " + ", ".join(spec.frozen or [])
+    record = CompareResult.from_dict(result)
+    data = record.to_dict()
+    write_json(out_dir / f"{stem}.json", data)
+    atomic_write(out_dir / f"{stem}.csv", lambda f: f.write(to_csv(data)), mode="w")
+    comparison_plot(data, out_dir / f"{stem}.png")
+    return data

@@ -1,75 +1,78 @@
-"""One arm of a comparison: a model trained under one freeze spec, a block of steps at a time.
+"""One arm of a comparison: a :class:`~freezetune.training.recipe.Recipe` trained a block of steps at a time.
 
-An arm normally lives in its own worker process (:class:`ProcessArm`), driven by the parent over a
-socket. That is what makes its memory figure its own: on CPU the peak resident set size can
-only be attributed to one arm if nothing else (another arm's model, activations or allocator
-caches) shares the process. :class:`InlineArm` runs the same :class:`ArmRunner` in this process,
-which is faster to start but cannot measure per-arm memory.
+An arm trains through the same recipe as ``freezetune train`` (its learning-rate schedule, gradual
+unfreezing and execution path included), pulling steps from :meth:`Recipe.loop`. It either runs
+in this process (:class:`InlineArm`) or in its own worker process (:class:`ProcessArm`), driven
+over a socket. Only a worker process makes an arm's memory figure its own: on CPU the peak resident
+set size can only be attributed to one arm if nothing else shares the process.
 
 Workers are fresh interpreters, not forks: forking a process whose OpenMP thread pool already ran
 can deadlock, and a fresh interpreter also gives every arm the same clean starting RSS.
+
+The protocol between the parent and an arm is :class:`ArmProtocol`: ``setup``, ``fill`` (cached
+arms), ``steps`` and ``finish``, in that order, each answered before the next is sent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import socket
 import subprocess
 import sys
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from multiprocessing.connection import Connection
+from typing import Protocol
 
 import torch
-from torch import nn
 
 from freezetune import errors
+from freezetune.compare.arms import ArmSpec
 from freezetune.config import Config
-from freezetune.freezing.plan import combined_sha256, fingerprint, tensor_sha256
-from freezetune.measure.flops import step_flops, without_prefix
-from freezetune.measure.timing import (
-    current_rss_bytes,
-    device_description,
-    peak_rss_bytes,
-    reset_peak_memory,
-    timing_stats,
+from freezetune.freezing.integrity import (
+    batchnorm_drift,
+    changed_tensors,
+    combined_sha256,
+    fingerprint,
+    frozen_layer_batchnorm_state,
+    tensor_sha256,
 )
+from freezetune.measure.device import device_description
+from freezetune.measure.flops import step_flops, without_prefix
+from freezetune.measure.memory import current_rss_bytes, high_water_rss_bytes, reset_peak_memory, reset_peak_rss
+from freezetune.measure.timing import timing_stats
 from freezetune.speed.prefix import prefix_modules
-from freezetune.training.optim import plain_optimizer
-from freezetune.training.recipe import Run, epoch_batches, fill_cache, optimizer_state_bytes, setup, train_step
+from freezetune.training.optim import optimizer_state_bytes
+from freezetune.training.recipe import Recipe, StepRecord
+from freezetune.training.step import BatchSource
 
 # How long the parent waits for a worker to exit after its last answer.
 _JOIN_TIMEOUT_S = 30.0
 
 
-@dataclass
-class ArmSpec:
-    """What distinguishes one arm from the others.
+class ArmProtocol(Protocol):
+    """What the parent can ask of an arm; :class:`ArmRunner` implements it, workers serve it."""
 
-    Attributes:
-        name: Short key used in the JSON output (``full``, ``frozen``, ``layer3``...).
-        label: What a person reads in tables and plots.
-        freeze: The ``freeze`` config section for this arm, as plain data.
-        mode: How the frozen part is run (see :data:`freezetune.compare.run.MODES`): ``full`` for the
-            baseline, ``plain`` (a plain ``requires_grad=False`` loop: BatchNorm in train mode, no
-            fast path, every parameter handed to torch's default SGD), ``optimized`` (freezetune's
-            path) or ``cached`` (the same with the feature cache filled, so every step is a
-            later-epoch step).
-        depth: The freeze point of a depth-sweep arm, else None.
-    """
+    def setup(self, total_steps: int) -> dict:
+        """Builds the arm; ``total_steps`` is every step it will run (warm-up included)."""
 
-    name: str
-    label: str
-    freeze: dict = field(default_factory=dict)
-    mode: str = "optimized"
-    depth: str | None = None
+    def fill(self) -> dict:
+        """Fills the feature cache (cached arms only)."""
+
+    def steps(self, n: int, warmup: bool) -> list[dict]:
+        """Trains ``n`` more steps."""
+
+    def finish(self) -> dict:
+        """Checks integrity and summarises the arm."""
+
+
+COMMANDS = ("setup", "fill", "steps", "finish")
 
 
 class ArmRunner:
-    """Builds one arm with :func:`freezetune.training.recipe.setup` and trains it on command.
+    """Builds one arm's :class:`Recipe` and trains it on command.
 
     Args:
         config: The arm's complete config (freeze spec, weights file and output folder set).
@@ -79,98 +82,102 @@ class ArmRunner:
 
     def __init__(self, config: Config, spec: ArmSpec, measure_memory: bool):
         self.config, self.spec, self.measure_memory = config, spec, measure_memory
-        self.run: Run | None = None
+        self.recipe: Recipe | None = None
         self.losses: list[float] = []
         self.timed: list[float] = []
         self.warmup_steps = 0
-        self._batches: Iterator | None = None
+        self._events: Iterator | None = None
         self._batch_hash = hashlib.sha256()
         self._memory_start: dict = {}
         self._bn_before: dict[str, str] = {}
 
-    def setup(self) -> dict:
+    def setup(self, total_steps: int) -> dict:
         """Builds model, freeze plan, optimizer and data; returns what is known before training."""
-        self.run = run = setup(self.config)
+        recipe = self.recipe = Recipe(self.config, plain_optimizer=self.spec.mode == "plain").setup()
+        recipe.extend_to(total_steps)
         cfg = self.config
-        if self.spec.mode == "plain":
-            run.optimizer = plain_optimizer(run.model, cfg.optim)
-        flops = step_flops(run.model, cfg.data.batch_size, cfg.data.image_size, cfg.model.num_classes)
-        if run.cache is not None:
-            flops = without_prefix(flops, prefix_modules(cfg.model.name, run.speed["frozen_prefix"]))
-        state = {name: tensor_sha256(t) for name, t in run.model.state_dict().items()}
-        self._bn_before = frozen_layer_batchnorm_state(run.model)
-        self._batches = _batches(run)
+        flops = step_flops(recipe.model, cfg.data.batch_size, cfg.data.image_size, cfg.model.num_classes)
+        if recipe.engine.cache is not None:
+            flops = without_prefix(flops, prefix_modules(cfg.model.name, list(recipe.execution.frozen_prefix)))
+        state = {name: tensor_sha256(t) for name, t in recipe.model.state_dict().items()}
+        self._bn_before = frozen_layer_batchnorm_state(recipe.model)
+        self._events = recipe.loop()
         self._memory_start = self._start_memory_window()
         return {
-            "params": {k: run.params[k] for k in ("total", "trainable", "frozen", "trainable_pct")},
+            "params": {k: recipe.params[k] for k in ("total", "trainable", "frozen", "trainable_pct")},
             "flops": flops,
             "initial_weights_sha256": combined_sha256(state),
-            "device": device_description(run.device),
-            "frozen_batchnorm_layers": len(run.plan.frozen_bn),
-            "weights_source": run.loaded.weights_source,
-            "execution": getattr(run, "speed", {}),
+            "device": device_description(recipe.device),
+            "frozen_batchnorm_layers": len(recipe.plan.frozen_bn),
+            "weights_source": recipe.loaded.weights_source,
+            "execution": recipe.speed,
         }
 
     def fill(self) -> dict:
         """Fills the feature cache (cached arms only), so that every step after it reads features."""
-        seconds = fill_cache(self.run)
-        self._batches = _batches(self.run)  # from the first batch again, now served from the cache
-        return {"cache_fill_s": seconds, "cache_bytes": self.run.cache.nbytes}
+        seconds = self.recipe.fill_cache()
+        return {"cache_fill_s": seconds, "cache_bytes": self.recipe.engine.cache.nbytes}
 
     def steps(self, n: int, warmup: bool) -> list[dict]:
-        """Trains ``n`` steps; returns each step's loss and synchronized wall time."""
+        """Trains ``n`` steps of the recipe's loop; returns each step's loss and synchronized wall time."""
         out = []
-        loss_fn = nn.CrossEntropyLoss()
         for _ in range(n):
-            batch = next(self._batches)
-            self._hash_batch(batch)  # outside the timed step
-            loss, seconds = train_step(self.run, batch, loss_fn)
-            self.losses.append(loss)
+            record = self._next_step()
+            self._hash_batch(record)  # outside the timed step
+            self.losses.append(record.loss)
             if warmup:
                 self.warmup_steps += 1
             else:
-                self.timed.append(seconds)
-            out.append({"loss": loss, "seconds": seconds})
+                self.timed.append(record.step_time_s)
+            out.append({"loss": record.loss, "seconds": record.step_time_s})
         return out
 
-    def _hash_batch(self, batch) -> None:
+    def _next_step(self) -> StepRecord:
+        for event in self._events:
+            if isinstance(event, StepRecord):
+                return event
+        reason = self.recipe.stop_reason
+        why = self.recipe.nonfinite if reason is not None and reason.value == "nonfinite" else reason
+        raise errors.NonFiniteLossError(f"arm {self.spec.name}: training stopped early ({why})")
+
+    def _hash_batch(self, record: StepRecord) -> None:
         """Hashes the batch's images and labels, proving that every arm trained on the same data.
 
         A cached arm receives features, so its images are looked up in the dataset by index.
         """
-        inputs, labels, indices, kind = batch
-        if kind == "features":
-            inputs = torch.stack([self.run.data.train[int(i)][0] for i in indices])
-        for t in (inputs, labels):
+        batch, inputs = record.batch, record.batch.inputs
+        if batch.source is BatchSource.FEATURES:
+            inputs = torch.stack([self.recipe.data.train[int(i)][0] for i in batch.indices])
+        for t in (inputs, batch.labels):
             self._batch_hash.update(t.contiguous().numpy())
 
     def finish(self) -> dict:
         """Checks freeze integrity and summarises timing, memory, optimizer state and loss."""
-        run = self.run
-        after = fingerprint(run.model, run.plan)
-        changed = sorted(k for k in run.frozen_before if after.get(k) != run.frozen_before[k])
+        recipe = self.recipe
+        after = fingerprint(recipe.model, recipe.plan)
+        changed = changed_tensors(recipe.frozen_before, after)
         timing = timing_stats(self.timed, self.config.data.batch_size)
         return {
             "timing": {**timing, "warmup_steps": self.warmup_steps, "step_times_s": list(self.timed)},
             "memory": self._memory(),
-            "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
+            "optimizer_state_bytes": optimizer_state_bytes(recipe.optimizer),
             "loss": {"first": self.losses[0] if self.losses else None,
                      "last": self.losses[-1] if self.losses else None},
             "losses": list(self.losses),
-            "frozen_batchnorm_drift": batchnorm_drift(self._bn_before, frozen_layer_batchnorm_state(run.model)),
+            "frozen_batchnorm_drift": batchnorm_drift(self._bn_before, frozen_layer_batchnorm_state(recipe.model)),
             "steps": len(self.losses),
             "batches_sha256": self._batch_hash.hexdigest(),
             "freeze_integrity": {
                 "ok": not changed,
                 "tensors_checked": len(after),
                 "changed": changed,
-                "sha256_before": combined_sha256(run.frozen_before),
+                "sha256_before": combined_sha256(recipe.frozen_before),
                 "sha256_after": combined_sha256(after),
             },
         }
 
     def _start_memory_window(self) -> dict:
-        device = self.run.device
+        device = self.recipe.device
         if not self.measure_memory:
             return {}
         if device.type == "cuda":
@@ -182,7 +189,7 @@ class ArmRunner:
         return {"rss_before_bytes": current_rss_bytes(), "peak_reset": reset}
 
     def _memory(self) -> dict:
-        device = self.run.device
+        device = self.recipe.device
         if not self.measure_memory:
             return {"peak_bytes": None, "kind": "not measured (arms share one process)"}
         if device.type == "cuda":
@@ -194,57 +201,15 @@ class ArmRunner:
                 "peak_rss_bytes": peak, **self._memory_start}
 
 
-def frozen_layer_batchnorm_state(model: nn.Module) -> dict[str, str]:
-    """sha256 of the running statistics of every BatchNorm whose own parameters are all frozen.
+def serve(runner: ArmRunner, command: str, args: tuple):
+    """Runs one protocol command on a runner.
 
-    Under ``batchnorm: frozen`` these never change; a plain loop (BatchNorm in train mode) keeps
-    updating them even though ``requires_grad`` is False, which changes what the frozen layers compute.
+    Raises:
+        RuntimeError: On a command that is not part of :class:`ArmProtocol`.
     """
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-            for buf in ("running_mean", "running_var"):
-                t = getattr(m, buf, None)
-                if t is not None:
-                    out[f"{name}.{buf}"] = tensor_sha256(t)
-    return out
-
-
-def batchnorm_drift(before: dict[str, str], after: dict[str, str]) -> dict:
-    """How many frozen layers' BatchNorm statistics changed between two :func:`frozen_layer_batchnorm_state`."""
-    changed = sorted({k.rsplit(".", 1)[0] for k, h in before.items() if after.get(k) != h})
-    return {"layers_checked": len({k.rsplit(".", 1)[0] for k in before}), "layers_changed": len(changed),
-            "changed": changed[:5]}
-
-
-def _batches(run: Run) -> Iterator:
-    """Training batches in the recipe's own order (seeded per epoch), epoch after epoch."""
-    epoch = 0
-    while True:
-        yield from epoch_batches(run, epoch)
-        epoch += 1
-
-
-def reset_peak_rss() -> bool:
-    """Resets this process's peak RSS (Linux ``clear_refs``); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def high_water_rss_bytes() -> int:
-    """Peak RSS since the last :func:`reset_peak_rss` (``VmHWM``), else the lifetime peak."""
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(r"^VmHWM:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    if command not in COMMANDS:
+        raise RuntimeError(f"unknown arm command {command!r}; the protocol is {', '.join(COMMANDS)}")
+    return getattr(runner, command)(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +226,7 @@ class InlineArm:
 
     def submit(self, command: str, *args) -> None:
         """Runs a command now; its answer is returned by :meth:`wait`."""
-        self._pending = getattr(self._runner, command)(*args)
+        self._pending = serve(self._runner, command, args)
 
     def wait(self):
         """Returns the answer to the last command."""
@@ -317,6 +282,7 @@ class ProcessArm:
         if status == "ok":
             return payload
         if status == "user_error":
+            # Every user-facing error class lives in freezetune.errors, so its type survives the trip.
             cls = getattr(errors, payload["type"], errors.FreezetuneError)
             raise cls(payload["message"])
         raise RuntimeError(f"arm {self.spec.name}: worker failed:\n{payload['traceback']}")
@@ -343,7 +309,7 @@ def worker_main(conn) -> None:
         runner = ArmRunner(Config.model_validate(init["config"]), ArmSpec(**init["spec"]), measure_memory=True)
         while True:
             command, args = conn.recv()
-            conn.send(("ok", getattr(runner, command)(*args)))
+            conn.send(("ok", serve(runner, command, args)))
             if command == "finish":
                 return
     except EOFError:

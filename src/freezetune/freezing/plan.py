@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import hashlib
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from freezetune.config import FreezeConfig, ModelConfig
 from freezetune.errors import FreezeError
-from freezetune.models.weights import build_model, stages
+from freezetune.models.catalog import stages
+from freezetune.models.weights import build_model
 
 
 @dataclass
@@ -227,36 +226,6 @@ def set_train_mode(model: nn.Module, plan: FreezePlan, mode: bool = True) -> Non
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Returns the parameters the optimizer may hold: exactly those with requires_grad."""
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def frozen_state(model: nn.Module, plan: FreezePlan) -> dict[str, torch.Tensor]:
-    """Returns the tensors that must not change: frozen parameters and frozen BatchNorm buffers."""
-    params = dict(model.named_parameters())
-    state = {name: params[name] for name in plan.frozen}
-    modules = dict(model.named_modules())
-    for bn_name in plan.frozen_bn:
-        for buf_name, buf in modules[bn_name].named_buffers(recurse=False):
-            state[f"{bn_name}.{buf_name}"] = buf
-    return state
-
-
-def fingerprint(model: nn.Module, plan: FreezePlan) -> dict[str, str]:
-    """Returns a sha256 per frozen tensor, to prove later that nothing frozen moved."""
-    return {name: tensor_sha256(t) for name, t in frozen_state(model, plan).items()}
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """Hashes a tensor's exact bytes (any dtype, any device)."""
-    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
-
-
-def combined_sha256(hashes: dict[str, str]) -> str:
-    """Folds per-tensor hashes (with their names) into one digest."""
-    h = hashlib.sha256()
-    for name in sorted(hashes):
-        h.update(f"{name}={hashes[name]}\n".encode())
-    return h.hexdigest()
 
 
 def _owner(param_name: str) -> str:

@@ -218,6 +218,31 @@ def check_image_size(name: str, height: int, width: int | None = None) -> None:
         )
 
 
+def head_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    """The classifier layer and its dotted name (see :func:`head_path`)."""
+    name = head_path(model)
+    return name, model.get_submodule(name)
+
+
+def replace_head(model: nn.Module, num_classes: int) -> bool:
+    """Swaps the classifier layer for a fresh one with ``num_classes`` outputs (if it differs).
+
+    Returns:
+        Whether the head was replaced.
+    """
+    name, layer = head_layer(model)
+    if isinstance(layer, nn.Conv2d):  # SqueezeNet classifies with a 1x1 convolution
+        if layer.out_channels == num_classes:
+            return False
+        new = nn.Conv2d(layer.in_channels, num_classes, layer.kernel_size, bias=layer.bias is not None)
+    else:
+        if layer.out_features == num_classes:
+            return False
+        new = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
+    model.set_submodule(name, new.to(layer.weight.device, layer.weight.dtype))
+    return True
+
+
 def stage_members_cover(param: str, members: tuple[str, ...] | list[str]) -> bool:
     """Whether a parameter name falls under one of a stage's members."""
     return any(param == m or param.startswith(m + ".") for m in members)
@@ -380,8 +405,6 @@ def select_models(pattern: str | None = None) -> list[str]:
 
 def describe(name: str, num_classes: int = 1000) -> ModelInfo:
     """Builds a model on the meta device and describes its freeze points and parameter counts."""
-    from freezetune.models.weights import replace_head  # model.py imports this module
-
     model = meta_model(name)
     order = derive_stages(name, model)  # not stages(): that would build the model again
     replace_head(model, num_classes)

@@ -11,8 +11,11 @@ ViT ``heads.head``) is replaced to give ``num_classes`` outputs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +25,7 @@ from torch import nn
 
 from freezetune.config import ModelConfig
 from freezetune.errors import WeightsError
-from freezetune.models.catalog import (  # noqa: F401 - RESNET_STAGES and stages are part of this module's API
-    AUX_PREFIXES,
-    RESNET_STAGES,
-    build,
-    check_image_size,
-    head_path,
-    input_size_rule,
-    stages,
-)
+from freezetune.models.catalog import AUX_PREFIXES, build, check_image_size, head_layer, input_size_rule, replace_head
 
 # How long ``weights: auto`` may spend trying to download before giving up on ImageNet.
 AUTO_DOWNLOAD_TIMEOUT_S = 10.0
@@ -74,7 +69,7 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
         source = "imagenet"
     elif cfg.weights == "auto":
         try:
-            state = imagenet_state_dict(cfg.name, allow_download=True, timeout=AUTO_DOWNLOAD_TIMEOUT_S)
+            state = imagenet_state_dict(cfg.name, allow_download=True, timeout=AUTO_DOWNLOAD_TIMEOUT_S, quiet=True)
             _load_imagenet(model, state)
             source = "imagenet"
         except WeightsError as e:
@@ -121,13 +116,15 @@ def _guard_input_size(model: nn.Module, name: str) -> None:
         model.register_forward_pre_hook(InputSizeCheck(name))
 
 
-def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None = None) -> dict:
+def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None = None, quiet: bool = False) -> dict:
     """Fetches torchvision's published ImageNet weights through torchvision's cache.
 
     Args:
         name: torchvision model name, e.g. ``resnet18``.
         allow_download: Whether to download when the file is not in the cache.
         timeout: Socket timeout for the download, in seconds.
+        quiet: Keep torch.hub's "Downloading: ..." line (stdout) and progress bar (stderr) off the
+            terminal (``weights: auto`` tries quietly; when it cannot download, its notice says so).
 
     Returns:
         The state dict.
@@ -139,7 +136,7 @@ def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None =
     filename = os.path.basename(weights.url)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if cached.exists():
-        return _torch_load(cached)
+        return safe_torch_load(cached)
     how = (
         f"download {weights.url} and place it at {cached} (or set TORCH_HOME), "
         "or set model.weights to a .pth/.safetensors path, or to none"
@@ -149,11 +146,19 @@ def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None =
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        # torch.hub prints "Downloading: ..." before it knows whether the network works.
+        with _silenced() if quiet else contextlib.nullcontext():
+            return weights.get_state_dict(progress=not quiet, check_hash=True)
     except Exception as e:  # network errors come in many types (URLError, socket, http)
         raise WeightsError(f"cannot download {filename} ({_short(e)}); {how}") from None
     finally:
         socket.setdefaulttimeout(old)
+
+
+@contextlib.contextmanager
+def _silenced():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -174,7 +179,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{path}: not a valid safetensors file ({_short(e)})") from None
     else:
-        state = _torch_load(path)
+        state = safe_torch_load(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a freezetune checkpoint.pt
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -182,41 +187,46 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _torch_load(path: Path) -> dict:
-    from freezetune.training.checkpoint import safe_torch_load
+def safe_torch_load(path: Path, what: str = "weights"):
+    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never code.
 
-    return safe_torch_load(path, "weights")
+    Args:
+        path: A ``.pt``/``.pth`` file.
+        what: What the file should be, for the error message (``weights``, ``checkpoint``).
 
-
-def _head(model: nn.Module) -> tuple[str, nn.Module]:
-    name = head_path(model)
-    return name, model.get_submodule(name)
-
-
-def replace_head(model: nn.Module, num_classes: int) -> bool:
-    """Swaps the classifier layer for a fresh one with ``num_classes`` outputs (if it differs).
-
-    Returns:
-        Whether the head was replaced.
+    Raises:
+        WeightsError: One line saying why the file was refused or could not be read.
     """
-    name, head = _head(model)
-    if isinstance(head, nn.Conv2d):  # SqueezeNet classifies with a 1x1 convolution
-        if head.out_channels == num_classes:
-            return False
-        new = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, bias=head.bias is not None)
-    else:
-        if head.out_features == num_classes:
-            return False
-        new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
-    model.set_submodule(name, new.to(head.weight.device, head.weight.dtype))
-    return True
+    try:
+        with warnings.catch_warnings():
+            # torch warns about e.g. pickle protocols right before failing; the error says it all.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling, zip and weights_only errors share no base class
+        text = str(e)
+        if "WeightsUnpickler error" in text:
+            after = text.split("WeightsUnpickler error:", 1)[1]
+            detail = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+            detail = detail.split(" was not an allowed global")[0][:120]
+            if "global" in detail.lower():
+                raise WeightsError(
+                    f"{path}: refused: unpickling it would call code ({detail}); freezetune "
+                    "loads with weights_only=True and never runs pickled code; re-save it as a state "
+                    "dict of tensors or as .safetensors"
+                ) from None
+            raise WeightsError(
+                f"{path}: not a {what} file written by torch.save "
+                f"(weights_only=True loading stopped at: {detail})"
+            ) from None
+        first = (text.strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"{path}: cannot load {what} safely with weights_only=True ({first})") from None
 
 
 def _fit_head(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int) -> bool:
     """Sizes the head for the file, then drops the file's head if it is not ``num_classes`` wide."""
-    name, head = _head(model)
+    name, layer = head_layer(model)
     w = state.get(f"{name}.weight")
-    if w is None or w.ndim != head.weight.ndim:
+    if w is None or w.ndim != layer.weight.ndim:
         return replace_head(model, num_classes)
     if w.shape[0] == num_classes:
         replace_head(model, num_classes)
@@ -231,7 +241,7 @@ def _fit_head(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Loads strictly, but tolerates a missing head (it was replaced on purpose)."""
     own = model.state_dict()
-    head_name, _ = _head(model)
+    head_name, _ = head_layer(model)
     # GoogLeNet/Inception are built without their auxiliary classifiers; ImageNet files hold them.
     state = {k: v for k, v in state.items() if k in own or not k.startswith(AUX_PREFIXES)}
     if source == "imagenet":

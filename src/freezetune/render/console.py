@@ -1,4 +1,7 @@
-"""Rich rendering of runs: parameter tables, the progress bar, and the final summary."""
+"""Rich rendering of training runs: parameter tables, the progress bar, and the final summary.
+
+Numbers are formatted by :mod:`freezetune.render.format`.
+"""
 
 from __future__ import annotations
 
@@ -15,25 +18,9 @@ from rich.progress import (
 from rich.table import Table
 
 from freezetune.freezing.params import trainable_line
-from freezetune.training.recipe import Reporter, Run
-
-
-def fmt_bytes(n: float | None) -> str:
-    """Formats a byte count with binary units (``1.5 MiB``)."""
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def fmt_seconds(s: float | None) -> str:
-    """Formats a duration in ms below one second, else seconds."""
-    if s is None:
-        return "-"
-    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+from freezetune.render.format import fmt_bytes, fmt_int, fmt_rate, fmt_seconds
+from freezetune.training.recipe import Recipe as Run  # noqa: N814 - the Recipe is what reporters see
+from freezetune.training.recipe import Reporter
 
 
 def params_table(counts: dict, title: str = "Parameters by module") -> Table:
@@ -46,10 +33,10 @@ def params_table(counts: dict, title: str = "Parameters by module") -> Table:
     for name, row in counts["by_module"].items():
         state = "trainable" if not row["frozen"] else "frozen" if not row["trainable"] else "partial"
         style = {"trainable": "green", "frozen": "cyan", "partial": "yellow"}[state]
-        table.add_row(name, f"{row['total']:,}", f"{row['trainable']:,}", f"{row['frozen']:,}",
+        table.add_row(name, fmt_int(row["total"]), fmt_int(row["trainable"]), fmt_int(row["frozen"]),
                       f"[{style}]{state}[/]")
     table.add_section()
-    table.add_row("total", f"{counts['total']:,}", f"{counts['trainable']:,}", f"{counts['frozen']:,}", "")
+    table.add_row("total", fmt_int(counts["total"]), fmt_int(counts["trainable"]), fmt_int(counts["frozen"]), "")
     return table
 
 
@@ -65,8 +52,7 @@ def summary_table(summary: dict) -> Table:
     table.add_row("steps", f"{summary['steps']} ({t['steps_timed']} timed after warm-up)")
     table.add_row("step time median", fmt_seconds(t["step_median_s"]))
     table.add_row("step time p10 / p90", f"{fmt_seconds(t['step_p10_s'])} / {fmt_seconds(t['step_p90_s'])}")
-    sps = t["samples_per_s"]
-    table.add_row("samples/s", f"{sps:.1f}" if sps else "-")
+    table.add_row("samples/s", fmt_rate(t["samples_per_s"]))
     table.add_row("peak memory", f"{fmt_bytes(summary['memory']['peak_bytes'])} ({summary['memory']['kind']})")
     table.add_row("optimizer state", fmt_bytes(summary["optimizer_state_bytes"]))
     loss = summary["loss"]

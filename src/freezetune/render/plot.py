@@ -3,10 +3,11 @@
 Figures are drawn on a bare :class:`matplotlib.figure.Figure` (Agg), never through pyplot, so
 plotting neither needs a display nor changes the backend of a caller's own matplotlib session.
 
-Every frozen freeze spec may be run in several modes (:data:`freezetune.compare.run.MODES`); each mode
+Every frozen freeze spec may be run in several modes (:data:`freezetune.compare.arms.MODES`); each mode
 keeps one colour in every panel: the plain ``requires_grad=False`` loop, freezetune's optimized
 path, and that path with the feature cache. Any subset of modes plots, and so do results written
 before modes existed (an arm without ``mode`` is the optimized path, ``full`` is the baseline).
+Figures are drawn from result records alone (plain dicts), so this module imports no comparison code.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from freezetune.compare.run import BASELINE, DEPTHS, MODES
-from freezetune.training.run_dir import atomic_write
+from freezetune.atomic import atomic_write
+from freezetune.models.catalog import RESNET_STAGES
+from freezetune.render.format import fmt_speedup_short as _x
+from freezetune.render.format import share_text, size_text
 
 MEASURED = "#d1495b"  # measured figures: warm red
 PREDICTED = "#00798c"  # FLOP arithmetic: teal
@@ -32,6 +35,8 @@ MODE_LABELS = {
     "optimized": "freezetune",
     "cached": "freezetune + feature cache",
 }
+# The modes of frozen arms in legend order; results name the full fine-tuning arm "full".
+FROZEN_MODES = tuple(m for m in MODE_LABELS if m != "full")
 # A panel switches to a log scale when its largest value is this many times its smallest, so
 # that a cached arm 70x faster than full does not flatten the 1.1x differences of the others.
 LOG_RATIO = 20.0
@@ -66,10 +71,10 @@ def arm_mode(name: str, arm: dict) -> str:
     """
     if arm.get("mode"):
         return arm["mode"]
-    if name == BASELINE:
+    if name == "full":
         return "full"
     suffix = name.rpartition(":")[2] if ":" in name else ""
-    return suffix if suffix in MODES else "optimized"
+    return suffix if suffix in FROZEN_MODES else "optimized"
 
 
 def arm_group(name: str, arm: dict) -> str:
@@ -82,8 +87,9 @@ class Sweep:
     """The frozen arms of a depth sweep, laid out as freeze points (x groups) by modes (bars).
 
     Attributes:
-        groups: Freeze points, shallowest first (result order for names outside DEPTHS).
-        modes: Modes that occur among the frozen arms, in :data:`MODES` order.
+        groups: Freeze points, shallowest first (the result's arm order for names that are not
+            ResNet freeze points).
+        modes: Modes that occur among the frozen arms, in :data:`FROZEN_MODES` order.
         cells: ``{(group, mode): arm name}`` for the arms that exist.
         baseline: The name of the full fine-tuning arm, or None if the result has none.
     """
@@ -129,9 +135,9 @@ def sweep_layout(arms: dict) -> Sweep:
             sweep.groups.append(group)
         sweep.cells.setdefault((group, mode), name)
         found_modes.add(mode)
-    known = [g for g in DEPTHS if g in sweep.groups]
+    known = [g for g in RESNET_STAGES if g in sweep.groups]  # ResNet's freeze points in depth order
     sweep.groups = known + [g for g in sweep.groups if g not in known]
-    sweep.modes = [m for m in MODES if m in found_modes] + sorted(found_modes - set(MODES))
+    sweep.modes = [m for m in FROZEN_MODES if m in found_modes] + sorted(found_modes - set(FROZEN_MODES))
     return sweep
 
 
@@ -411,14 +417,6 @@ def _label_small_state(ax, bars: list[tuple[float, str]], arms: dict, horizontal
                         rotation=0 if horizontal else 90)
 
 
-def size_text(n: int) -> str:
-    """A byte count in the binary unit that keeps it readable: 512 B, 20.0 KiB, 42.7 MiB, 1.20 GiB."""
-    for unit, size in (("GiB", 1024**3), ("MiB", MIB), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def _memory_title(memory: dict, peaks: list) -> str:
     if not any(p is not None for p in peaks):
         return f"Memory: optimizer state\n(peak memory {memory.get('kind') or 'not measured'})"
@@ -435,12 +433,6 @@ def _spread(timings: list[dict]) -> tuple[list[float], list[float], list[float]]
     return medians, lo, hi
 
 
-def share_text(share: float) -> str:
-    """A trainable share as a percentage with enough digits to tell 0.02% from 0%."""
-    pct = 100 * share
-    return f"{pct:.0f}%" if pct >= 99.95 or pct == 0 else f"{pct:.1f}%" if pct >= 1 else f"{pct:.2f}%"
-
-
 def _label_bars(ax, pos: list[float], ends: list[float], texts: list[str]) -> None:
     for p, end, text in zip(pos, ends, texts, strict=True):
         if text:
@@ -455,11 +447,6 @@ def _speedup_text(speedup: dict) -> str:
 
 def _times(value: float | None, what: str) -> str:
     return "" if value is None or abs(value - 1) < 1e-9 else f"{_x(value)} {what}"
-
-
-def _x(value: float) -> str:
-    """A speedup with as many digits as are worth reading: 1.07x, 21.8x, 10610x."""
-    return f"{value:.2f}x" if value < 10 else f"{value:.1f}x" if value < 100 else f"{value:.0f}x"
 
 
 def _ms(seconds: float | None) -> float:

@@ -12,66 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from freezetune.atomic import write_json
 from freezetune.config import Config
-from freezetune.errors import ConfigError
-from freezetune.freezing.plan import FreezePlan, combined_sha256, fingerprint
-from freezetune.models.catalog import is_resnet
-from freezetune.speed.prefix import frozen_prefix, prefix_batchnorm_frozen
+from freezetune.freezing.integrity import combined_sha256, fingerprint
+from freezetune.freezing.plan import FreezePlan
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 CACHE_FILE = "feature_cache.bin"
 CACHE_META = "feature_cache.json"
-
-
-@dataclass
-class CacheDecision:
-    """Whether the cache is used, and why (or why not)."""
-
-    enabled: bool
-    reason: str
-
-
-def decide(config: Config, prefix: list[str], prefix_bn_frozen: bool) -> CacheDecision:
-    """Applies ``train.feature_cache`` (auto | on | off) to the run's circumstances.
-
-    Raises:
-        ConfigError: With ``on``, naming the condition that makes caching incorrect.
-    """
-    mode = config.train.feature_cache
-    if mode == "off":
-        return CacheDecision(False, "train.feature_cache is off")
-    why_not = None
-    if not is_resnet(config.model.name):
-        why_not = f"frozen-prefix execution is implemented for ResNets only (model.name is {config.model.name})"
-    elif not prefix:
-        why_not = "no frozen prefix: the first stage (stem) trains"
-    elif not prefix_bn_frozen:
-        why_not = "BatchNorm in the frozen prefix updates its statistics (freeze.batchnorm: train)"
-    elif config.data.augment:
-        why_not = "data.augment is on: random transforms change the prefix output every epoch"
-    if why_not and mode == "on":
-        raise ConfigError(f"train.feature_cache: on is not possible: {why_not}")
-    if why_not:
-        return CacheDecision(False, f"feature cache off: {why_not}")
-    return CacheDecision(True, f"feature cache on: caching the output of {', '.join(prefix)} once per sample")
-
-
-def assess(model: torch.nn.Module, plan: FreezePlan, config: Config) -> tuple[list[str], bool, CacheDecision]:
-    """The model's frozen prefix, whether its BatchNorm is frozen, and :func:`decide` on them.
-
-    Raises:
-        ConfigError: With ``train.feature_cache: on``, naming why caching would be incorrect.
-    """
-    prefix = frozen_prefix(model, config.model.name)
-    bn_frozen = prefix_batchnorm_frozen(model, config.model.name, prefix, plan)
-    return prefix, bn_frozen, decide(config, prefix, bn_frozen)
 
 
 def cache_key(model: torch.nn.Module, plan: FreezePlan, config: Config, dataset: Dataset) -> str:
@@ -183,8 +137,6 @@ class FeatureCache:
         self.on_disk = True
 
     def _write_meta(self) -> None:
-        from freezetune.training.run_dir import write_json
-
         self._array.flush()
         write_json(self.run_dir / CACHE_META, {
             "key": self.key, "shape": list(self.features.shape[1:]), "labels": self.labels.tolist(),

@@ -19,10 +19,17 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from freezetune.freezing.plan import FreezePlan
-from freezetune.models.catalog import is_resnet
-from freezetune.models.weights import stages
+from freezetune.models.catalog import is_resnet, stages
 
 _CONV_BN = re.compile(r"^conv(\d+)$")
+
+
+def supports_prefix(model_name: str) -> bool:
+    """Whether frozen-prefix execution (split, folding, cache) is implemented for this model: ResNets.
+
+    The one place this rule lives; :mod:`freezetune.speed.execution` gives the reason to users.
+    """
+    return is_resnet(model_name)
 
 
 def frozen_prefix(model: nn.Module, model_name: str) -> list[str]:
@@ -31,7 +38,7 @@ def frozen_prefix(model: nn.Module, model_name: str) -> list[str]:
     Always empty for models other than ResNets: splitting and folding are only implemented for
     ResNet's layout, so every other model runs its plain forward.
     """
-    if not is_resnet(model_name):
+    if not supports_prefix(model_name):
         return []
     prefix = []
     for stage, modules in stages(model_name).items():

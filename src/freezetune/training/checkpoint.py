@@ -7,14 +7,15 @@
 from __future__ import annotations
 
 import random
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from freezetune.atomic import atomic_write
 from freezetune.errors import WeightsError
-from freezetune.training.run_dir import atomic_write
+from freezetune.models.weights import safe_torch_load
+from freezetune.training.state import RunState
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -39,7 +40,7 @@ def save_checkpoint(
     run_dir: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    progress: dict,
+    state: RunState,
     scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Writes ``checkpoint.pt``; the previous checkpoint survives until the new one is complete.
@@ -48,17 +49,18 @@ def save_checkpoint(
         run_dir: The run folder.
         model: The model (its full state dict is saved).
         optimizer: The optimizer (momentum buffers included).
-        progress: ``step``, ``epoch``, ``batch_in_epoch`` and anything else small and plain.
+        state: The run's position (step, epoch, batch in epoch, unfreeze phases).
         scaler: The fp16 gradient scaler, whose loss scale a resumed run continues from.
 
     Returns:
         The checkpoint path.
     """
+    # The whole saved state, spelled out: weights, optimizer, RNG, and the run's position.
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
-        **progress,
+        **state.as_dict(),
     }
     if scaler is not None:
         # Floats and ints only, so the checkpoint still loads with weights_only=True.
@@ -81,41 +83,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= set(ckpt):
         raise WeightsError(f"{path}: not a freezetune checkpoint (needs model, optimizer, step)")
     return ckpt
-
-
-def safe_torch_load(path: Path, what: str = "weights"):
-    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never code.
-
-    Args:
-        path: A ``.pt``/``.pth`` file.
-        what: What the file should be, for the error message (``weights``, ``checkpoint``).
-
-    Raises:
-        WeightsError: One line saying why the file was refused or could not be read.
-    """
-    try:
-        with warnings.catch_warnings():
-            # torch warns about e.g. pickle protocols right before failing; the error says it all.
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling, zip and weights_only errors share no base class
-        text = str(e)
-        if "WeightsUnpickler error" in text:
-            after = text.split("WeightsUnpickler error:", 1)[1]
-            detail = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
-            detail = detail.split(" was not an allowed global")[0][:120]
-            if "global" in detail.lower():
-                raise WeightsError(
-                    f"{path}: refused: unpickling it would call code ({detail}); freezetune "
-                    "loads with weights_only=True and never runs pickled code; re-save it as a state "
-                    "dict of tensors or as .safetensors"
-                ) from None
-            raise WeightsError(
-                f"{path}: not a {what} file written by torch.save "
-                f"(weights_only=True loading stopped at: {detail})"
-            ) from None
-        first = (text.strip().splitlines() or [type(e).__name__])[0][:200]
-        raise WeightsError(f"{path}: cannot load {what} safely with weights_only=True ({first})") from None
 
 
 def _as_tuple(x):

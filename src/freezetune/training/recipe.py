@@ -1,4 +1,4 @@
-"""The fine-tuning recipe: setup -> train -> cleanup.
+"""The fine-tuning recipe: ``setup()``, ``train()``, ``cleanup()``; every command drives it.
 
 Usable from Python without the CLI::
 
@@ -7,7 +7,10 @@ Usable from Python without the CLI::
 
     summary = run(load_config("configs/quickstart.yaml", ["train.max_steps=5"]))
 
-Printing goes through a :class:`Reporter`; the default one is silent.
+``freezetune train`` calls :func:`run`. ``compare`` arms, the benchmark and ``demo frozen`` build a
+:class:`Recipe` and pull steps from :meth:`Recipe.loop`, the one training loop, so the learning-rate
+schedule, gradual unfreezing and the execution path are the same everywhere. Printing goes
+through a :class:`Reporter`; the default one is silent.
 """
 
 from __future__ import annotations
@@ -18,51 +21,37 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
-from freezetune import __version__
+from freezetune.atomic import remove_stale_temps, write_json, write_text
 from freezetune.config import Config, dump_config, load_config
-from freezetune.errors import ConfigError, NonFiniteLossError, RunDirError, WeightsError
-from freezetune.export import checkpoint_sizes, save_trainable
+from freezetune.errors import ConfigError, FreezeIntegrityError, NonFiniteLossError, RunDirError, WeightsError
+from freezetune.freezing.integrity import combined_sha256, fingerprint, frozen_state
 from freezetune.freezing.params import count_params
-from freezetune.freezing.plan import (
-    FreezePlan,
-    apply_freeze,
-    combined_sha256,
-    fingerprint,
-    frozen_state,
-    set_train_mode,
-    unfreeze,
-)
-from freezetune.measure.timing import (
-    device_description,
-    peak_memory,
-    reset_peak_memory,
-    resolve_device,
-    synchronize,
-    timing_stats,
-)
-from freezetune.models.weights import LoadedModel, build_model
-from freezetune.speed.feature_cache import FeatureCache, IndexedDataset, assess, cache_key
-from freezetune.speed.precision import autocast, check_precision, grad_scaler
+from freezetune.freezing.plan import apply_freeze, set_train_mode
+from freezetune.freezing.schedule import PhaseRecord, phases_due, unfreeze_phase
+from freezetune.measure.device import resolve_device
+from freezetune.measure.memory import reset_peak_memory
+from freezetune.measure.timing import synchronize
+from freezetune.models.weights import build_model
+from freezetune.speed.execution import ExecutionPlan, plan_execution
+from freezetune.speed.feature_cache import FeatureCache, IndexedDataset, cache_key
+from freezetune.speed.precision import check_precision, grad_scaler
 from freezetune.speed.prefix import SplitForward
 from freezetune.training import distributed as dist
 from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
-from freezetune.training.data import Data, EpochSampler, build_data, make_loader
-from freezetune.training.optim import add_unfrozen, build_optimizer, check_optimizer, optimizer_state_bytes, set_lr
-from freezetune.training.run_dir import (
-    MetricsLog,
-    prepare_run_dir,
-    read_jsonl,
-    remove_stale_temps,
-    write_json,
-    write_text,
-)
+from freezetune.training.data import EpochSampler, build_data, make_loader
+from freezetune.training.optim import add_unfrozen, build_optimizer, check_optimizer, plain_optimizer, set_lr
+from freezetune.training.run_dir import MetricsLog, prepare_run_dir, read_jsonl
+from freezetune.training.state import RunState, StopReason
+from freezetune.training.step import Batch, BatchSource, DDPForward, Engine, evaluate, fill_cache, train_step
+from freezetune.training.summary import build_summary
+from freezetune.training.trainable import save_trainable
 
 FINGERPRINT_NAME = "frozen_sha256.json"
 
@@ -70,7 +59,7 @@ FINGERPRINT_NAME = "frozen_sha256.json"
 class Reporter:
     """Receives progress events; subclass it to print. Every method is optional."""
 
-    def setup_done(self, run: Run) -> None:  # noqa: D102
+    def setup_done(self, run: Recipe) -> None:  # noqa: D102
         pass
 
     def train_start(self, total_steps: int, start_step: int) -> None:  # noqa: D102
@@ -90,223 +79,541 @@ class Reporter:
 
 
 @dataclass
-class Run:
-    """Everything ``setup`` builds and the later stages use."""
+class StepRecord:
+    """One optimizer step, as :meth:`Recipe.loop` yields it (one line of ``metrics.jsonl``)."""
 
-    config: Config
-    device: torch.device
-    loaded: LoadedModel
-    plan: FreezePlan
-    optimizer: torch.optim.Optimizer
-    data: Data
-    run_dir: Path
-    params: dict
-    frozen_before: dict[str, str]
-    progress: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "batch_in_epoch": 0, "phases": 0})
-    resumed_from_step: int | None = None
-    saved_step: int | None = None  # step of the newest checkpoint on disk
-    split: SplitForward | None = None
-    cache: FeatureCache | None = None
-    speed: dict = field(default_factory=dict)
-    scaler: torch.amp.GradScaler | None = None
-    restored_scaler: dict | None = None  # GradScaler state from the checkpoint being resumed
-    compiled: nn.Module | None = None
-    epoch_times: list[dict] = field(default_factory=list)
-    dist: dist.DistInfo = field(default_factory=dist.DistInfo)
-    ddp: nn.Module | None = None
-    step_times: list[float] = field(default_factory=list)
-    phases: list[dict] = field(default_factory=list)
+    step: int
+    epoch: int
+    loss: float
+    step_time_s: float
+    lr: float
+    batch_size: int
+    warmup: bool
+    cached: bool
+    batch: Batch = field(repr=False, compare=False)
 
-    @property
-    def model(self) -> nn.Module:
-        """The network being trained."""
-        return self.loaded.model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for images, through the fastest correct path chosen at setup."""
-        if self.split is not None:
-            return self.split(x)
-        return (self.compiled or self.model)(x)
-
-    def logits(self, x: torch.Tensor, y: torch.Tensor, indices, kind: str) -> torch.Tensor:
-        """Logits for one training batch (images or cached features), through DDP when distributed."""
-        if self.ddp is not None:
-            return self.ddp(x, y, indices, kind)
-        return _batch_logits(self, x, y, indices, kind)
+    def as_dict(self) -> dict:
+        """The ``metrics.jsonl`` row (the batch itself is left out)."""
+        return {k: v for k, v in asdict(self).items() if k != "batch"}
 
 
-def _batch_logits(run: Run, x: torch.Tensor, y: torch.Tensor, indices, kind: str) -> torch.Tensor:
-    if kind == "features":
-        return run.split.head(x)
-    if kind == "images+cache":
-        h = run.split.features(x)
-        run.cache.put(indices, h, y)
-        return run.split.head(h)
-    return run.forward(x)
+@dataclass
+class EpochEnd:
+    """The end of one pass over (what was left of) an epoch's batches."""
 
+    epoch: int
+    seconds: float
+    steps: int
+    cached: bool
 
-class _DDPForward(nn.Module):
-    """What DDP wraps: the model (so DDP sees the trainable parameters) and the batch-to-logits path.
-
-    The folded prefix copy is not a submodule, so DDP never touches it.
-    """
-
-    def __init__(self, run: Run):
-        super().__init__()
-        self.model = run.model
-        self._run = [run]  # a list, so the Run is not registered as a submodule
-
-    def forward(self, x, y, indices, kind):  # noqa: D102
-        return _batch_logits(self._run[0], x, y, indices, kind)
+    def as_dict(self) -> dict:
+        """The ``summary.json`` ``epochs`` entry."""
+        return asdict(self)
 
 
 @dataclass
 class Outcome:
-    """What the train stage did."""
+    """What :meth:`Recipe.train` did."""
 
-    status: str = "completed"  # completed | interrupted | nonfinite
+    status: str = StopReason.COMPLETED.value  # completed | interrupted | nonfinite
     val: dict | None = None
     error: str | None = None
     first_loss: float | None = None
     last_loss: float | None = None
 
 
-# --------------------------------------------------------------------------------------------
-# setup
-
-
-def setup(config: Config, resume: bool = False) -> Run:
-    """Builds model, freeze plan, optimizer and data, and prepares the run folder.
+class Recipe:
+    """Fine-tunes one config: ``setup()`` builds everything, ``train()`` runs, ``cleanup()`` releases.
 
     Args:
         config: The validated config.
+        reporter: Receives progress events (only on the main rank).
         resume: Continue the run in ``config.output.dir`` from its checkpoint.
-
-    Returns:
-        A Run ready for :func:`train`.
+        plain_optimizer: Hand *every* parameter to torch's default SGD, frozen ones included: the
+            naive baseline that ``compare``'s ``plain`` arms measure. Never used for real training.
     """
-    info = dist.from_env()
-    device = dist.init(info, config.device) if info.enabled else resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    loaded = build_model(config.model)
-    plan = apply_freeze(loaded.model, config.freeze, config.model.name)
-    data = build_data(config.data, config.model.num_classes, config.seed)
-    if info.is_main:
-        run_dir = prepare_run_dir(config.output.dir, config.output.overwrite, resume=resume)
-    dist.barrier(info)
-    run_dir = Path(config.output.dir)
-    loaded.model.to(device)
-    optimizer = make_optimizer(loaded.model, config)
-    run = Run(
-        config=config,
-        device=device,
-        loaded=loaded,
-        plan=plan,
-        optimizer=optimizer,
-        data=data,
-        run_dir=run_dir,
-        params=count_params(loaded.model),
-        frozen_before={},
-        dist=info,
-    )
-    if resume:
-        _restore(run)
-        _check_work_left(run)
-        if info.is_main:
-            remove_stale_temps(run_dir)  # left by a process killed while saving
-            _truncate_metrics(run)
-            # Record the train.* overrides, so that resuming again continues with them.
-            write_text(run_dir / "config.yaml", dump_config(config))
-    else:
-        run.frozen_before = fingerprint(loaded.model, plan)
-        if info.is_main:
-            write_json(run_dir / FINGERPRINT_NAME, run.frozen_before)
-            write_text(run_dir / "config.yaml", dump_config(config))
-    dist.barrier(info)
-    check_optimizer(run.optimizer, run.model)
-    _setup_speed(run)
-    return run
 
+    def __init__(self, config: Config, reporter: Reporter | None = None, resume: bool = False,
+                 plain_optimizer: bool = False):
+        self.config = config
+        self.reporter = reporter or Reporter()
+        self.resume = resume
+        self.plain_optimizer = plain_optimizer
+        self.state = RunState()
+        self.phases: list[PhaseRecord] = []
+        self.step_times: list[float] = []
+        self.epoch_times: list[dict] = []
+        self.frozen_before: dict[str, str] = {}
+        self.resumed_from_step: int | None = None
+        self.saved_step: int | None = None  # step of the newest checkpoint on disk
+        self.engine: Engine | None = None
+        self.execution: ExecutionPlan | None = None
+        self.stop_reason: StopReason | None = None
+        self._restored_scaler: dict | None = None
+        self._stop: StopFlag | None = None
+        self.nonfinite: str | None = None  # what the loss became, and at which step
+        self.loss_fn = nn.CrossEntropyLoss()
 
-def _setup_speed(run: Run) -> None:
-    """Chooses the execution path: frozen-prefix split, BatchNorm folding, cache, precision, layout."""
-    cfg, model = run.config, run.model
-    check_precision(cfg.train.precision, run.device)
-    if run.scaler is None:  # created once: its loss scale must survive a rebuild after unfreezing
-        run.scaler = grad_scaler(cfg.train.precision, run.device)
-        if run.scaler is not None and run.restored_scaler:
-            # A resumed fp16 run continues with the loss scale it had reached, instead of
-            # re-learning it from 65536 through a burst of skipped (overflowing) steps.
-            run.scaler.load_state_dict(run.restored_scaler)
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    prefix, bn_frozen, decision = assess(model, run.plan, cfg)
-    if prefix and (cfg.train.fold_batchnorm or decision.enabled):
-        # channels-last for the folded prefix is a measured CPU win (see SplitForward); on CUDA
-        # the prefix follows train.channels_last like the rest of the model.
-        run.split = SplitForward(model, cfg.model.name, prefix, fold=bn_frozen and cfg.train.fold_batchnorm,
-                                 prefix_channels_last=run.device.type == "cpu" or cfg.train.channels_last,
-                                 suffix_channels_last=cfg.train.channels_last)
-    if decision.enabled:
-        key = cache_key(model, run.plan, cfg, run.data.train)
-        run.cache = FeatureCache(len(run.data.train), run.run_dir, key, cfg.train.feature_cache_max_bytes,
-                                 device=run.device)
-    if cfg.train.compile:
-        if run.split is not None:
-            run.split.prefix = torch.compile(run.split.prefix)
-            run.split.head = torch.compile(run.split.head)
+    # ----------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self) -> Recipe:
+        """Builds device, model and freeze plan, data, run folder, optimizer, state and execution path."""
+        self._setup_distributed()
+        self._setup_model()
+        self._setup_data()
+        self._setup_run_dir()
+        self._setup_optimizer()
+        self._setup_state()
+        self._setup_execution()
+        return self
+
+    def _setup_distributed(self) -> None:
+        self.dist = dist.from_env()
+        if self.dist.enabled:
+            self.device = dist.init(self.dist, self.config.device)
         else:
-            run.compiled = torch.compile(model)
-    run.speed = {
-        "frozen_prefix": prefix,
-        "prefix_without_autograd": run.split is not None,
-        "folded_batchnorm": bool(run.split and run.split.folded),
-        "prefix_channels_last": bool(run.split and run.split.prefix_format is not None),
-        "feature_cache": {"enabled": decision.enabled, "reason": decision.reason},
-        "precision": cfg.train.precision,
-        "channels_last": cfg.train.channels_last,
-        "compile": cfg.train.compile,
-    }
-    # DDP registers the parameters that require grad when it is built, so it is (re)built here,
-    # after every change of the freeze state.
-    run.ddp = dist.wrap(_DDPForward(run), run.dist, run.device) if run.dist.enabled else None
+            self.device = resolve_device(self.config.device)
+        if not self.dist.is_main:
+            self.reporter = Reporter()
 
+    def _setup_model(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.loaded = build_model(cfg.model)
+        self.plan = apply_freeze(self.loaded.model, cfg.freeze, cfg.model.name)
+        self.params = count_params(self.loaded.model)
 
-def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
-    """SGD with momentum over the trainable parameters only, grouped by ``optim.param_groups``."""
-    return build_optimizer(model, config.optim)
+    def _setup_data(self) -> None:
+        cfg = self.config
+        self.data = build_data(cfg.data, cfg.model.num_classes, cfg.seed)
+        self.per_epoch = math.ceil(len(self.data.train) // self.dist.world_size / cfg.data.batch_size)
+        self.total = planned_steps(cfg, self.per_epoch)
+        self.max_epochs = cfg.train.epochs
 
+    def _setup_run_dir(self) -> None:
+        if self.dist.is_main:
+            prepare_run_dir(self.config.output.dir, self.config.output.overwrite, resume=self.resume)
+        dist.barrier(self.dist)
+        self.run_dir = Path(self.config.output.dir)
 
-def apply_phases(run: Run, upto: int, reporter: Reporter | None = None) -> None:
-    """Applies ``freeze.schedule`` phases until ``upto`` of them are in effect (gradual unfreezing).
+    def _setup_optimizer(self) -> None:
+        self.model.to(self.device)
+        if self.plain_optimizer:
+            self.optimizer = plain_optimizer(self.model, self.config.optim)
+        else:
+            self.optimizer = build_optimizer(self.model, self.config.optim)
 
-    Each phase unfreezes its patterns, checks that those tensors were still bit-identical to the
-    start (they were frozen until now), adds them to the optimizer as new groups with the phase's
-    ``lr_mult``, re-checks optimizer hygiene and rebuilds the execution path (prefix, cache, DDP).
-    """
-    schedule = run.config.freeze.schedule
-    while len(run.phases) < upto:
-        phase = schedule[len(run.phases)]
-        newly = unfreeze(run.model, run.plan, phase.unfreeze)
-        current = fingerprint(run.model, FreezePlan(frozen=[n for n, _ in newly]))
-        moved = sorted(n for n, h in current.items() if run.frozen_before.get(n, h) != h)
-        if moved:
-            raise FreezeIntegrityError(f"tensors changed while frozen, before epoch {phase.epoch}: {moved[:5]}")
-        groups = add_unfrozen(run.optimizer, newly, run.config.optim, phase.lr_mult, f"unfreeze@{phase.epoch}")
-        check_optimizer(run.optimizer, run.model)
-        info = {"epoch": phase.epoch, "unfreeze": phase.unfreeze, "tensors": len(newly),
-                "params": sum(p.numel() for _, p in newly), "lr_mult": phase.lr_mult, "groups": groups,
-                "unchanged_while_frozen": True}
-        run.phases.append(info)
-        run.progress["phases"] = len(run.phases)
-        if run.split is not None or run.cache is not None or run.ddp is not None:
-            _setup_speed(run)
-        if reporter is not None:
-            trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-            reporter.message(
-                f"epoch {phase.epoch}: unfreezing {', '.join(phase.unfreeze)} ({info['params']:,} params, "
+    def _setup_state(self) -> None:
+        if self.resume:
+            self._restore()
+            self._check_work_left()
+            if self.dist.is_main:
+                remove_stale_temps(self.run_dir)  # left by a process killed while saving
+                self._truncate_metrics()
+                # Record the train.* overrides, so that resuming again continues with them.
+                write_text(self.run_dir / "config.yaml", dump_config(self.config))
+        else:
+            self.frozen_before = fingerprint(self.model, self.plan)
+            if self.dist.is_main:
+                write_json(self.run_dir / FINGERPRINT_NAME, self.frozen_before)
+                write_text(self.run_dir / "config.yaml", dump_config(self.config))
+        dist.barrier(self.dist)
+        self._check_optimizer()
+
+    def _setup_execution(self) -> None:
+        """Builds the execution path that :func:`plan_execution` chose, for the current freeze state."""
+        cfg, model = self.config, self.model
+        check_precision(cfg.train.precision, self.device)
+        if self.engine is None:  # the scaler is made once: its loss scale must survive a rebuild
+            scaler = grad_scaler(cfg.train.precision, self.device)
+            if scaler is not None and self._restored_scaler:
+                # A resumed fp16 run continues with the loss scale it had reached, instead of
+                # re-learning it from 65536 through a burst of skipped (overflowing) steps.
+                scaler.load_state_dict(self._restored_scaler)
+        else:
+            scaler = self.engine.scaler
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        plan = plan_execution(model, self.plan, cfg, self.device, self.dist.enabled)
+        engine = Engine(model, self.optimizer, self.device, cfg.train.precision, cfg.train.channels_last,
+                        cfg.train.stop_on_nonfinite, scaler=scaler)
+        if plan.prefix_without_autograd.enabled:
+            engine.split = SplitForward(model, cfg.model.name, list(plan.frozen_prefix),
+                                        fold=plan.fold_batchnorm.enabled,
+                                        prefix_channels_last=plan.prefix_channels_last.enabled,
+                                        suffix_channels_last=cfg.train.channels_last)
+        if plan.feature_cache.enabled:
+            key = cache_key(model, self.plan, cfg, self.data.train)
+            engine.cache = FeatureCache(len(self.data.train), self.run_dir, key, cfg.train.feature_cache_max_bytes,
+                                        device=self.device)
+        if plan.compile.enabled:
+            if engine.split is not None:
+                engine.split.prefix = torch.compile(engine.split.prefix)
+                engine.split.head = torch.compile(engine.split.head)
+            else:
+                engine.compiled = torch.compile(model)
+        # DDP registers the parameters that require grad when it is built, so it is (re)built
+        # here, after every change of the freeze state.
+        if plan.ddp.enabled:
+            engine.ddp = dist.wrap(DDPForward(engine), self.dist, self.device)
+        self.engine, self.execution = engine, plan
+
+    def _check_optimizer(self) -> None:
+        if not self.plain_optimizer:  # the plain baseline holds frozen parameters on purpose
+            check_optimizer(self.optimizer, self.model)
+
+    @property
+    def model(self) -> nn.Module:
+        """The network being trained."""
+        return self.loaded.model
+
+    @property
+    def speed(self) -> dict:
+        """The execution path as the ``speed`` section of ``summary.json``."""
+        return self.execution.as_dict() if self.execution else {}
+
+    def extend_to(self, steps: int) -> None:
+        """Lets the loop run at least ``steps`` steps in total, past the config's own length if need be.
+
+        A comparison times the first steps of the run the config describes, at that run's learning
+        rates; only when it needs more steps than the run has does the schedule stretch to them.
+        """
+        if steps > self.total:
+            self.total = steps
+            self.max_epochs = max(self.max_epochs, math.ceil(steps / max(1, self.per_epoch)))
+
+    # ----------------------------------------------------------------------------------------
+    # resume
+
+    def _restore(self) -> None:
+        path = self.run_dir / CHECKPOINT_NAME
+        ckpt = load_checkpoint(path)
+        fp = self.run_dir / FINGERPRINT_NAME
+        self.frozen_before = json.loads(fp.read_text()) if fp.is_file() else fingerprint(self.model, self.plan)
+        try:
+            # Re-apply the unfreeze phases the run had reached first, so the freeze state and the
+            # optimizer's param groups are exactly those the checkpoint was saved with.
+            state = RunState.from_checkpoint(ckpt)
+            self.apply_phases(state.phases, announce=False)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first})") from None
+        self.state = state
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        self._restored_scaler = ckpt.get("scaler")
+        self.resumed_from_step = self.saved_step = state.step
+
+    def _check_work_left(self) -> None:
+        """Refuses to "resume" a run that already completed (it would only rewrite its summary)."""
+        if self._work_left():
+            return
+        try:
+            status = json.loads((self.run_dir / "summary.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            status = None  # killed after its last checkpoint: resuming writes the missing summary
+        if status == "completed":
+            raise RunDirError(
+                f"{self.run_dir}: run already finished after {self.state.step} steps; "
+                "to train longer, resume with a larger train.max_steps or train.epochs"
+            )
+
+    def _truncate_metrics(self) -> None:
+        # Steps logged after the checkpoint by the interrupted process will be redone.
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            kept = [r for r in read_jsonl(metrics) if r["step"] <= self.state.step]
+            write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # ----------------------------------------------------------------------------------------
+    # gradual unfreezing
+
+    def apply_phases(self, upto: int, announce: bool = True) -> None:
+        """Applies ``freeze.schedule`` phases until ``upto`` of them are in effect (gradual unfreezing).
+
+        Each phase unfreezes its patterns (checking that those tensors were still bit-identical
+        to the start), adds them to the optimizer as new groups with the phase's ``lr_mult``,
+        re-checks optimizer hygiene and rebuilds the execution path (prefix, cache, DDP).
+        ``announce`` tells the reporter; a resumed run re-applies its phases silently.
+        """
+        schedule = self.config.freeze.schedule
+        while len(self.phases) < upto:
+            phase = schedule[len(self.phases)]
+            newly = unfreeze_phase(self.model, self.plan, phase, self.frozen_before)
+            groups = []
+            if not self.plain_optimizer:  # the plain baseline already holds every parameter
+                groups = add_unfrozen(self.optimizer, newly, self.config.optim, phase.lr_mult,
+                                      f"unfreeze@{phase.epoch}")
+            self._check_optimizer()
+            record = PhaseRecord.of(phase, newly, groups)
+            self.phases.append(record)
+            self.state.phases = len(self.phases)
+            if self.engine is not None:
+                self._setup_execution()
+            if not announce:
+                continue
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            self.reporter.message(
+                f"epoch {phase.epoch}: unfreezing {', '.join(phase.unfreeze)} ({record.params:,} params, "
                 f"lr x{phase.lr_mult}); trainable now {trainable:,}"
             )
+
+    # ----------------------------------------------------------------------------------------
+    # the training loop
+
+    def loop(self) -> Iterator[StepRecord | EpochEnd]:
+        """The training loop: yields every step, and the end of every epoch, until the run stops.
+
+        Sets :attr:`stop_reason` when it ends. :meth:`train` logs, validates and checkpoints on
+        the events; a comparison arm takes steps a block at a time and ignores epoch ends.
+        """
+        warm_left = self.config.train.warmup_steps
+        while self._work_left():
+            if self._signalled():  # arrived during validation or a checkpoint save
+                self.stop_reason = StopReason.INTERRUPTED
+                return
+            epoch = self.state.epoch
+            self._start_epoch(epoch)
+            start, steps, stopping = time.perf_counter(), 0, False
+            cached = self.engine.cache is not None and self.engine.cache.complete
+            for batch in self.epoch_batches(epoch):
+                record = self._step(batch, epoch, cached, warmup=warm_left > 0)
+                if record is None:
+                    self.stop_reason = StopReason.NONFINITE
+                    return
+                warm_left, steps = max(0, warm_left - 1), steps + 1
+                yield record
+                stopping = self._stop_now()
+                if stopping or self.state.step >= self.total:
+                    break
+            synchronize(self.device)
+            end = EpochEnd(epoch, time.perf_counter() - start, steps, cached)
+            self.epoch_times.append(end.as_dict())
+            if stopping and self.state.step < self.total:
+                self.stop_reason = StopReason.INTERRUPTED
+                return  # a signal during the final step lets the run complete instead
+            if self.state.batch_in_epoch >= self.per_epoch:
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+            yield end
+        self.stop_reason = StopReason.COMPLETED
+
+    def _work_left(self) -> bool:
+        return self.state.step < self.total and self.state.epoch < self.max_epochs
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.apply_phases(phases_due(self.config.freeze.schedule, epoch))
+        set_train_mode(self.model, self.plan, True)
+
+    def _step(self, batch: Batch, epoch: int, cached: bool, warmup: bool) -> StepRecord | None:
+        """Trains one batch at this step's learning rate; None if the loss was not finite."""
+        set_lr(self.optimizer, self.config.optim, self.state.step, self.total)
+        loss, seconds = train_step(self.engine, batch, self.loss_fn)
+        self.step_times.append(seconds)
+        loss = dist.mean(loss, self.dist, self.device)  # what a single process would see
+        if not math.isfinite(loss) and self.config.train.stop_on_nonfinite:
+            # train_step skipped the update: the step did not happen.
+            self.nonfinite = f"loss became {loss} at step {self.state.step + 1}"
+            return None
+        self.state.step += 1
+        self.state.batch_in_epoch += 1
+        return StepRecord(self.state.step, epoch, loss, seconds, self.optimizer.param_groups[0]["lr"],
+                          batch.size, warmup, cached, batch)
+
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's remaining batches, in EpochSampler's order, from the cache once it is full."""
+        cfg, cache = self.config, self.engine.cache
+        bs = cfg.data.batch_size
+        sampler = EpochSampler(len(self.data.train), cfg.seed, epoch, self.state.batch_in_epoch * bs,
+                               rank=self.dist.rank, world_size=self.dist.world_size)
+        if cache is not None and cache.complete:
+            order = torch.tensor(list(sampler), dtype=torch.long)
+            for chunk in order.split(bs):
+                features, labels = cache.get(chunk)
+                yield Batch(features, labels, chunk, BatchSource.FEATURES)
+            return
+        dataset = IndexedDataset(self.data.train) if cache is not None else self.data.train
+        loader = make_loader(dataset, bs, cfg.data.num_workers, sampler, pin_memory=self.device.type == "cuda",
+                             seed=cfg.seed * 1_000_003 + epoch)
+        for b in loader:
+            if cache is not None:
+                yield Batch(b[0], b[1], b[2], BatchSource.IMAGES_FILL_CACHE)
+            else:
+                yield Batch(b[0], b[1], None, BatchSource.IMAGES)
+
+    def fill_cache(self) -> float:
+        """Fills the feature cache from the current epoch's batches without training; returns seconds.
+
+        Training fills the cache during its first epoch. A comparison fills it up front instead,
+        so that each of its timed steps is a later-epoch step; the time it took is the price the
+        first epoch pays.
+
+        Raises:
+            ValueError: If this run has no feature cache.
+        """
+        return fill_cache(self.engine, self.epoch_batches(self.state.epoch) if self.engine.cache else ())
+
+    def _signalled(self) -> bool:
+        return self._stop is not None and self._stop.requested is not None
+
+    def _stop_now(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it every step)."""
+        requested = self._signalled()
+        stop_now = dist.any_true(requested, self.dist, self.device)
+        if stop_now and not requested and self._stop is not None:
+            self._stop.requested = "another rank's signal"
+        return stop_now
+
+    def train(self) -> Outcome:
+        """Runs :meth:`loop` with metrics, checkpoints, per-epoch validation and signal handling."""
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None,
+                             append=self.resumed_from_step is not None)
+        outcome = Outcome()
+        reset_peak_memory(self.device)
+        self.reporter.train_start(self.total, self.state.step)
+        if self.config.train.feature_cache != "off":
+            self.reporter.message(self.execution.feature_cache.reason)
+        try:
+            with StopFlag() as stop:
+                self._stop = stop
+                for event in self.loop():
+                    if isinstance(event, StepRecord):
+                        self._after_step(event, metrics, outcome)
+                    else:
+                        self._after_epoch(event, outcome)
+        finally:
+            self._stop = None
+            metrics.close()
+            self.reporter.train_end()
+        outcome.status = self.stop_reason.value
+        if self.stop_reason is StopReason.NONFINITE:
+            outcome.error = self.nonfinite
+        elif self.stop_reason is StopReason.INTERRUPTED:
+            outcome.error = f"stopped by {stop.requested} after step {self.state.step}"
+            self.save()
+        return outcome
+
+    def _after_step(self, record: StepRecord, metrics: MetricsLog, outcome: Outcome) -> None:
+        row = record.as_dict()
+        metrics.write(row)
+        self.reporter.step(row)
+        outcome.first_loss = record.loss if outcome.first_loss is None else outcome.first_loss
+        outcome.last_loss = record.loss
+        every = self.config.train.checkpoint_every
+        if every and record.step % every == 0:
+            self.save()
+
+    def _after_epoch(self, end: EpochEnd, outcome: Outcome) -> None:
+        if self.data.val is not None:
+            cfg = self.config.data
+            outcome.val = evaluate(self.engine, self.plan, self.data.val, cfg.batch_size, cfg.num_workers,
+                                   self.loss_fn)
+            self.reporter.validation(end.epoch, outcome.val)
+        self.save()
+
+    def save(self) -> None:
+        """Writes the trainable-only checkpoint, then ``checkpoint.pt``; each atomically.
+
+        ``checkpoint.pt`` goes last, so whenever it holds step N the trainable checkpoint holds
+        step N or (if the process died in between) N+1.
+        """
+        if not self.dist.is_main:
+            return  # every rank holds the same weights; rank 0 writes them
+        # The base is what is frozen now, hashed as it was before training (a layer unfrozen
+        # mid-run is saved with the trainable tensors instead).
+        frozen_now = set(frozen_state(self.model, self.plan))
+        cfg = self.config
+        save_trainable(
+            self.run_dir, self.model, self.plan,
+            base=combined_sha256({k: h for k, h in self.frozen_before.items() if k in frozen_now}),
+            step=self.state.step,
+            model_name=cfg.model.name,
+            num_classes=cfg.model.num_classes,
+            weights_source=self.loaded.weights_source,
+            seed=cfg.seed,
+        )
+        save_checkpoint(self.run_dir, self.model, self.optimizer, self.state, self.engine.scaler)
+        self.saved_step = self.state.step
+
+    # ----------------------------------------------------------------------------------------
+    # after training
+
+    def freeze_integrity(self) -> dict:
+        """Compares every still-frozen tensor with its hash from the start of the run (on every rank).
+
+        Tensors unfrozen by a ``freeze.schedule`` phase were checked when they were unfrozen.
+        """
+        after = fingerprint(self.model, self.plan)
+        changed = sorted(k for k, h in after.items() if self.frozen_before.get(k) != h)
+        ranks_ok = dist.gather(not changed, self.dist)
+        return {
+            "ok": all(ranks_ok),
+            "tensors_checked": len(after),
+            "changed": changed,
+            "sha256": combined_sha256(after),
+            "checked_when_unfrozen": sum(p.tensors for p in self.phases),
+            "ranks_ok": ranks_ok,
+        }
+
+    def summarize(self, outcome: Outcome) -> dict:
+        """Checks freeze integrity and writes ``summary.json`` (rank 0); returns the summary dict."""
+        integrity = self.freeze_integrity()
+        summary = build_summary(self, outcome, integrity)
+        if self.dist.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def cleanup(self) -> None:
+        """Releases DDP and the process group; safe to call after a failure."""
+        # Drop the DDP wrapper (and any replaced by unfreezing) before the process group goes:
+        # a reducer destroyed after its group can abort the process at exit.
+        if self.engine is not None:
+            self.engine.ddp = None
+        gc.collect()
+        dist.shutdown(self.dist)
+
+
+def run(config: Config, reporter: Reporter | None = None, resume: bool = False) -> dict:
+    """Runs the whole recipe and returns the summary.
+
+    Raises:
+        NonFiniteLossError: After writing the summary, if the loss became NaN or infinite.
+        FreezeIntegrityError: If a frozen tensor changed (a bug, never expected).
+    """
+    recipe = Recipe(config, reporter, resume).setup()
+    try:
+        recipe.reporter.setup_done(recipe)
+        summary = recipe.summarize(recipe.train())
+    finally:
+        recipe.cleanup()
+    return verdict(recipe, summary)
+
+
+def verdict(recipe: Recipe, summary: dict) -> dict:
+    """Returns the summary of a healthy run; raises for a non-finite loss or moved frozen tensors.
+
+    Every rank raises alike (ranks other than 0 hold only ``rank`` and ``freeze_integrity``).
+    """
+    if recipe.stop_reason is StopReason.NONFINITE:
+        if recipe.saved_step is None:
+            kept = "no checkpoint had been saved yet (train.checkpoint_every saves every N steps)"
+        else:
+            kept = f"the last good checkpoint (step {recipe.saved_step}) is kept in {recipe.run_dir / CHECKPOINT_NAME}"
+        raise NonFiniteLossError(f"{recipe.nonfinite}; stopped, {kept}")
+    if not summary["freeze_integrity"]["ok"]:
+        raise FreezeIntegrityError(
+            f"frozen tensors changed during training: {', '.join(summary['freeze_integrity']['changed'][:5])}"
+        )
+    return summary
+
+
+def planned_steps(config: Config, steps_per_epoch: int) -> int:
+    """Total optimizer steps the run will take (epochs x batches, capped by max_steps)."""
+    total = config.train.epochs * steps_per_epoch
+    return min(total, config.train.max_steps) if config.train.max_steps else total
 
 
 def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
@@ -328,56 +635,6 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
                 "(only train.* and device may change when resuming)"
             )
     return config
-
-
-def _restore(run: Run) -> None:
-    path = run.run_dir / CHECKPOINT_NAME
-    ckpt = load_checkpoint(path)
-    fp = run.run_dir / FINGERPRINT_NAME
-    run.frozen_before = json.loads(fp.read_text()) if fp.is_file() else fingerprint(run.model, run.plan)
-    try:
-        # Re-apply the unfreeze phases the run had reached first, so the freeze state and the
-        # optimizer's param groups are exactly those the checkpoint was saved with.
-        apply_phases(run, int(ckpt.get("phases", 0)))
-        run.model.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.progress = {k: int(ckpt.get(k, 0)) for k in ("step", "epoch", "batch_in_epoch", "phases")}
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first})") from None
-    if "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
-    run.restored_scaler = ckpt.get("scaler")
-    run.resumed_from_step = run.saved_step = run.progress["step"]
-
-
-def _check_work_left(run: Run) -> None:
-    """Refuses to "resume" a run that already completed (it would only rewrite its summary)."""
-    p, cfg = run.progress, run.config
-    total = planned_steps(cfg, steps_per_epoch(run))
-    if p["step"] < total and p["epoch"] < cfg.train.epochs:
-        return
-    try:
-        status = json.loads((run.run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        status = None  # killed after its last checkpoint: resuming writes the missing summary
-    if status == "completed":
-        raise RunDirError(
-            f"{run.run_dir}: run already finished after {p['step']} steps; "
-            "to train longer, resume with a larger train.max_steps or train.epochs"
-        )
-
-
-def _truncate_metrics(run: Run) -> None:
-    # Steps logged after the checkpoint by the interrupted process will be redone.
-    metrics = run.run_dir / "metrics.jsonl"
-    if metrics.exists():
-        kept = [r for r in read_jsonl(metrics) if r["step"] <= run.progress["step"]]
-        write_text(metrics, "".join(_json_line(r) for r in kept))
-
-
-# --------------------------------------------------------------------------------------------
-# train
 
 
 class StopFlag:
@@ -404,349 +661,3 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-
-
-def steps_per_epoch(run: Run) -> int:
-    """Optimizer steps in one pass over (this rank's share of) the training set."""
-    return math.ceil(len(run.data.train) // run.dist.world_size / run.config.data.batch_size)
-
-
-def planned_steps(config: Config, steps_per_epoch: int) -> int:
-    """Total optimizer steps the run will take (epochs x batches, capped by max_steps)."""
-    total = config.train.epochs * steps_per_epoch
-    return min(total, config.train.max_steps) if config.train.max_steps else total
-
-
-def train(run: Run, reporter: Reporter | None = None) -> Outcome:
-    """Runs the training loop with per-step synchronized timing and per-epoch validation."""
-    reporter = reporter or Reporter()
-    cfg = run.config
-    loss_fn = nn.CrossEntropyLoss()
-    per_epoch = steps_per_epoch(run)
-    total = planned_steps(cfg, per_epoch)
-    outcome = Outcome()
-    metrics = MetricsLog(
-        run.run_dir / "metrics.jsonl" if run.dist.is_main else None, append=run.resumed_from_step is not None
-    )
-    warm_left = cfg.train.warmup_steps
-    reset_peak_memory(run.device)
-    reporter.train_start(total, run.progress["step"])
-    if cfg.train.feature_cache != "off":
-        reporter.message(run.speed["feature_cache"]["reason"])
-    try:
-        with StopFlag() as stop:
-            while run.progress["step"] < total and run.progress["epoch"] < cfg.train.epochs:
-                if stop.requested:  # arrived during validation or a checkpoint save
-                    break
-                epoch = run.progress["epoch"]
-                apply_phases(run, sum(p.epoch <= epoch for p in cfg.freeze.schedule), reporter)
-                set_train_mode(run.model, run.plan, True)
-                epoch_start, epoch_steps = time.perf_counter(), 0
-                cached = run.cache is not None and run.cache.complete
-                for batch in epoch_batches(run, epoch):
-                    set_lr(run.optimizer, cfg.optim, run.progress["step"], total)
-                    loss, seconds = train_step(run, batch, loss_fn)
-                    run.step_times.append(seconds)
-                    loss = dist.mean(loss, run.dist, run.device)  # what a single process would see
-                    run.progress["step"] += 1
-                    run.progress["batch_in_epoch"] += 1
-                    epoch_steps += 1
-                    if not math.isfinite(loss) and cfg.train.stop_on_nonfinite:
-                        outcome.status = "nonfinite"
-                        outcome.error = f"loss became {loss} at step {run.progress['step']}"
-                        # train_step skipped the update: the step did not happen.
-                        run.progress["step"] -= 1
-                        run.progress["batch_in_epoch"] -= 1
-                        return outcome
-                    record = {
-                        "step": run.progress["step"],
-                        "epoch": epoch,
-                        "loss": loss,
-                        "step_time_s": seconds,
-                        "lr": run.optimizer.param_groups[0]["lr"],
-                        "batch_size": int(batch[1].shape[0]),
-                        "warmup": warm_left > 0,
-                        "cached": cached,
-                    }
-                    warm_left = max(0, warm_left - 1)
-                    metrics.write(record)
-                    reporter.step(record)
-                    outcome.first_loss = loss if outcome.first_loss is None else outcome.first_loss
-                    outcome.last_loss = loss
-                    if cfg.train.checkpoint_every and run.progress["step"] % cfg.train.checkpoint_every == 0:
-                        save(run)
-                    stop_now = dist.any_true(stop.requested is not None, run.dist, run.device)
-                    if stop_now and not stop.requested:
-                        stop.requested = "another rank's signal"
-                    if stop_now or run.progress["step"] >= total:
-                        break
-                synchronize(run.device)
-                run.epoch_times.append({"epoch": epoch, "seconds": time.perf_counter() - epoch_start,
-                                        "steps": epoch_steps, "cached": cached})
-                if stop.requested and run.progress["step"] < total:
-                    break  # a signal during the final step lets the run complete instead
-                if run.progress["batch_in_epoch"] >= per_epoch:
-                    run.progress["epoch"] += 1
-                    run.progress["batch_in_epoch"] = 0
-                if run.data.val is not None:
-                    outcome.val = evaluate(run, loss_fn)
-                    reporter.validation(epoch, outcome.val)
-                save(run)
-            work_left = run.progress["step"] < total and run.progress["epoch"] < cfg.train.epochs
-            if stop.requested and work_left:
-                outcome.status = "interrupted"
-                outcome.error = f"stopped by {stop.requested} after step {run.progress['step']}"
-    finally:
-        metrics.close()
-        reporter.train_end()
-    if outcome.status == "interrupted":
-        save(run)
-    return outcome
-
-
-def save(run: Run) -> None:
-    """Writes the trainable-only checkpoint, then ``checkpoint.pt``; each atomically.
-
-    ``checkpoint.pt`` goes last, so whenever it holds step N the trainable checkpoint holds step N
-    or (if the process died in between) N+1.
-    """
-    if not run.dist.is_main:
-        return  # every rank holds the same weights; rank 0 writes them
-    # The base is what is frozen now, hashed as it was before training (a layer unfrozen
-    # mid-run is saved with the trainable tensors instead).
-    frozen_now = set(frozen_state(run.model, run.plan))
-    save_trainable(
-        run.run_dir, run.model, run.plan,
-        base=combined_sha256({k: h for k, h in run.frozen_before.items() if k in frozen_now}),
-        step=run.progress["step"],
-        model_name=run.config.model.name,
-        num_classes=run.config.model.num_classes,
-        weights_source=run.loaded.weights_source,
-        seed=run.config.seed,
-    )
-    save_checkpoint(run.run_dir, run.model, run.optimizer, dict(run.progress), run.scaler)
-    run.saved_step = run.progress["step"]
-
-
-def epoch_batches(run: Run, epoch: int):
-    """Yields the epoch's remaining batches as ``(inputs, labels, indices_or_None, kind)``.
-
-    ``kind`` is ``images``, ``images+cache`` (compute the prefix and store it) or ``features``
-    (prefix outputs read from the cache). The order is the same in every case: EpochSampler's.
-    """
-    cfg = run.config
-    bs = cfg.data.batch_size
-    sampler = EpochSampler(len(run.data.train), cfg.seed, epoch, run.progress["batch_in_epoch"] * bs,
-                           rank=run.dist.rank, world_size=run.dist.world_size)
-    if run.cache is not None and run.cache.complete:
-        order = torch.tensor(list(sampler), dtype=torch.long)
-        for chunk in order.split(bs):
-            features, labels = run.cache.get(chunk)
-            yield features, labels, chunk, "features"
-        return
-    dataset = IndexedDataset(run.data.train) if run.cache is not None else run.data.train
-    loader = make_loader(dataset, bs, cfg.data.num_workers, sampler, pin_memory=run.device.type == "cuda",
-                         seed=cfg.seed * 1_000_003 + epoch)
-    for batch in loader:
-        if run.cache is not None:
-            yield batch[0], batch[1], batch[2], "images+cache"
-        else:
-            yield batch[0], batch[1], None, "images"
-
-
-def _memory_format(run: Run) -> torch.memory_format:
-    """The layout images are moved to the device in (``train.channels_last``)."""
-    return torch.channels_last if run.config.train.channels_last else torch.contiguous_format
-
-
-def fill_cache(run: Run) -> float:
-    """Stores the frozen prefix's output for every training sample without training; returns seconds.
-
-    Training fills the feature cache during its first epoch. A comparison fills it up front
-    instead, so that each of its timed steps is a later-epoch step; the time it took is the price
-    the first epoch pays.
-
-    Raises:
-        ValueError: If this run has no feature cache.
-    """
-    if run.cache is None:
-        raise ValueError("this run has no feature cache (train.feature_cache is off or not possible)")
-    memory_format = _memory_format(run)
-    synchronize(run.device)
-    start = time.perf_counter()
-    for inputs, labels, indices, _ in epoch_batches(run, 0):
-        x = inputs.to(run.device, non_blocking=True, memory_format=memory_format)
-        with autocast(run.config.train.precision, run.device):
-            run.cache.put(indices, run.split.features(x), labels)
-    synchronize(run.device)
-    return time.perf_counter() - start
-
-
-def train_step(run: Run, batch, loss_fn: nn.Module) -> tuple[float, float]:
-    """One forward, loss, backward and SGD step, timed with the device synchronized.
-
-    A non-finite loss skips backward and the update, so the weights stay the last good ones.
-
-    Returns:
-        The loss value and the step's wall time in seconds.
-    """
-    inputs, labels, indices, kind = batch
-    synchronize(run.device)
-    start = time.perf_counter()
-    memory_format = _memory_format(run)
-    x = inputs.to(run.device, non_blocking=True, memory_format=memory_format)
-    y = labels.to(run.device, non_blocking=True)
-    with autocast(run.config.train.precision, run.device):
-        loss = loss_fn(run.logits(x, y, indices, kind).float(), y)
-    value = loss.item()  # synchronizes; needed anyway to refuse a non-finite update
-    if math.isfinite(value) or not run.config.train.stop_on_nonfinite:
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            run.optimizer.step()
-    synchronize(run.device)
-    return value, time.perf_counter() - start
-
-
-@torch.no_grad()
-def evaluate(run: Run, loss_fn: nn.Module) -> dict:
-    """One pass over the validation set: mean loss and top-1 accuracy."""
-    run.model.eval()
-    loader = make_loader(run.data.val, run.config.data.batch_size, run.config.data.num_workers)
-    total_loss, correct, seen = 0.0, 0, 0
-    memory_format = _memory_format(run)
-    for x, y in loader:
-        x, y = x.to(run.device, memory_format=memory_format), y.to(run.device)
-        with autocast(run.config.train.precision, run.device):
-            logits = run.model(x).float()
-        total_loss += loss_fn(logits, y).item() * y.shape[0]
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += y.shape[0]
-    set_train_mode(run.model, run.plan, True)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "samples": seen}
-
-
-# --------------------------------------------------------------------------------------------
-# cleanup
-
-
-def cleanup(run: Run, outcome: Outcome) -> dict:
-    """Checks freeze integrity and writes ``summary.json``.
-
-    Returns:
-        The summary dict (also written to the run folder).
-    """
-    integrity = freeze_integrity(run)
-    bs = run.config.data.batch_size
-    per_rank = dist.gather(timing_stats(run.step_times[run.config.train.warmup_steps:], bs), run.dist)
-    if not run.dist.is_main:
-        return {"rank": run.dist.rank, "freeze_integrity": integrity}
-    records = read_jsonl(run.run_dir / "metrics.jsonl")
-    timed = [r["step_time_s"] for r in records if not r.get("warmup")]
-    losses = [r["loss"] for r in records]
-    summary = {
-        "status": outcome.status,
-        "error": outcome.error,
-        "freezetune_version": __version__,
-        "device": device_description(run.device),
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
-        "model": run.config.model.name,
-        "weights": {"source": run.loaded.weights_source, "notice": run.loaded.notice,
-                    "head_replaced": run.loaded.head_replaced},
-        "params": run.params,
-        "freeze": {"batchnorm": run.plan.batchnorm, "frozen_batchnorm_layers": len(run.plan.frozen_bn)},
-        "steps": run.progress["step"],
-        "epochs_completed": run.progress["epoch"],
-        "timing": {**timing_stats(timed, run.config.data.batch_size),
-                   "warmup_steps": run.config.train.warmup_steps,
-                   "what": "forward+loss+backward+SGD step incl. host-to-device copy, synchronized"},
-        "timing_by_path": {
-            "uncached": timing_stats([r["step_time_s"] for r in records
-                                      if not r.get("warmup") and not r.get("cached")], run.config.data.batch_size),
-            "cached": timing_stats([r["step_time_s"] for r in records
-                                    if not r.get("warmup") and r.get("cached")], run.config.data.batch_size),
-        },
-        "epochs": run.epoch_times,
-        "speed": {**run.speed, "feature_cache": {
-            **run.speed.get("feature_cache", {}),
-            "bytes": run.cache.nbytes if run.cache else 0,
-            "on_disk": bool(run.cache and run.cache.on_disk),
-        }},
-        "memory": peak_memory(run.device),
-        "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
-        "checkpoint": {**checkpoint_sizes(run.run_dir), "step": run.saved_step},
-        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
-        "val": {"accuracy": outcome.val["accuracy"] if outcome.val else None,
-                "loss": outcome.val["loss"] if outcome.val else None},
-        "freeze_integrity": integrity,
-        "schedule": run.phases,
-        "optimizer": {"groups": [{"name": g.get("name"), "lr": g["lr"], "lr_mult": g.get("lr_mult", 1.0),
-                                  "params": sum(p.numel() for p in g["params"])} for g in run.optimizer.param_groups],
-                      "scheduler": run.config.optim.scheduler},
-        "distributed": {"world_size": run.dist.world_size, "timing_per_rank": per_rank},
-        "run_dir": str(run.run_dir),
-    }
-    write_json(run.run_dir / "summary.json", summary)
-    return summary
-
-
-def freeze_integrity(run: Run) -> dict:
-    """Compares every still-frozen tensor with its hash from the start of the run (on every rank).
-
-    Tensors unfrozen by a ``freeze.schedule`` phase were checked when they were unfrozen.
-    """
-    after = fingerprint(run.model, run.plan)
-    changed = sorted(k for k, h in after.items() if run.frozen_before.get(k) != h)
-    ranks_ok = dist.gather(not changed, run.dist)
-    return {
-        "ok": all(ranks_ok),
-        "tensors_checked": len(after),
-        "changed": changed,
-        "sha256": combined_sha256(after),
-        "checked_when_unfrozen": sum(p["tensors"] for p in run.phases),
-        "ranks_ok": ranks_ok,
-    }
-
-
-def run(config: Config, reporter: Reporter | None = None, resume: bool = False) -> dict:
-    """Runs the whole recipe and returns the summary.
-
-    Raises:
-        NonFiniteLossError: After writing the summary, if the loss became NaN or infinite.
-        FreezeIntegrityError: If a frozen tensor changed (a bug, never expected).
-    """
-    r = setup(config, resume=resume)
-    reporter = reporter if reporter is not None and r.dist.is_main else Reporter()
-    try:
-        reporter.setup_done(r)
-        outcome = train(r, reporter)
-        summary = cleanup(r, outcome)
-    finally:
-        # Drop the DDP wrapper (and any replaced by unfreezing) before the process group goes:
-        # a reducer destroyed after its group can abort the process at exit.
-        r.ddp = None
-        gc.collect()
-        dist.shutdown(r.dist)
-    if outcome.status == "nonfinite":
-        if r.saved_step is None:
-            kept = "no checkpoint had been saved yet (train.checkpoint_every saves every N steps)"
-        else:
-            kept = f"the last good checkpoint (step {r.saved_step}) is kept in {r.run_dir / CHECKPOINT_NAME}"
-        raise NonFiniteLossError(f"{outcome.error}; stopped, {kept}")
-    if not summary["freeze_integrity"]["ok"]:
-        raise FreezeIntegrityError(
-            f"frozen tensors changed during training: {', '.join(summary['freeze_integrity']['changed'][:5])}"
-        )
-    return summary
-
-
-class FreezeIntegrityError(RuntimeError):
-    """A frozen tensor changed: a bug in freezetune or in the model, never the user's input."""
-
-
-def _json_line(record: dict) -> str:
-    return json.dumps(record) + "\n"

@@ -1,0 +1,196 @@
+"""Which execution path a run takes: one pure decision, with the reason for every choice.
+
+:func:`decide` turns facts about the model's freeze state (which leading stages are frozen, whether
+their BatchNorm is frozen, the device) and the ``train``/``data`` config into an
+:class:`ExecutionPlan`. It reads no tensors and builds nothing, so it is tested as a table.
+:func:`plan_execution` gathers the facts from a real model and calls it. Training (at setup and
+after every unfreeze phase), ``compare`` (which cached arms are possible) and ``inspect`` all use
+this one decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from freezetune.config import Config, TrainConfig
+from freezetune.errors import ConfigError
+from freezetune.freezing.plan import FreezePlan
+from freezetune.speed.prefix import frozen_prefix, prefix_batchnorm_frozen, supports_prefix
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One decision: on or off, and why."""
+
+    enabled: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class ExecutionFacts:
+    """What the decision depends on, gathered from the model (see :func:`gather_facts`).
+
+    Attributes:
+        model_name: The torchvision model name.
+        frozen_prefix: The leading stages whose parameters are all frozen ([] where the model
+            family has no frozen-prefix implementation).
+        prefix_batchnorm_frozen: Whether every BatchNorm in that prefix is in eval mode.
+        device_type: ``cpu`` or ``cuda``.
+        distributed: Whether the run is one of several torchrun processes.
+    """
+
+    model_name: str
+    frozen_prefix: tuple[str, ...]
+    prefix_batchnorm_frozen: bool
+    device_type: str = "cpu"
+    distributed: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How every training step runs; each field carries its reason."""
+
+    frozen_prefix: tuple[str, ...]
+    prefix_without_autograd: Choice
+    fold_batchnorm: Choice
+    prefix_channels_last: Choice
+    feature_cache: Choice
+    channels_last: Choice
+    compile: Choice
+    ddp: Choice
+    precision: str
+
+    def as_dict(self) -> dict:
+        """The ``speed`` section of ``summary.json`` (keys kept from before this record existed)."""
+        return {
+            "frozen_prefix": list(self.frozen_prefix),
+            "prefix_without_autograd": self.prefix_without_autograd.enabled,
+            "folded_batchnorm": self.fold_batchnorm.enabled,
+            "prefix_channels_last": self.prefix_channels_last.enabled,
+            "feature_cache": {"enabled": self.feature_cache.enabled, "reason": self.feature_cache.reason},
+            "precision": self.precision,
+            "channels_last": self.channels_last.enabled,
+            "compile": self.compile.enabled,
+            "ddp": self.ddp.enabled,
+            "reasons": {name: choice.reason for name, choice in self._choices().items()},
+        }
+
+    def _choices(self) -> dict[str, Choice]:
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, Choice)}
+
+    def lines(self) -> list[str]:
+        """One line per choice, for people: ``prefix_without_autograd: on (stem..layer3 is frozen)``."""
+        return [f"{name}: {'on' if c.enabled else 'off'} ({c.reason})" for name, c in self._choices().items()]
+
+
+def decide(facts: ExecutionFacts, train: TrainConfig, augment: bool) -> ExecutionPlan:
+    """The execution path for these facts and settings. Pure: no tensors, no side effects.
+
+    Args:
+        facts: The model's freeze state and the device.
+        train: The ``train`` config section (feature_cache, fold_batchnorm, precision, layout, compile).
+        augment: ``data.augment``: random transforms make cached prefix outputs wrong.
+
+    Returns:
+        The plan.
+
+    Raises:
+        ConfigError: With ``train.feature_cache: on``, naming why caching would be incorrect.
+    """
+    prefix = facts.frozen_prefix
+    span = f"{prefix[0]}..{prefix[-1]}" if prefix else ""
+    cache = _cache_choice(facts, train.feature_cache, augment)
+    split = bool(prefix) and (train.fold_batchnorm or cache.enabled)
+    if not supports_prefix(facts.model_name):
+        why_split = f"frozen-prefix execution is implemented for ResNets only (model.name is {facts.model_name})"
+    elif not prefix:
+        why_split = "no frozen prefix: the first stage (stem) trains"
+    elif split:
+        why_split = f"{span} is frozen: it runs under no_grad, building no autograd graph"
+    else:
+        why_split = "train.fold_batchnorm is off and there is no feature cache"
+    fold = split and facts.prefix_batchnorm_frozen and train.fold_batchnorm
+    if fold:
+        why_fold = "the prefix's BatchNorm is frozen: folded into its convolutions (a private copy)"
+    elif split and not facts.prefix_batchnorm_frozen:
+        why_fold = "BatchNorm in the prefix updates its statistics (freeze.batchnorm: train)"
+    else:
+        why_fold = "no prefix to fold" if not split else "train.fold_batchnorm is off"
+    # Measured on CPU: the folded prefix runs 1.1-5.7x faster channels-last (see SplitForward);
+    # on CUDA it follows train.channels_last like the rest of the model.
+    prefix_cl = fold and (facts.device_type == "cpu" or train.channels_last)
+    why_prefix_cl = ("the folded prefix runs channels-last (faster on CPU, or train.channels_last)"
+                     if prefix_cl else "no folded prefix, or CUDA without train.channels_last")
+    return ExecutionPlan(
+        frozen_prefix=prefix,
+        prefix_without_autograd=Choice(split, why_split),
+        fold_batchnorm=Choice(fold, why_fold),
+        prefix_channels_last=Choice(prefix_cl, why_prefix_cl),
+        feature_cache=cache,
+        channels_last=Choice(train.channels_last, f"train.channels_last is {_onoff(train.channels_last)}"),
+        compile=Choice(train.compile, f"train.compile is {_onoff(train.compile)}"),
+        ddp=Choice(facts.distributed, "torchrun started several processes" if facts.distributed
+                   else "a single process"),
+        precision=train.precision,
+    )
+
+
+def _cache_choice(facts: ExecutionFacts, mode: str, augment: bool) -> Choice:
+    if mode == "off":
+        return Choice(False, "train.feature_cache is off")
+    prefix = facts.frozen_prefix
+    why_not = None
+    if not supports_prefix(facts.model_name):
+        why_not = f"frozen-prefix execution is implemented for ResNets only (model.name is {facts.model_name})"
+    elif not prefix:
+        why_not = "no frozen prefix: the first stage (stem) trains"
+    elif not facts.prefix_batchnorm_frozen:
+        why_not = "BatchNorm in the frozen prefix updates its statistics (freeze.batchnorm: train)"
+    elif augment:
+        why_not = "data.augment is on: random transforms change the prefix output every epoch"
+    if why_not and mode == "on":
+        raise ConfigError(f"train.feature_cache: on is not possible: {why_not}")
+    if why_not:
+        return Choice(False, f"feature cache off: {why_not}")
+    return Choice(True, f"feature cache on: caching the output of {', '.join(prefix)} once per sample")
+
+
+def decide_cache(config: Config, prefix: list[str], prefix_bn_frozen: bool) -> Choice:
+    """Only the feature-cache part of :func:`decide`, for a given prefix (``train.feature_cache``).
+
+    Raises:
+        ConfigError: With ``on``, naming the condition that makes caching incorrect.
+    """
+    facts = ExecutionFacts(config.model.name, tuple(prefix), prefix_bn_frozen)
+    return _cache_choice(facts, config.train.feature_cache, config.data.augment)
+
+
+def gather_facts(model: nn.Module, plan: FreezePlan, model_name: str, device: torch.device | str = "cpu",
+                 distributed: bool = False) -> ExecutionFacts:
+    """Reads the model's freeze state: its frozen prefix and whether that prefix's BatchNorm is frozen."""
+    prefix = frozen_prefix(model, model_name)
+    return ExecutionFacts(
+        model_name=model_name,
+        frozen_prefix=tuple(prefix),
+        prefix_batchnorm_frozen=prefix_batchnorm_frozen(model, model_name, prefix, plan),
+        device_type=torch.device(device).type,
+        distributed=distributed,
+    )
+
+
+def plan_execution(model: nn.Module, plan: FreezePlan, config: Config, device: torch.device | str = "cpu",
+                   distributed: bool = False) -> ExecutionPlan:
+    """:func:`decide` on the facts of this model and freeze plan.
+
+    Raises:
+        ConfigError: With ``train.feature_cache: on``, naming why caching would be incorrect.
+    """
+    facts = gather_facts(model, plan, config.model.name, device, distributed)
+    return decide(facts, config.train, config.data.augment)
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"

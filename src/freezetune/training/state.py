@@ -1,0 +1,40 @@
+"""Where a run is: the counters a checkpoint saves and a resumed run continues from."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class RunState:
+    """The run's position, saved in every checkpoint.
+
+    Attributes:
+        step: Optimizer steps taken.
+        epoch: Completed passes over the training set (the epoch being trained, 0-based).
+        batch_in_epoch: Batches of ``epoch`` already trained; a resumed run skips them.
+        phases: How many ``freeze.schedule`` phases (gradual unfreezing) are in effect.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    phases: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as checkpoint keys (``step``, ``epoch``, ``batch_in_epoch``, ``phases``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> RunState:
+        """Reads the counters of a loaded checkpoint; older checkpoints may lack ``phases``."""
+        return cls(**{k: int(ckpt.get(k, 0)) for k in ("step", "epoch", "batch_in_epoch", "phases")})
+
+
+class StopReason(enum.Enum):
+    """Why the training loop ended: the one answer every caller reads."""
+
+    COMPLETED = "completed"  # the planned steps or epochs are done
+    INTERRUPTED = "interrupted"  # SIGINT/SIGTERM (on any rank) with work left
+    NONFINITE = "nonfinite"  # the loss became NaN or infinite (train.stop_on_nonfinite)

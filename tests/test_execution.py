@@ -1,0 +1,67 @@
+"""The execution decision is one pure function: a table of facts and settings in, choices out."""
+
+from __future__ import annotations
+
+import pytest
+
+from freezetune.config import TrainConfig
+from freezetune.errors import ConfigError
+from freezetune.speed.execution import ExecutionFacts, decide, plan_execution
+
+PREFIX = ("stem", "layer1", "layer2", "layer3")
+
+
+def facts(prefix=PREFIX, bn_frozen=True, model="resnet18", device="cpu", distributed=False):
+    return ExecutionFacts(model, tuple(prefix), bn_frozen, device, distributed)
+
+
+def train(**kw):
+    return TrainConfig(**kw)
+
+
+# (facts, train settings, augment) -> (split, fold, prefix channels-last, cache)
+TABLE = [
+    (facts(), {}, False, (True, True, True, False)),
+    (facts(device="cuda"), {}, False, (True, True, False, False)),
+    (facts(device="cuda"), {"channels_last": True}, False, (True, True, True, False)),
+    (facts(bn_frozen=False), {}, False, (True, False, False, False)),
+    (facts(), {"fold_batchnorm": False}, False, (False, False, False, False)),
+    (facts(), {"fold_batchnorm": False, "feature_cache": "auto"}, False, (True, False, False, True)),
+    (facts(), {"feature_cache": "auto"}, True, (True, True, True, False)),  # augmentation: no cache
+    (facts(prefix=()), {"feature_cache": "auto"}, False, (False, False, False, False)),
+    (facts(prefix=(), model="mobilenet_v3_small"), {"feature_cache": "auto"}, False, (False, False, False, False)),
+]
+
+
+@pytest.mark.parametrize(("f", "settings", "augment", "expected"), TABLE)
+def test_decision_table(f, settings, augment, expected):
+    plan = decide(f, train(**settings), augment)
+    got = (plan.prefix_without_autograd.enabled, plan.fold_batchnorm.enabled,
+           plan.prefix_channels_last.enabled, plan.feature_cache.enabled)
+    assert got == expected
+    assert all(line.split(": ", 1)[1] for line in plan.lines())  # every choice says why
+
+
+def test_every_choice_has_a_reason_naming_its_cause():
+    plan = decide(facts(prefix=(), model="vit_b_16"), train(), False)
+    assert "ResNets only" in plan.prefix_without_autograd.reason
+    plan = decide(facts(bn_frozen=False), train(feature_cache="auto"), False)
+    assert "freeze.batchnorm: train" in plan.fold_batchnorm.reason
+    assert "statistics" in plan.feature_cache.reason
+    assert decide(facts(distributed=True), train(), False).ddp.enabled
+
+
+def test_cache_on_where_it_would_be_wrong_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.augment"):
+        decide(facts(), train(feature_cache="on"), True)
+
+
+def test_plan_execution_reads_the_facts_off_the_model(tiny):
+    from freezetune.freezing.plan import apply_freeze
+    from freezetune.models.weights import build_model
+
+    cfg = tiny(freeze__until="layer2", freeze__trainable="null")
+    model = build_model(cfg.model).model
+    plan = plan_execution(model, apply_freeze(model, cfg.freeze, cfg.model.name), cfg)
+    assert plan.frozen_prefix == ("stem", "layer1", "layer2")
+    assert plan.as_dict()["prefix_without_autograd"] and plan.as_dict()["folded_batchnorm"]
