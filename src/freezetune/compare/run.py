@@ -1,10 +1,11 @@
 """Side-by-side measurement of freeze configs: frozen vs full, and the depth sweep.
 
 Every arm starts from the same weights (built once here and handed to each arm as a file), sees the
-same batches in the same order, and trains the same number of steps. Timing is fair: warm-up steps
-are excluded, every step is synchronized, and arms take turns in blocks of steps (round-robin) so
-that the drift of a shared, noisy machine hits all of them alike. Each arm runs in its own worker
-process by default, which also makes its peak-memory figure its own.
+same batches in the same order, and trains the same number of steps through the same recipe as
+``freezetune train``. Timing is fair: warm-up steps are excluded, every step is synchronized, and
+arms take turns in blocks of steps (round-robin) so that the drift of a shared, noisy machine hits
+all of them alike. :func:`measure` times every arm in this process, then measures each arm's peak
+memory in a worker process of its own (see its docstring for why).
 
 Usable from Python::
 

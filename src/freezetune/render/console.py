@@ -19,8 +19,7 @@ from rich.table import Table
 
 from freezetune.freezing.params import trainable_line
 from freezetune.render.format import fmt_bytes, fmt_int, fmt_rate, fmt_seconds
-from freezetune.training.recipe import Recipe as Run  # noqa: N814 - the Recipe is what reporters see
-from freezetune.training.recipe import Reporter
+from freezetune.training.recipe import Recipe, Reporter
 
 
 def params_table(counts: dict, title: str = "Parameters by module") -> Table:
@@ -75,7 +74,7 @@ class ConsoleReporter(Reporter):
         self._task = None
         self._log_every = 10
 
-    def setup_done(self, run: Run) -> None:
+    def setup_done(self, run: Recipe) -> None:
         """Prints device, weights, the parameter table and the trainable line."""
         c = self.console
         self._log_every = run.config.train.log_every

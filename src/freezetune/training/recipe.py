@@ -153,6 +153,7 @@ class Recipe:
         self._stop: StopFlag | None = None
         self.nonfinite: str | None = None  # what the loss became, and at which step
         self.loss_fn = nn.CrossEntropyLoss()
+        self._warmup_left = 0
 
     # ----------------------------------------------------------------------------------------
     # setup
@@ -370,36 +371,42 @@ class Recipe:
         Sets :attr:`stop_reason` when it ends. :meth:`train` logs, validates and checkpoints on
         the events; a comparison arm takes steps a block at a time and ignores epoch ends.
         """
-        warm_left = self.config.train.warmup_steps
+        self._warmup_left = self.config.train.warmup_steps  # untimed steps of this process
         while self._work_left():
             if self._signalled():  # arrived during validation or a checkpoint save
                 self.stop_reason = StopReason.INTERRUPTED
                 return
-            epoch = self.state.epoch
-            self._start_epoch(epoch)
-            start, steps, stopping = time.perf_counter(), 0, False
-            cached = self.engine.cache is not None and self.engine.cache.complete
-            for batch in self.epoch_batches(epoch):
-                record = self._step(batch, epoch, cached, warmup=warm_left > 0)
-                if record is None:
-                    self.stop_reason = StopReason.NONFINITE
-                    return
-                warm_left, steps = max(0, warm_left - 1), steps + 1
-                yield record
-                stopping = self._stop_now()
-                if stopping or self.state.step >= self.total:
-                    break
-            synchronize(self.device)
-            end = EpochEnd(epoch, time.perf_counter() - start, steps, cached)
-            self.epoch_times.append(end.as_dict())
-            if stopping and self.state.step < self.total:
-                self.stop_reason = StopReason.INTERRUPTED
-                return  # a signal during the final step lets the run complete instead
-            if self.state.batch_in_epoch >= self.per_epoch:
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
+            end = yield from self._epoch(self.state.epoch)
+            if end is None:
+                return  # _epoch set the stop reason
             yield end
         self.stop_reason = StopReason.COMPLETED
+
+    def _epoch(self, epoch: int) -> Iterator[StepRecord]:
+        """One pass over the epoch's remaining batches; returns its EpochEnd, or None if the run stops."""
+        self._start_epoch(epoch)
+        start, steps, stopping = time.perf_counter(), 0, False
+        cached = self.engine.cache is not None and self.engine.cache.complete
+        for batch in self.epoch_batches(epoch):
+            record = self._step(batch, epoch, cached, warmup=self._warmup_left > 0)
+            if record is None:
+                self.stop_reason = StopReason.NONFINITE
+                return None
+            self._warmup_left, steps = max(0, self._warmup_left - 1), steps + 1
+            yield record
+            stopping = self._stop_now()
+            if stopping or self.state.step >= self.total:
+                break
+        synchronize(self.device)
+        end = EpochEnd(epoch, time.perf_counter() - start, steps, cached)
+        self.epoch_times.append(end.as_dict())
+        if stopping and self.state.step < self.total:
+            self.stop_reason = StopReason.INTERRUPTED
+            return None  # a signal during the final step lets the run complete instead
+        if self.state.batch_in_epoch >= self.per_epoch:
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+        return end
 
     def _work_left(self) -> bool:
         return self.state.step < self.total and self.state.epoch < self.max_epochs
