@@ -93,7 +93,7 @@ class ArmRunner:
 
     def setup(self, total_steps: int) -> dict:
         """Builds model, freeze plan, optimizer and data; returns what is known before training."""
-        recipe = self.recipe = Recipe(self.config, plain_optimizer=self.spec.mode == "plain").setup()
+        recipe = self.recipe = Recipe(self.config, plain_baseline=self.spec.mode == "plain").setup()
         recipe.extend_to(total_steps)
         cfg = self.config
         flops = step_flops(recipe.model, cfg.data.batch_size, cfg.data.image_size, cfg.model.num_classes)
@@ -237,7 +237,7 @@ class InlineArm:
 
 
 class ProcessArm:
-    """Runs an :class:`ArmRunner` in a worker process (``python -m freezetune.compare.worker``), one command at a time.
+    """Runs an :class:`ArmRunner` in a worker process (``python -m freezetune.compare``), one command at a time.
 
     The worker is a fresh interpreter started with :mod:`subprocess` rather than
     :mod:`multiprocessing`, whose spawn start method re-imports the caller's ``__main__`` and so
@@ -250,7 +250,7 @@ class ProcessArm:
         parent, child = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "freezetune.compare.worker", str(child.fileno())],
+                [sys.executable, "-m", "freezetune.compare", str(child.fileno())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
             )
         except BaseException:
@@ -325,7 +325,3 @@ def worker_main(conn) -> None:
 def _send_quietly(conn, message) -> None:
     with contextlib.suppress(OSError, BrokenPipeError):
         conn.send(message)
-
-
-if __name__ == "__main__":
-    worker_main(Connection(int(sys.argv[1])))

@@ -129,16 +129,16 @@ class Recipe:
         config: The validated config.
         reporter: Receives progress events (only on the main rank).
         resume: Continue the run in ``config.output.dir`` from its checkpoint.
-        plain_optimizer: Hand *every* parameter to torch's default SGD, frozen ones included: the
+        plain_baseline: Hand *every* parameter to torch's default SGD, frozen ones included: the
             naive baseline that ``compare``'s ``plain`` arms measure. Never used for real training.
     """
 
     def __init__(self, config: Config, reporter: Reporter | None = None, resume: bool = False,
-                 plain_optimizer: bool = False):
+                 plain_baseline: bool = False):
         self.config = config
         self.reporter = reporter or Reporter()
         self.resume = resume
-        self.plain_optimizer = plain_optimizer
+        self.plain_baseline = plain_baseline
         self.state = RunState()
         self.phases: list[PhaseRecord] = []
         self.step_times: list[float] = []
@@ -200,7 +200,7 @@ class Recipe:
 
     def _setup_optimizer(self) -> None:
         self.model.to(self.device)
-        if self.plain_optimizer:
+        if self.plain_baseline:
             self.optimizer = plain_optimizer(self.model, self.config.optim)
         else:
             self.optimizer = build_optimizer(self.model, self.config.optim)
@@ -226,19 +226,11 @@ class Recipe:
         """Builds the execution path that :func:`plan_execution` chose, for the current freeze state."""
         cfg, model = self.config, self.model
         check_precision(cfg.train.precision, self.device)
-        if self.engine is None:  # the scaler is made once: its loss scale must survive a rebuild
-            scaler = grad_scaler(cfg.train.precision, self.device)
-            if scaler is not None and self._restored_scaler:
-                # A resumed fp16 run continues with the loss scale it had reached, instead of
-                # re-learning it from 65536 through a burst of skipped (overflowing) steps.
-                scaler.load_state_dict(self._restored_scaler)
-        else:
-            scaler = self.engine.scaler
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
         plan = plan_execution(model, self.plan, cfg, self.device, self.dist.enabled)
         engine = Engine(model, self.optimizer, self.device, cfg.train.precision, cfg.train.channels_last,
-                        cfg.train.stop_on_nonfinite, scaler=scaler)
+                        cfg.train.stop_on_nonfinite, scaler=self._scaler())
         if plan.prefix_without_autograd.enabled:
             engine.split = SplitForward(model, cfg.model.name, list(plan.frozen_prefix),
                                         fold=plan.fold_batchnorm.enabled,
@@ -260,8 +252,19 @@ class Recipe:
             engine.ddp = dist.wrap(DDPForward(engine), self.dist, self.device)
         self.engine, self.execution = engine, plan
 
+    def _scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 gradient scaler: made once, so its loss scale survives a rebuild after unfreezing."""
+        if self.engine is not None:
+            return self.engine.scaler
+        scaler = grad_scaler(self.config.train.precision, self.device)
+        if scaler is not None and self._restored_scaler:
+            # A resumed fp16 run continues with the loss scale it had reached, instead of
+            # re-learning it from 65536 through a burst of skipped (overflowing) steps.
+            scaler.load_state_dict(self._restored_scaler)
+        return scaler
+
     def _check_optimizer(self) -> None:
-        if not self.plain_optimizer:  # the plain baseline holds frozen parameters on purpose
+        if not self.plain_baseline:  # the plain baseline holds frozen parameters on purpose
             check_optimizer(self.optimizer, self.model)
 
     @property
@@ -345,7 +348,7 @@ class Recipe:
             phase = schedule[len(self.phases)]
             newly = unfreeze_phase(self.model, self.plan, phase, self.frozen_before)
             groups = []
-            if not self.plain_optimizer:  # the plain baseline already holds every parameter
+            if not self.plain_baseline:  # the plain baseline already holds every parameter
                 groups = add_unfrozen(self.optimizer, newly, self.config.optim, phase.lr_mult,
                                       f"unfreeze@{phase.epoch}")
             self._check_optimizer()
