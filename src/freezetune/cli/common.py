@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import typer
 from rich.console import Console
@@ -64,9 +63,3 @@ def print_all(target: Console, parts: list) -> None:
     """Prints each part (a rich renderable or a console-markup string) with its own ``print``, in order."""
     for part in parts:
         target.print(part)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Prints one error line and exits."""
-    err_console.print(f"[bold red]error:[/] {_escape(message)}")
-    sys.exit(code)
