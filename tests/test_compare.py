@@ -313,3 +313,24 @@ def test_compare_depths_runs_a_non_resnet(tmp_path, tiny):
     assert list(result["arms"]) == ["full", "stage4"]  # no frozen-prefix path, so no cached arm
     assert "ResNets only" in result["skipped"][0]["reason"]
     assert result["arms"]["stage4"]["freeze_integrity"]["ok"]
+
+
+def test_a_worker_process_error_keeps_its_type_in_the_parent(tiny, tmp_path):
+    from freezetune.compare.worker import ProcessArm
+    from freezetune.errors import WeightsError
+
+    cfg = tiny(model__weights=str(tmp_path / "missing.safetensors"))
+    arm = ProcessArm(cfg, compare.ArmSpec("frozen", "fc only", {"until": "layer4"}))
+    try:
+        arm.submit("setup", 3)
+        with pytest.raises(WeightsError, match="missing.safetensors"):
+            arm.wait()
+    finally:
+        arm.close()
+
+
+def test_an_arm_refuses_a_command_outside_its_protocol(tiny):
+    from freezetune.compare.worker import InlineArm
+
+    with pytest.raises(RuntimeError, match="unknown arm command 'train'"):
+        InlineArm(tiny(), compare.ArmSpec("full", "all")).submit("train")
