@@ -326,7 +326,7 @@ def write_bench(bench: dict, out_dir: str | Path, command: str | None = None) ->
     if command:
         bench = {**bench, "command": command}
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    write_json(json_path, BenchResult.model_validate(bench).model_dump(mode="json", exclude_none=False))
+    write_json(json_path, BenchResult.model_validate(bench).model_dump(mode="json", exclude_unset=True))
     made_by = f"Made by `{command}` on {bench['created']}.\n\n" if command else ""
     write_text(md_path, f"# freezetune benchmark: {stem}\n\n{made_by}{markdown_table(bench)}")
     return json_path, md_path

@@ -33,7 +33,7 @@ class ArmResult(_Record):
     mode: str
     depth: str | None
     freeze: dict[str, Any]
-    params: dict[str, float]
+    params: dict[str, int | float]
     trainable_share: float
     flops_per_step: int
     flops: dict[str, Any]
@@ -81,13 +81,11 @@ class CompareResult(_Record):
     @classmethod
     def from_dict(cls, data: dict) -> CompareResult:
         """Validates a result dict against the record (raises pydantic's error on a missing key)."""
-        return cls.model_validate(data)
+        return cls.model_validate({"schema_version": COMPARE_SCHEMA_VERSION, **data})
 
     def to_dict(self) -> dict:
-        """Plain data for JSON: every key set, ``schema_version`` included, in declaration order."""
-        return self.model_dump(mode="json", exclude_unset=False, exclude_none=False,
-                               exclude={k for k in ("memory_pass", "speedup", "memory_saved", "cache")
-                                        if getattr(self, k, None) is None})
+        """Plain data for JSON: exactly the keys the result has (optional ones only where set)."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 def assemble(arms: list[ArmSpec], infos: dict, finals: dict, meta: dict) -> dict:
