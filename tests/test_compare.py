@@ -334,3 +334,12 @@ def test_an_arm_refuses_a_command_outside_its_protocol(tiny):
 
     with pytest.raises(RuntimeError, match="unknown arm command 'train'"):
         InlineArm(tiny(), compare.ArmSpec("full", "all")).submit("train")
+
+
+def test_a_non_finite_loss_stops_the_comparison_with_one_clear_error(tiny):
+    from freezetune.errors import NonFiniteLossError
+
+    # lr 1e38: step 1 is finite but its update overflows the logits, so step 2's loss is NaN.
+    cfg = tiny(optim__lr="1.0e+38", freeze__until="layer4")
+    with pytest.raises(NonFiniteLossError, match=r"arm full: training stopped early \(loss became nan at step 2\)"):
+        compare.frozen_vs_full(cfg, steps=3, warmup=0, memory=False, modes=("optimized",))

@@ -46,6 +46,7 @@ from freezetune.measure.timing import timing_stats
 from freezetune.speed.prefix import prefix_modules
 from freezetune.training.optim import optimizer_state_bytes
 from freezetune.training.recipe import Recipe, StepRecord
+from freezetune.training.state import StopReason
 from freezetune.training.step import BatchSource
 
 # How long the parent waits for a worker to exit after its last answer.
@@ -136,8 +137,9 @@ class ArmRunner:
         for event in self._events:
             if isinstance(event, StepRecord):
                 return event
+        # extend_to() gave the loop every step the comparison asks for, so only a non-finite loss ends it.
         reason = self.recipe.stop_reason
-        why = self.recipe.nonfinite if reason is not None and reason.value == "nonfinite" else reason
+        why = self.recipe.nonfinite if reason is StopReason.NONFINITE else reason
         raise errors.NonFiniteLossError(f"arm {self.spec.name}: training stopped early ({why})")
 
     def _hash_batch(self, record: StepRecord) -> None:
