@@ -46,8 +46,13 @@ def combined_sha256(hashes: dict[str, str]) -> str:
 
 
 def changed_tensors(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """Names whose hash in ``after`` differs from (or is missing against) ``before``, sorted."""
-    return sorted(k for k, h in before.items() if after.get(k) != h)
+    """The tensors of ``after`` (those frozen now) whose hash differs from ``before``'s, sorted.
+
+    Only tensors still frozen are compared: one that an unfreeze phase made trainable was checked
+    when it was unfrozen, and may change from then on. A tensor missing from ``before`` counts as
+    changed.
+    """
+    return sorted(k for k, h in after.items() if before.get(k) != h)
 
 
 def frozen_layer_batchnorm_state(model: nn.Module) -> dict[str, str]:

@@ -58,6 +58,7 @@ def unfreeze_phase(model: nn.Module, plan: FreezePlan, phase: UnfreezeStep,
     """
     newly = unfreeze(model, plan, phase.unfreeze)
     current = fingerprint(model, FreezePlan(frozen=[n for n, _ in newly]))
+    # A tensor without a starting hash has nothing to compare against (as before): not moved.
     moved = changed_tensors({n: frozen_before.get(n, h) for n, h in current.items()}, current)
     if moved:
         raise FreezeIntegrityError(f"tensors changed while frozen, before epoch {phase.epoch}: {moved[:5]}")

@@ -31,7 +31,7 @@ from torch import nn
 from freezetune.atomic import remove_stale_temps, write_json, write_text
 from freezetune.config import Config, dump_config, load_config
 from freezetune.errors import ConfigError, FreezeIntegrityError, NonFiniteLossError, RunDirError, WeightsError
-from freezetune.freezing.integrity import combined_sha256, fingerprint, frozen_state
+from freezetune.freezing.integrity import changed_tensors, combined_sha256, fingerprint, frozen_state
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import apply_freeze, set_train_mode
 from freezetune.freezing.schedule import PhaseRecord, phases_due, unfreeze_phase
@@ -557,7 +557,7 @@ class Recipe:
         Tensors unfrozen by a ``freeze.schedule`` phase were checked when they were unfrozen.
         """
         after = fingerprint(self.model, self.plan)
-        changed = sorted(k for k, h in after.items() if self.frozen_before.get(k) != h)
+        changed = changed_tensors(self.frozen_before, after)
         ranks_ok = dist.gather(not changed, self.dist)
         return {
             "ok": all(ranks_ok),
