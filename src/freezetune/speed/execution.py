@@ -104,14 +104,9 @@ def decide(facts: ExecutionFacts, train: TrainConfig, augment: bool) -> Executio
     span = f"{prefix[0]}..{prefix[-1]}" if prefix else ""
     cache = _cache_choice(facts, train.feature_cache, augment)
     split = bool(prefix) and (train.fold_batchnorm or cache.enabled)
-    if not supports_prefix(facts.model_name):
-        why_split = f"frozen-prefix execution is implemented for ResNets only (model.name is {facts.model_name})"
-    elif not prefix:
-        why_split = "no frozen prefix: the first stage (stem) trains"
-    elif split:
-        why_split = f"{span} is frozen: it runs under no_grad, building no autograd graph"
-    else:
-        why_split = "train.fold_batchnorm is off and there is no feature cache"
+    why_split = _why_no_prefix(facts) or (
+        f"{span} is frozen: it runs under no_grad, building no autograd graph" if split
+        else "train.fold_batchnorm is off and there is no feature cache")
     fold = split and facts.prefix_batchnorm_frozen and train.fold_batchnorm
     if fold:
         why_fold = "the prefix's BatchNorm is frozen: folded into its convolutions (a private copy)"
@@ -142,20 +137,26 @@ def _cache_choice(facts: ExecutionFacts, mode: str, augment: bool) -> Choice:
     if mode == "off":
         return Choice(False, "train.feature_cache is off")
     prefix = facts.frozen_prefix
-    why_not = None
-    if not supports_prefix(facts.model_name):
-        why_not = f"frozen-prefix execution is implemented for ResNets only (model.name is {facts.model_name})"
-    elif not prefix:
-        why_not = "no frozen prefix: the first stage (stem) trains"
-    elif not facts.prefix_batchnorm_frozen:
-        why_not = "BatchNorm in the frozen prefix updates its statistics (freeze.batchnorm: train)"
-    elif augment:
-        why_not = "data.augment is on: random transforms change the prefix output every epoch"
+    why_not = (
+        _why_no_prefix(facts)
+        or ("BatchNorm in the frozen prefix updates its statistics (freeze.batchnorm: train)"
+            if not facts.prefix_batchnorm_frozen else None)
+        or ("data.augment is on: random transforms change the prefix output every epoch" if augment else None)
+    )
     if why_not and mode == "on":
         raise ConfigError(f"train.feature_cache: on is not possible: {why_not}")
     if why_not:
         return Choice(False, f"feature cache off: {why_not}")
     return Choice(True, f"feature cache on: caching the output of {', '.join(prefix)} once per sample")
+
+
+def _why_no_prefix(facts: ExecutionFacts) -> str | None:
+    """Why there is no frozen prefix to run without autograd or cache, or None if there is one."""
+    if not supports_prefix(facts.model_name):
+        return f"frozen-prefix execution is implemented for ResNets only (model.name is {facts.model_name})"
+    if not facts.frozen_prefix:
+        return "no frozen prefix: the first stage (stem) trains"
+    return None
 
 
 def decide_cache(config: Config, prefix: list[str], prefix_bn_frozen: bool) -> Choice:
