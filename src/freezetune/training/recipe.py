@@ -50,7 +50,7 @@ from freezetune.training.optim import add_unfrozen, build_optimizer, check_optim
 from freezetune.training.run_dir import MetricsLog, prepare_run_dir, read_jsonl
 from freezetune.training.state import RunState, StopReason
 from freezetune.training.step import Batch, BatchSource, DDPForward, Engine, evaluate, fill_cache, train_step
-from freezetune.training.summary import build_summary
+from freezetune.training.summary import EPOCHS_NAME, EpochRecord, build_summary
 from freezetune.training.trainable import save_trainable
 
 FINGERPRINT_NAME = "frozen_sha256.json"
@@ -99,12 +99,17 @@ class StepRecord:
 
 @dataclass
 class EpochEnd:
-    """The end of one pass over (what was left of) an epoch's batches."""
+    """The end of one pass over (what was left of) an epoch's batches.
+
+    ``seconds`` is this process's pass; ``epoch_seconds`` adds what earlier processes spent on
+    the same epoch before an interruption, so it is the whole epoch's training time.
+    """
 
     epoch: int
     seconds: float
     steps: int
     cached: bool
+    epoch_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         """The ``summary.json`` ``epochs`` entry."""
@@ -151,6 +156,7 @@ class Recipe:
         self.stop_reason: StopReason | None = None
         self._restored_scaler: dict | None = None
         self._stop: StopFlag | None = None
+        self._stop_requested: str | None = None
         self.nonfinite: str | None = None  # what the loss became, and at which step
         self.loss_fn = nn.CrossEntropyLoss()
         self._warmup_left = 0
@@ -326,11 +332,12 @@ class Recipe:
             )
 
     def _truncate_metrics(self) -> None:
-        # Steps logged after the checkpoint by the interrupted process will be redone.
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists():
-            kept = [r for r in read_jsonl(metrics) if r["step"] <= self.state.step]
-            write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        # Steps and epochs logged after the checkpoint by the interrupted process will be redone.
+        for name in ("metrics.jsonl", EPOCHS_NAME):
+            path = self.run_dir / name
+            if path.exists():
+                kept = [r for r in read_jsonl(path) if r["step"] <= self.state.step]
+                write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ----------------------------------------------------------------------------------------
     # gradual unfreezing
@@ -401,14 +408,17 @@ class Recipe:
             if stopping or self.state.step >= self.total:
                 break
         synchronize(self.device)
-        end = EpochEnd(epoch, time.perf_counter() - start, steps, cached)
+        seconds = time.perf_counter() - start
+        end = EpochEnd(epoch, seconds, steps, cached, self.state.epoch_seconds + seconds)
         self.epoch_times.append(end.as_dict())
+        self.state.epoch_seconds = end.epoch_seconds
         if stopping and self.state.step < self.total:
             self.stop_reason = StopReason.INTERRUPTED
             return None  # a signal during the final step lets the run complete instead
         if self.state.batch_in_epoch >= self.per_epoch:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
+            self.state.epoch_seconds = 0.0
         return end
 
     def _work_left(self) -> bool:
@@ -479,30 +489,62 @@ class Recipe:
 
     def train(self) -> Outcome:
         """Runs :meth:`loop` with metrics, checkpoints, per-epoch validation and signal handling."""
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None,
-                             append=self.resumed_from_step is not None)
-        outcome = Outcome()
+        with StopFlag() as stop:
+            self.start_training(stop)
+            try:
+                while self.train_epoch() is not None:
+                    pass
+            finally:
+                self.end_training()
+        return self.outcome()
+
+    def start_training(self, stop: StopFlag | None = None) -> None:
+        """Opens the metrics log and starts :meth:`loop`; :meth:`train_epoch` then runs it an epoch at a time.
+
+        :meth:`train` is the usual driver. A sweep drives several recipes through these three
+        methods, so that its arms take turns epoch by epoch in one process.
+
+        Args:
+            stop: The signal flag the loop checks after every step (None: never stopped).
+        """
+        self._metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None,
+                                   append=self.resumed_from_step is not None)
+        self._epochs_log = MetricsLog(self.run_dir / EPOCHS_NAME if self.dist.is_main else None,
+                                      append=self.resumed_from_step is not None)
+        self._outcome = Outcome()
+        self._stop = stop
         reset_peak_memory(self.device)
         self.reporter.train_start(self.total, self.state.step)
         if self.config.train.feature_cache != "off":
             self.reporter.message(self.execution.feature_cache.reason)
-        try:
-            with StopFlag() as stop:
-                self._stop = stop
-                for event in self.loop():
-                    if isinstance(event, StepRecord):
-                        self._after_step(event, metrics, outcome)
-                    else:
-                        self._after_epoch(event, outcome)
-        finally:
-            self._stop = None
-            metrics.close()
-            self.reporter.train_end()
+        self._events = self.loop()
+
+    def train_epoch(self) -> EpochRecord | None:
+        """Trains until the next epoch ends, then validates and saves; None once the loop has ended."""
+        for event in self._events:
+            if isinstance(event, StepRecord):
+                self._after_step(event, self._metrics, self._outcome)
+            else:
+                return self._after_epoch(event, self._outcome)
+        return None
+
+    def end_training(self) -> None:
+        """Closes the logs; call it once the loop has ended or raised."""
+        self._stop_requested = self._stop.requested if self._stop is not None else None
+        self._stop = None
+        self._metrics.close()
+        self._epochs_log.close()
+        self.reporter.train_end()
+
+    def outcome(self) -> Outcome:
+        """What training did, once :meth:`train_epoch` returned None; saves an interrupted run."""
+        outcome = self._outcome
         outcome.status = self.stop_reason.value
         if self.stop_reason is StopReason.NONFINITE:
             outcome.error = self.nonfinite
         elif self.stop_reason is StopReason.INTERRUPTED:
-            outcome.error = f"stopped by {stop.requested} after step {self.state.step}"
+            requested = self._stop_requested or "a stop request"
+            outcome.error = f"stopped by {requested} after step {self.state.step}"
             self.save()
         return outcome
 
@@ -516,13 +558,25 @@ class Recipe:
         if every and record.step % every == 0:
             self.save()
 
-    def _after_epoch(self, end: EpochEnd, outcome: Outcome) -> None:
+    def _after_epoch(self, end: EpochEnd, outcome: Outcome) -> EpochRecord:
+        val, val_s = None, None
         if self.data.val is not None:
             cfg = self.config.data
-            outcome.val = evaluate(self.engine, self.plan, self.data.val, cfg.batch_size, cfg.num_workers,
-                                   self.loss_fn)
-            self.reporter.validation(end.epoch, outcome.val)
+            synchronize(self.device)
+            start = time.perf_counter()
+            val = evaluate(self.engine, self.plan, self.data.val, cfg.batch_size, cfg.num_workers, self.loss_fn)
+            synchronize(self.device)
+            val_s = time.perf_counter() - start
+            outcome.val = val
+            self.reporter.validation(end.epoch, val)
+        record = EpochRecord(
+            epoch=end.epoch, step=self.state.step, steps=end.steps, train_s=end.epoch_seconds, cached=end.cached,
+            val_accuracy=val["accuracy"] if val else None, val_loss=val["loss"] if val else None, val_s=val_s,
+            complete=self.state.epoch > end.epoch,
+        )
+        self._epochs_log.write(record.as_dict())
         self.save()
+        return record
 
     def save(self) -> None:
         """Writes the trainable-only checkpoint, then ``checkpoint.pt``; each atomically.

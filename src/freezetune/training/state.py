@@ -15,21 +15,25 @@ class RunState:
         epoch: Completed passes over the training set (the epoch being trained, 0-based).
         batch_in_epoch: Batches of ``epoch`` already trained; a resumed run skips them.
         phases: How many ``freeze.schedule`` phases (gradual unfreezing) are in effect.
+        epoch_seconds: Training seconds already spent on ``epoch`` by earlier processes, so an
+            epoch split by an interruption is still timed whole in ``epochs.jsonl``.
     """
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     phases: int = 0
+    epoch_seconds: float = 0.0
 
-    def as_dict(self) -> dict[str, int]:
-        """The counters as checkpoint keys (``step``, ``epoch``, ``batch_in_epoch``, ``phases``)."""
+    def as_dict(self) -> dict[str, int | float]:
+        """The counters as checkpoint keys (``step``, ``epoch``, ``batch_in_epoch``, ``phases``, ``epoch_seconds``)."""
         return asdict(self)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> RunState:
-        """Reads the counters of a loaded checkpoint; older checkpoints may lack ``phases``."""
-        return cls(**{k: int(ckpt.get(k, 0)) for k in ("step", "epoch", "batch_in_epoch", "phases")})
+        """Reads the counters of a loaded checkpoint; older checkpoints may lack the newer ones."""
+        counters = {k: int(ckpt.get(k, 0)) for k in ("step", "epoch", "batch_in_epoch", "phases")}
+        return cls(**counters, epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)))
 
 
 class StopReason(enum.Enum):

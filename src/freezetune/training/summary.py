@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from freezetune.training.recipe import Outcome, Recipe
 
 SUMMARY_SCHEMA_VERSION = 1
+EPOCHS_SCHEMA_VERSION = 1
+EPOCHS_NAME = "epochs.jsonl"
 _TIMED_WHAT = "forward+loss+backward+SGD step incl. host-to-device copy, synchronized"
 
 
@@ -62,6 +64,44 @@ class RunSummary:
     def as_dict(self) -> dict:
         """Plain data for JSON."""
         return asdict(self)
+
+
+@dataclass
+class EpochRecord:
+    """One line of ``epochs.jsonl``: an epoch's training time and its validation, written at its end.
+
+    Attributes:
+        epoch: The epoch (0-based).
+        step: Optimizer steps taken when it ended.
+        steps: Steps this process trained in it (fewer than an epoch's after a resume).
+        train_s: Training seconds of the whole epoch, synchronized, cache filling included and
+            validation excluded; an epoch split by an interruption is timed whole.
+        cached: Whether its steps read cached features.
+        val_accuracy: Top-1 accuracy on the validation set after it, or None without one.
+        val_loss: Mean validation loss, or None.
+        val_s: Seconds the validation pass took, or None.
+        complete: False when ``train.max_steps`` ended the run inside the epoch.
+    """
+
+    epoch: int
+    step: int
+    steps: int
+    train_s: float
+    cached: bool
+    val_accuracy: float | None
+    val_loss: float | None
+    val_s: float | None
+    complete: bool = True
+    schema_version: int = EPOCHS_SCHEMA_VERSION
+
+    def as_dict(self) -> dict:
+        """Plain data for JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EpochRecord:
+        """Reads one line back; keys written by newer versions are ignored."""
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def build_summary(recipe: Recipe, outcome: Outcome, integrity: dict) -> dict:
