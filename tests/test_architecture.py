@@ -45,7 +45,8 @@ LAYERS: list[list[str]] = [
     ["freezetune.training"],                               # 6: the training engine
     ["freezetune.render"],                                 # 7: text, tables, figures
     ["freezetune.compare", "freezetune.inspection", "freezetune.demo", "freezetune.export"],  # 8: features
-    ["freezetune.cli", "freezetune.__main__"],             # 9: the command line
+    ["freezetune.sweep"],                                  # 9: the sweep, built on compare's arms and workers
+    ["freezetune.cli", "freezetune.__main__"],             # 10: the command line
 ]
 
 

@@ -253,24 +253,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
     return data, origin
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML mapping, turning every failure into one clear ConfigError line."""
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """Reads any YAML document, turning every failure into one clear ConfigError line.
+
+    Args:
+        path: The file.
+        what: What the file is, for the messages ("config", "arms file").
+    """
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} file not found")
     if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, not a config file")
+        raise ConfigError(f"{path}: is a directory, not a {what} file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config ({e})") from e
+        raise ConfigError(f"{path}: cannot read {what} ({e})") from e
     try:
-        data = _yaml_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or _first_line(e)
         raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from e
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping, turning every failure into one clear ConfigError line."""
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -9,7 +9,16 @@ from __future__ import annotations
 import typer
 
 from freezetune import __version__
-from freezetune.cli import bench_cmd, compare_cmd, demo_cmd, export_cmd, inspect_cmd, models_cmd, train_cmd
+from freezetune.cli import (
+    bench_cmd,
+    compare_cmd,
+    demo_cmd,
+    export_cmd,
+    inspect_cmd,
+    models_cmd,
+    sweep_cmd,
+    train_cmd,
+)
 
 app = typer.Typer(
     name="freezetune",
@@ -41,6 +50,7 @@ train_cmd.register(app)
 inspect_cmd.register(app)
 demo_cmd.register(app)
 compare_cmd.register(app)
+sweep_cmd.register(app)
 export_cmd.register(app)
 models_cmd.register(app)
 bench_cmd.register(app)

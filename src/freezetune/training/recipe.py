@@ -536,6 +536,17 @@ class Recipe:
         self._epochs_log.close()
         self.reporter.train_end()
 
+    @property
+    def finished(self) -> bool:
+        """Whether the run has trained every step it planned."""
+        return not self._work_left()
+
+    def stop(self, reason: StopReason, why: str) -> None:
+        """Ends the loop from outside at an epoch boundary (a sweep pruning this run), saying why."""
+        self._events.close()
+        self.stop_reason = reason
+        self._outcome.error = why
+
     def outcome(self) -> Outcome:
         """What training did, once :meth:`train_epoch` returned None; saves an interrupted run."""
         outcome = self._outcome

@@ -42,3 +42,4 @@ class StopReason(enum.Enum):
     COMPLETED = "completed"  # the planned steps or epochs are done
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM (on any rank) with work left
     NONFINITE = "nonfinite"  # the loss became NaN or infinite (train.stop_on_nonfinite)
+    PRUNED = "pruned"  # a sweep stopped the run: it could not come within the tolerance of the best arm

@@ -1,0 +1,131 @@
+"""``freezetune sweep``: which layers should I freeze? Every arm trained, measured, and one recommended."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from freezetune.cli.common import DEBUG_OPTION, OVERRIDES_ARG, console, err_console, print_all, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    """Adds ``sweep`` to the app."""
+    app.command("sweep")(sweep)
+
+
+@user_errors
+def sweep(
+    overrides: list[str] = OVERRIDES_ARG,
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config: its epochs are every arm's budget.",
+                                show_default=False),
+    out: Path = typer.Option(None, "--out", help="Sweep folder \\[default: <output.dir>/sweep].", show_default=False),
+    arms: Path = typer.Option(None, "--arms", help="YAML list of {name, label, overrides} arms that add to or "
+                              "replace the defaults (full and one per freeze point).", show_default=False),
+    only: str = typer.Option(None, "--only", help="Run only these arms, comma-separated.", show_default=False),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds seed, seed+1, ...; figures become mean ± sd."),
+    target: float = typer.Option(None, "--target", help="Target validation accuracy for time to target, a "
+                                 "fraction \\[default: the best arm's mean final accuracy minus the tolerance].",
+                                 show_default=False),
+    tolerance: float = typer.Option(None, "--tolerance", min=0, help="Accuracy points an arm may lose against "
+                                    "the best and still be recommended (1 = 0.01) \\[default: 1].",
+                                    show_default=False),
+    prune: bool = typer.Option(True, "--prune/--no-prune", help="Stop arms that cannot come within the "
+                               "tolerance of the best (see docs/sweep.md for the rule)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure each arm's peak memory in a "
+                                "process of its own (a few steps each)."),
+    feature_cache: str = typer.Option("auto", "--feature-cache", help="train.feature_cache for every arm: "
+                                      "auto, on or off."),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N \\[default: the config's].",
+                               show_default=False),
+    emit: Path = typer.Option(None, "--emit", help="Write one config per (arm, seed), jobs.txt and a manifest "
+                              "to this folder for a scheduler to run, and train nothing.", show_default=False),
+    collect: Path = typer.Option(None, "--collect", help="Read this sweep folder's finished runs and write "
+                                 "sweep.json/csv/png and the recommendation.", show_default=False),
+    resume: Path = typer.Option(None, "--resume", help="Continue the sweep in this folder where it stopped.",
+                                show_default=False),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Train every freeze depth (and your own arms) for the config's whole budget and recommend one.
+
+    Reports validation accuracy per epoch, time to target accuracy, training time, FLOPs and
+    memory per arm, the Pareto front, and the cheapest arm within the tolerance of the best.
+    Writes sweep.json, sweep.csv and sweep.png.
+    """
+    from freezetune import sweep as lib
+    from freezetune.errors import ConfigError
+    from freezetune.sweep.analysis import DEFAULT_TOLERANCE
+
+    modes = [name for name, v in (("--emit", emit), ("--collect", collect), ("--resume", resume)) if v is not None]
+    if len(modes) > 1:
+        raise ConfigError(f"give only one of {', '.join(modes)}")
+    if feature_cache not in ("auto", "on", "off"):
+        raise ConfigError(f"--feature-cache {feature_cache!r}: choose auto, on or off")
+    tol = None if tolerance is None else tolerance / 100
+    if collect is not None:
+        _show(lib.collect(collect, target, tol))  # the sweep's own target and tolerance unless given
+        return
+    if resume is not None:
+        _finish(lib.resume(resume, _Progress()))
+        return
+    cfg, source = _config(config, overrides, device)
+    chosen = _arms(cfg, arms, only)
+    tol = DEFAULT_TOLERANCE if tol is None else tol
+    if emit is not None:
+        manifest = lib.emit(cfg, emit, chosen, seeds, target, tol, feature_cache, source)
+        console.print(f"wrote {len(manifest.jobs)} job configs, {emit / 'jobs.txt'} and {emit / 'manifest.json'}")
+        console.print(f"run each line of {emit / 'jobs.txt'}, then: freezetune sweep --collect {emit}")
+        return
+    result = lib.sweep(cfg, out or Path(cfg.output.dir) / "sweep", chosen, seeds, target, tol, prune, memory,
+                       feature_cache, source, _Progress())
+    _finish(result)
+
+
+def _config(config: Path | None, overrides: list[str] | None, device: str | None):
+    from freezetune.config import load_config
+    from freezetune.errors import ConfigError
+
+    if config is None:
+        raise ConfigError("missing --config PATH (or --resume / --collect SWEEP_DIR)")
+    extra = list(overrides or []) + ([f"device={device}"] if device else [])
+    return load_config(config, extra), str(config)
+
+
+def _arms(cfg, arms_file: Path | None, only: str | None):
+    from freezetune.sweep import default_arms, load_arms_file, merge_arms
+
+    extra = load_arms_file(arms_file) if arms_file is not None else []
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    return merge_arms(default_arms(cfg), extra, names)
+
+
+def _finish(result: dict) -> None:
+    if result.get("status") == "interrupted":
+        err_console.print(f"interrupted; continue with: freezetune sweep --resume {result['out_dir']}")
+        raise typer.Exit(130)
+    _show(result)
+
+
+def _show(result: dict) -> None:
+    from freezetune.render.sweep import recommendation_lines, sweep_table
+
+    print_all(console, [sweep_table(result), *recommendation_lines(result)])
+
+
+class _Progress:
+    """Prints one line per (arm, seed, epoch) and every pruning decision."""
+
+    def start(self, jobs: int, epochs: int, resumed: int) -> None:
+        done = f" ({resumed} already finished)" if resumed else ""
+        console.print(f"sweep: {jobs} runs x {epochs} epochs{done}, arms taking turns epoch by epoch")
+
+    def epoch(self, arm, seed, record, epochs) -> None:
+        from freezetune.render.sweep import epoch_line
+
+        console.print(epoch_line(arm, seed, record, epochs))
+
+    def pruned(self, arm: str, epoch: int) -> None:
+        console.print(f"[yellow]pruned {arm} after epoch {epoch}[/]: it cannot come within the tolerance of the best")
+
+    def message(self, text: str) -> None:
+        console.print(text)

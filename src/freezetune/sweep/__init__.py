@@ -1,0 +1,7 @@
+"""``freezetune sweep``: which layers to freeze, measured: accuracy, time to accuracy, a recommendation."""
+
+from freezetune.sweep.arms import SweepArm, default_arms, load_arms_file, merge_arms
+from freezetune.sweep.run import SweepReporter, collect, emit, resume, sweep
+
+__all__ = ["SweepArm", "SweepReporter", "collect", "default_arms", "emit", "load_arms_file", "merge_arms",
+           "resume", "sweep"]

@@ -1,0 +1,143 @@
+"""The arms of a sweep: which configs run, and the one config each (arm, seed) trains with.
+
+By default a sweep has ``full`` (everything trains) and one arm per freeze point of the model, named
+as in ``compare depths`` and taken from the model catalog. An arms file adds arms or replaces
+default ones; each arm is the user's config with its freeze selectors removed (the BatchNorm
+policy kept) and the arm's overrides applied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from freezetune.compare.arms import BASELINE, depth_arms
+from freezetune.config import Config, apply_overrides, read_yaml, validate_config
+from freezetune.errors import ConfigError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Keys an arm may not change: every arm must see the same data, seeds, budget and folder layout,
+# or its accuracy would not be comparable with the others'.
+_FIXED = ("seed", "output", "data.source", "data.root", "data.image_size", "data.train_size",
+          "data.val_size", "data.download", "data.skip_bad_images", "model.num_classes",
+          "train.epochs", "train.max_steps")
+
+
+@dataclass(frozen=True)
+class SweepArm:
+    """One way of training the config.
+
+    Attributes:
+        name: Short key (``full``, ``stem`` ... ``layer4``, or a name from the arms file).
+        label: What a person reads in tables and plots.
+        overrides: Dotted config keys and their values, applied to the config with its freeze
+            selectors removed.
+    """
+
+    name: str
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Plain data for the manifest."""
+        return {"name": self.name, "label": self.label, "overrides": dict(self.overrides)}
+
+
+class _ArmEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    label: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+def default_arms(config: Config) -> list[SweepArm]:
+    """``full``, then frozen through each of the model's freeze points (the last leaves the head only)."""
+    arms = []
+    for spec in depth_arms(config, modes=("optimized",)):
+        overrides = {} if spec.name == BASELINE else {"freeze.until": spec.depth}
+        arms.append(SweepArm(spec.name, spec.label if spec.name != BASELINE else "full fine-tuning", overrides))
+    return arms
+
+
+def load_arms_file(path: str | Path) -> list[SweepArm]:
+    """Reads an arms file: a YAML list of ``{name, label (optional), overrides}``.
+
+    Raises:
+        ConfigError: Naming the file and the entry, on anything but a list of valid entries.
+    """
+    path = Path(path)
+    raw = read_yaml(path, "arms file")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}: an arms file is a non-empty YAML list of {{name, overrides}} entries")
+    arms = []
+    for i, item in enumerate(raw):
+        try:
+            entry = _ArmEntry.model_validate(item)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "entry"
+            raise ConfigError(f"{path}: arm {i + 1}: {where}: {err['msg']}") from None
+        if not _NAME_RE.match(entry.name):
+            raise ConfigError(f"{path}: arm {i + 1}: name {entry.name!r} must be letters, digits, '_', '.', '-'")
+        arms.append(SweepArm(entry.name, entry.label or entry.name, dict(entry.overrides)))
+    names = [a.name for a in arms]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: arm name(s) given twice: {', '.join(dupes)}")
+    return arms
+
+
+def merge_arms(defaults: list[SweepArm], extra: list[SweepArm], only: list[str] | None = None) -> list[SweepArm]:
+    """Defaults with the file's arms replacing same-named ones and the rest appended; ``only`` selects.
+
+    Raises:
+        ConfigError: If ``only`` names an unknown arm, or fewer than two arms are left.
+    """
+    by_name = {a.name: a for a in defaults}
+    for arm in extra:
+        by_name[arm.name] = arm
+    arms = list(by_name.values())
+    if only:
+        unknown = [n for n in only if n not in by_name]
+        if unknown:
+            raise ConfigError(f"--only: unknown arm(s) {', '.join(unknown)}; the arms are {', '.join(by_name)}")
+        arms = [a for a in arms if a.name in only]
+    if len(arms) < 2:
+        raise ConfigError(f"a sweep needs at least two arms to compare (got {', '.join(a.name for a in arms)})")
+    return arms
+
+
+def arm_config(config: Config, arm: SweepArm, seed: int, run_dir: Path, feature_cache: str = "auto") -> Config:
+    """The complete config of one (arm, seed): what ``freezetune train`` would run for it.
+
+    Args:
+        config: The user's config.
+        arm: The arm; its overrides apply to the config with the freeze selectors removed.
+        seed: The run's seed.
+        run_dir: The run's folder.
+        feature_cache: ``train.feature_cache`` for every arm (``auto``: each arm takes the cache
+            wherever it is correct and pays off).
+
+    Raises:
+        ConfigError: If an override changes a key every arm must share, or makes the config invalid.
+    """
+    fixed = [k for k in arm.overrides if any(k == f or k.startswith(f + ".") for f in _FIXED)]
+    if fixed:
+        raise ConfigError(
+            f"arm {arm.name}: may not override {', '.join(fixed)} "
+            "(every arm trains on the same data, seeds and budget, so their accuracies compare)"
+        )
+    data = config.to_dict()
+    data["freeze"] = {"batchnorm": config.freeze.batchnorm}
+    data["seed"] = seed
+    data["train"]["feature_cache"] = feature_cache
+    data["output"] = {"dir": str(run_dir), "overwrite": True}
+    # JSON is YAML, so every value (a list, a schedule of mappings) goes through the override parser.
+    data, _ = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in arm.overrides.items()])
+    return validate_config(data, [], source=f"arm {arm.name}")

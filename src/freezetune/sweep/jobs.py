@@ -1,0 +1,135 @@
+"""A sweep's jobs on disk: the manifest, one ready config per (arm, seed), and reading runs back.
+
+Both ways of running a sweep share this layout under the output folder::
+
+    manifest.json                       what the sweep is: config, arms, seeds, options, jobs
+    configs/<arm>/seed-<s>.yaml         the complete config of each job (``freezetune train`` runs it)
+    jobs.txt                            one ``freezetune train`` command per line (a scheduler array)
+    runs/<arm>/seed-<s>/                each job's run folder (epochs.jsonl, summary.json, ...)
+
+``freezetune sweep`` runs the jobs in one process; ``--emit`` only writes them, for SLURM, Kubernetes
+or ``torchrun`` to run, and ``--collect`` reads the finished run folders back.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from freezetune.atomic import write_json, write_text
+from freezetune.config import Config, dump_config
+from freezetune.errors import RunDirError
+from freezetune.sweep.arms import SweepArm, arm_config
+from freezetune.training.run_dir import read_jsonl
+from freezetune.training.summary import EPOCHS_NAME
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class Job(BaseModel):
+    """One (arm, seed): where its config and run folder are, relative to the sweep folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arm: str
+    seed: int
+    config: str
+    run_dir: str
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: everything needed to run, resume or collect a sweep."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    kind: str = "sweep-manifest"
+    mode: str  # in-process | emitted
+    config: dict[str, Any]
+    config_source: str
+    arms: list[dict[str, Any]]
+    seeds: list[int]
+    options: dict[str, Any]
+    jobs: list[Job]
+
+    def arm_list(self) -> list[SweepArm]:
+        """The arms, as :class:`SweepArm`."""
+        return [SweepArm(a["name"], a["label"], dict(a["overrides"])) for a in self.arms]
+
+    def base_config(self) -> Config:
+        """The user's config, as it was when the sweep began."""
+        return Config.model_validate(self.config)
+
+
+def job_paths(arm: str, seed: int) -> tuple[str, str]:
+    """(config, run folder) of one job, relative to the sweep folder."""
+    return f"configs/{arm}/seed-{seed}.yaml", f"runs/{arm}/seed-{seed}"
+
+
+def write_jobs(out: Path, config: Config, source: str, arms: list[SweepArm], seeds: list[int],
+               options: dict, mode: str) -> tuple[Manifest, dict[tuple[str, int], Config]]:
+    """Writes every job's config, ``jobs.txt`` and the manifest; returns them.
+
+    Raises:
+        ConfigError: If an arm's overrides make an invalid config (nothing is written then).
+    """
+    out = out.resolve()
+    configs, jobs = {}, []
+    for arm in arms:
+        for seed in seeds:
+            cfg_rel, run_rel = job_paths(arm.name, seed)
+            configs[(arm.name, seed)] = arm_config(config, arm, seed, out / run_rel, options["feature_cache"])
+            jobs.append(Job(arm=arm.name, seed=seed, config=cfg_rel, run_dir=run_rel))
+    lines = []
+    for job in jobs:
+        path = out / job.config
+        path.parent.mkdir(parents=True, exist_ok=True)
+        command = f"freezetune train --config {shlex.quote(str(path))}"
+        header = (f"# freezetune sweep: arm {job.arm}, seed {job.seed} (from {source}).\n"
+                  f"# Run it with:\n#   {command}\n")
+        write_text(path, header + dump_config(configs[(job.arm, job.seed)]))
+        lines.append(command)
+    write_text(out / "jobs.txt", "\n".join(lines) + "\n")
+    manifest = Manifest(mode=mode, config=config.to_dict(), config_source=source, arms=[a.as_dict() for a in arms],
+                        seeds=list(seeds), options=options, jobs=jobs)
+    write_json(out / MANIFEST_NAME, manifest.model_dump(mode="json"))
+    return manifest, configs
+
+
+def read_manifest(out: Path) -> Manifest:
+    """Reads ``manifest.json`` of a sweep folder.
+
+    Raises:
+        RunDirError: If the folder holds no (valid) sweep manifest.
+    """
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        raise RunDirError(f"{out}: no {MANIFEST_NAME}; not a sweep folder (made by freezetune sweep or --emit)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Manifest.model_validate(data)
+    except (OSError, ValueError, ValidationError) as e:
+        first = str(e).strip().splitlines()[0][:160]
+        raise RunDirError(f"{path}: not a readable sweep manifest ({first})") from None
+
+
+def read_run(run_dir: Path) -> tuple[list[dict], dict | None]:
+    """A job's epoch rows and its summary (None while it has not finished)."""
+    epochs_path, summary_path = run_dir / EPOCHS_NAME, run_dir / "summary.json"
+    epochs = read_jsonl(epochs_path) if epochs_path.is_file() else []
+    summary = None
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise RunDirError(f"{summary_path}: not readable JSON (was the run killed while writing it?)") from None
+    # A run continued after a checkpoint may have logged epochs twice; the last word counts.
+    last = {}
+    for row in epochs:
+        last[row["epoch"]] = row
+    return [last[k] for k in sorted(last)], summary

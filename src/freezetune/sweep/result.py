@@ -1,0 +1,263 @@
+"""``sweep.json``: the typed record of a sweep, assembled from its run folders, and its CSV rows.
+
+The in-process sweep and ``sweep --collect`` both read the finished run folders (``epochs.jsonl``
+and ``summary.json`` of every (arm, seed)) and call :func:`assemble`, so the two give the same
+record from the same runs. Every key is declared; bump ``schema_version`` when one changes meaning
+or goes away.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from freezetune.sweep.analysis import (
+    DEFAULT_TOLERANCE,
+    Candidate,
+    Stat,
+    mean_curve,
+    pareto,
+    recommend,
+    stat,
+    time_to_target,
+)
+
+SWEEP_SCHEMA_VERSION = 1
+FINISHED = ("completed", "pruned", "nonfinite")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StatRecord(_Record):
+    """Mean ± sample standard deviation over seeds (``sd`` is null for one seed)."""
+
+    mean: float | None
+    sd: float | None
+    n: int
+
+
+class SeedRun(_Record):
+    """One (arm, seed): a run folder, read back."""
+
+    seed: int
+    run_dir: str
+    status: str  # completed | pruned | nonfinite | interrupted | missing
+    pruned_at_epoch: int | None = None
+    val_accuracy_by_epoch: list[float | None]
+    val_loss_by_epoch: list[float | None]
+    epoch_wall_s: list[float]
+    val_s_by_epoch: list[float | None]
+    cached_by_epoch: list[bool]
+    final_accuracy: float | None
+    best_accuracy: float | None
+    wall_s: float
+    val_s: float
+    time_to_target_s: float | None = None
+    epochs_to_target: int | None = None
+    step_median_s: float | None
+    peak_memory_bytes: int | None = None
+    error: str | None = None
+
+
+class ArmRecord(_Record):
+    """One arm over its seeds."""
+
+    name: str
+    label: str
+    overrides: dict[str, Any]
+    status: str
+    pruned_at_epoch: int | None
+    val_accuracy: StatRecord
+    best_val_accuracy: StatRecord
+    wall_s: StatRecord
+    val_s: StatRecord
+    time_to_target_s: StatRecord
+    epochs_to_target: StatRecord
+    step_s: StatRecord
+    val_accuracy_by_epoch: list[float]
+    trainable_params: int
+    trainable_pct: float
+    flops_per_step: int | None
+    feature_cache: bool
+    peak_memory_bytes: int | None
+    memory_kind: str
+    on_pareto: bool
+    seeds: list[SeedRun]
+
+
+class SweepResult(_Record):
+    """What ``sweep.json`` holds."""
+
+    schema_version: int = SWEEP_SCHEMA_VERSION
+    kind: str = "sweep"
+    freezetune_version: str
+    model: str
+    data: dict[str, Any]
+    epochs: int
+    seeds: list[int]
+    target_accuracy: float | None
+    target_source: str
+    tolerance: float
+    prune: bool
+    pruning: dict[str, Any]
+    arms: dict[str, ArmRecord]
+    pareto: list[str]
+    recommendation: dict[str, Any]
+    mode: str  # in-process | collected
+    wall_s: float | None
+    device: str | None
+    versions: dict[str, str]
+    out_dir: str
+    files: dict[str, str]
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return self.model_dump(mode="json")
+
+
+def seed_run(seed: int, run_dir: str, epochs: list[dict], summary: dict | None) -> SeedRun:
+    """Reads one run's ``epochs.jsonl`` rows and ``summary.json`` (None while it has not finished)."""
+    acc = [e["val_accuracy"] for e in epochs]
+    seen = [a for a in acc if a is not None]
+    status = summary["status"] if summary else ("interrupted" if epochs else "missing")
+    timing = (summary or {}).get("timing_by_path", {})
+    step = (timing.get("cached") or {}).get("step_median_s") or (timing.get("uncached") or {}).get("step_median_s")
+    return SeedRun(
+        seed=seed, run_dir=run_dir, status=status,
+        pruned_at_epoch=len(epochs) if status == "pruned" else None,
+        val_accuracy_by_epoch=acc,
+        val_loss_by_epoch=[e["val_loss"] for e in epochs],
+        epoch_wall_s=[e["train_s"] for e in epochs],
+        val_s_by_epoch=[e["val_s"] for e in epochs],
+        cached_by_epoch=[bool(e["cached"]) for e in epochs],
+        final_accuracy=acc[-1] if acc else None,
+        best_accuracy=max(seen) if seen else None,
+        wall_s=sum(e["train_s"] for e in epochs),
+        val_s=sum(e["val_s"] or 0.0 for e in epochs),
+        step_median_s=step,
+        error=(summary or {}).get("error"),
+    )
+
+
+def assemble(arms: list[dict], runs: dict[str, list[SeedRun]], facts: dict[str, dict], meta: dict,
+             target: float | None, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """Builds the sweep record: per-arm statistics, time to target, the Pareto front, the recommendation.
+
+    Args:
+        arms: The manifest's arms (``name``, ``label``, ``overrides``), in order.
+        runs: Per arm, its seeds' runs.
+        facts: Per arm, what does not depend on the seed: ``trainable_params``, ``trainable_pct``,
+            ``flops_per_step``, ``feature_cache``, ``peak_memory_bytes``, ``memory_kind``.
+        meta: The record's other top-level keys (model, data, epochs, seeds, mode...).
+        target: The target accuracy, or None for the best arm's mean final accuracy minus the tolerance.
+        tolerance: Accuracy (a fraction) an arm may lose against the best and still be recommended.
+
+    Returns:
+        The record as a dict, validated by :class:`SweepResult`.
+    """
+    finals = {a["name"]: stat([r.final_accuracy for r in runs[a["name"]]]) for a in arms}
+    done = [a["name"] for a in arms if _status(runs[a["name"]]) == "completed" and finals[a["name"]].mean is not None]
+    source = "given (--target)"
+    if target is None:
+        best = max((finals[n].mean for n in done), default=None)
+        target = None if best is None else best - tolerance
+        source = "the best arm's mean final accuracy minus the tolerance"
+    records = {a["name"]: _arm(a, runs[a["name"]], facts[a["name"]], target) for a in arms}
+    front = pareto({n: (records[n]["wall_s"]["mean"], records[n]["val_accuracy"]["mean"]) for n in done})
+    for name, rec in records.items():
+        rec["on_pareto"] = name in front
+    candidates = [_candidate(records[n]) for n in done]
+    rec = recommend(candidates, tolerance)
+    data = {**meta, "target_accuracy": target, "target_source": source, "tolerance": tolerance,
+            "arms": records, "pareto": front, "recommendation": rec.as_dict()}
+    return SweepResult.model_validate(data).to_dict()
+
+
+def _status(seeds: list[SeedRun]) -> str:
+    statuses = {r.status for r in seeds}
+    for status in ("missing", "interrupted", "nonfinite", "pruned"):
+        if status in statuses:
+            return status
+    return "completed"
+
+
+def _arm(arm: dict, seeds: list[SeedRun], facts: dict, target: float | None) -> dict:
+    for r in seeds:
+        if target is not None:
+            r.time_to_target_s, r.epochs_to_target = time_to_target(r.val_accuracy_by_epoch, r.epoch_wall_s, target)
+    status = _status(seeds)
+    curves = [[a for a in r.val_accuracy_by_epoch if a is not None] for r in seeds]
+    return {
+        "name": arm["name"], "label": arm["label"], "overrides": arm["overrides"], "status": status,
+        "pruned_at_epoch": next((r.pruned_at_epoch for r in seeds if r.pruned_at_epoch), None),
+        "val_accuracy": _s([r.final_accuracy for r in seeds]),
+        "best_val_accuracy": _s([r.best_accuracy for r in seeds]),
+        "wall_s": _s([r.wall_s for r in seeds]),
+        "val_s": _s([r.val_s for r in seeds]),
+        "time_to_target_s": _s([r.time_to_target_s for r in seeds]),
+        "epochs_to_target": _s([r.epochs_to_target for r in seeds]),
+        "step_s": _s([r.step_median_s for r in seeds]),
+        "val_accuracy_by_epoch": mean_curve(curves),
+        **facts,
+        "on_pareto": False,
+        "seeds": [r.model_dump() for r in seeds],
+    }
+
+
+def _s(values: list) -> dict:
+    return stat(values).as_dict()
+
+
+def _candidate(arm: dict) -> Candidate:
+    acc = arm["val_accuracy"]
+    return Candidate(arm["name"], arm["label"], Stat(acc["mean"], acc["sd"], acc["n"]), arm["wall_s"]["mean"],
+                     arm["time_to_target_s"]["mean"])
+
+
+# --------------------------------------------------------------------------------------------
+# CSV
+
+CSV_COLUMNS = (
+    "arm", "seed", "label", "status", "pruned_at_epoch", "val_accuracy", "val_accuracy_sd", "best_val_accuracy",
+    "wall_s", "wall_s_sd", "val_s", "time_to_target_s", "time_to_target_s_sd", "epochs_to_target", "step_s",
+    "trainable_pct", "flops_per_step", "feature_cache", "peak_memory_bytes", "on_pareto", "recommended",
+)
+
+
+def csv_rows(result: dict) -> list[dict]:
+    """One row per arm (``seed`` = ``mean``, with sds), then one per (arm, seed)."""
+    rows = []
+    pick = result["recommendation"]["arm"]
+    for name, arm in result["arms"].items():
+        common = {"arm": name, "label": arm["label"], "trainable_pct": arm["trainable_pct"],
+                  "flops_per_step": arm["flops_per_step"], "feature_cache": arm["feature_cache"],
+                  "peak_memory_bytes": arm["peak_memory_bytes"], "on_pareto": arm["on_pareto"],
+                  "recommended": name == pick}
+        rows.append({**common, "seed": "mean", "status": arm["status"], "pruned_at_epoch": arm["pruned_at_epoch"],
+                     "val_accuracy": arm["val_accuracy"]["mean"], "val_accuracy_sd": arm["val_accuracy"]["sd"],
+                     "best_val_accuracy": arm["best_val_accuracy"]["mean"], "wall_s": arm["wall_s"]["mean"],
+                     "wall_s_sd": arm["wall_s"]["sd"], "val_s": arm["val_s"]["mean"],
+                     "time_to_target_s": arm["time_to_target_s"]["mean"],
+                     "time_to_target_s_sd": arm["time_to_target_s"]["sd"],
+                     "epochs_to_target": arm["epochs_to_target"]["mean"], "step_s": arm["step_s"]["mean"]})
+        for r in arm["seeds"]:
+            rows.append({**common, "seed": r["seed"], "status": r["status"], "pruned_at_epoch": r["pruned_at_epoch"],
+                         "val_accuracy": r["final_accuracy"], "best_val_accuracy": r["best_accuracy"],
+                         "wall_s": r["wall_s"], "val_s": r["val_s"], "time_to_target_s": r["time_to_target_s"],
+                         "epochs_to_target": r["epochs_to_target"], "step_s": r["step_median_s"]})
+    return rows
+
+
+def to_csv(result: dict) -> str:
+    """``sweep.csv``: :func:`csv_rows` under a fixed header."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="raise")
+    writer.writeheader()
+    for row in csv_rows(result):
+        writer.writerow({k: row.get(k) for k in CSV_COLUMNS})
+    return buf.getvalue()
