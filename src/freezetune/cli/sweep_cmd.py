@@ -73,8 +73,9 @@ def sweep(
     tol = DEFAULT_TOLERANCE if tol is None else tol
     if emit is not None:
         manifest = lib.emit(cfg, emit, chosen, seeds, target, tol, feature_cache, source)
-        console.print(f"wrote {len(manifest.jobs)} job configs, {emit / 'jobs.txt'} and {emit / 'manifest.json'}")
-        console.print(f"run each line of {emit / 'jobs.txt'}, then: freezetune sweep --collect {emit}")
+        console.print(f"wrote {len(manifest.jobs)} job configs, {emit / 'jobs.txt'} and {emit / 'manifest.json'}",
+                      soft_wrap=True)
+        console.print(f"run each line of {emit / 'jobs.txt'}, then: freezetune sweep --collect {emit}", soft_wrap=True)
         return
     result = lib.sweep(cfg, out or Path(cfg.output.dir) / "sweep", chosen, seeds, target, tol, prune, memory,
                        feature_cache, source, _Progress())

@@ -225,12 +225,20 @@ def _reason(pick: Candidate, best: Candidate, tolerance: float, baseline: Candid
 
 
 def _cheaper(pick: Candidate, baseline: Candidate | None) -> str:
+    """How the pick's cost compares with full fine-tuning's, in the right direction."""
     if baseline is None or baseline.name == pick.name:
         return ""
-    if pick.time_to_target_s is not None and baseline.time_to_target_s is not None and pick.time_to_target_s > 0:
-        return f", and reaches the target {baseline.time_to_target_s / pick.time_to_target_s:.1f}× sooner than full"
     if pick.time_to_target_s is not None and baseline.time_to_target_s is None:
         return ", and reaches the target, which full fine-tuning never does"
-    if pick.wall_s > 0:
-        return f", and trains {baseline.wall_s / pick.wall_s:.1f}× faster than full"
-    return ""
+    if pick.time_to_target_s is not None and baseline.time_to_target_s is not None:
+        return _ratio_text(baseline.time_to_target_s, pick.time_to_target_s, "reaches the target", "sooner", "later")
+    return _ratio_text(baseline.wall_s, pick.wall_s, "trains", "faster", "slower")
+
+
+def _ratio_text(full_s: float, pick_s: float, verb: str, better: str, worse: str) -> str:
+    if pick_s <= 0 or full_s <= 0:
+        return ""
+    if full_s >= pick_s:
+        return f", and {verb} {full_s / pick_s:.1f}× {better} than full"
+    # Full is cheaper but not eligible: more than the tolerance less accurate.
+    return f", though it {verb} {pick_s / full_s:.1f}× {worse} than full, which is not within the tolerance"

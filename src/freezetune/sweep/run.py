@@ -128,7 +128,8 @@ class Slot:
     def park(self) -> None:
         """Releases a run left at an epoch boundary (its checkpoint is saved) when the sweep stops."""
         if self.recipe is not None:
-            self.recipe.end_training()
+            if self.rng is not None:  # training had started
+                self.recipe.end_training()
             self.recipe.cleanup()
             self.recipe = None
 
@@ -164,6 +165,7 @@ def sweep(config: Config, out: str | Path, arms: list[SweepArm] | None = None, s
 
     arms = arms if arms is not None else default_arms(config)
     _check_options(seeds, target, tolerance)
+    check_validation_data(config)
     out = prepare_run_dir(out, config.output.overwrite)
     options = {"target": target, "tolerance": tolerance, "prune": prune, "memory": memory,
                "feature_cache": feature_cache}
@@ -198,6 +200,7 @@ def emit(config: Config, out: str | Path, arms: list[SweepArm] | None = None, se
 
     arms = arms if arms is not None else default_arms(config)
     _check_options(seeds, target, tolerance)
+    check_validation_data(config)
     out = prepare_run_dir(out, config.output.overwrite)
     options = {"target": target, "tolerance": tolerance, "prune": False, "memory": False,
                "feature_cache": feature_cache}
@@ -397,6 +400,20 @@ def _write(out: Path, manifest: Manifest, runs: dict, options: dict, memory: dic
     atomic_write(out / "sweep.csv", lambda f: f.write(to_csv(result)), mode="w")
     sweep_plot(result, out / "sweep.png")
     return result
+
+
+def check_validation_data(config: Config) -> None:
+    """A sweep compares validation accuracy: refuses, before anything trains, a config without any.
+
+    Raises:
+        ConfigError: If the config has no validation data.
+    """
+    data = config.data
+    has_val = data.val_size > 0 if data.source == "synthetic" else (
+        data.source == "cifar10" or (Path(data.root) / "val").is_dir())
+    if not has_val:
+        where = "data.val_size is 0" if data.source == "synthetic" else f"{Path(data.root) / 'val'} is not a folder"
+        raise ConfigError(f"a sweep compares validation accuracy, so it needs validation data ({where})")
 
 
 def _check_options(seeds: int, target: float | None, tolerance: float) -> None:
