@@ -11,8 +11,8 @@ from freezetune.speed.execution import ExecutionFacts, decide, plan_execution
 PREFIX = ("stem", "layer1", "layer2", "layer3")
 
 
-def facts(prefix=PREFIX, bn_frozen=True, model="resnet18", device="cpu", distributed=False):
-    return ExecutionFacts(model, tuple(prefix), bn_frozen, device, distributed)
+def facts(prefix=PREFIX, bn_frozen=True, model="resnet18", device="cpu", distributed=False, share=None):
+    return ExecutionFacts(model, tuple(prefix), bn_frozen, device, distributed, share)
 
 
 def train(**kw):
@@ -30,6 +30,11 @@ TABLE = [
     (facts(), {"feature_cache": "auto"}, True, (True, True, True, False)),  # augmentation: no cache
     (facts(prefix=()), {"feature_cache": "auto"}, False, (False, False, False, False)),
     (facts(prefix=(), model="mobilenet_v3_small"), {"feature_cache": "auto"}, False, (False, False, False, False)),
+    # The cost model: auto leaves a cache off where the prefix is too small a share of the step.
+    (facts(prefix=("stem",), share=0.023), {"feature_cache": "auto"}, False, (True, True, True, False)),
+    (facts(prefix=("stem", "layer1"), share=0.138), {"feature_cache": "auto"}, False, (True, True, True, True)),
+    (facts(prefix=("stem",), share=0.023), {"feature_cache": "on"}, False, (True, True, True, True)),  # forced
+    (facts(prefix=("stem",), share=None), {"feature_cache": "auto"}, False, (True, True, True, True)),  # not judged
 ]
 
 
@@ -49,6 +54,25 @@ def test_every_choice_has_a_reason_naming_its_cause():
     assert "freeze.batchnorm: train" in plan.fold_batchnorm.reason
     assert "statistics" in plan.feature_cache.reason
     assert decide(facts(distributed=True), train(), False).ddp.enabled
+
+
+def test_a_cache_left_off_for_its_cost_says_so():
+    reason = decide(facts(prefix=("stem",), share=0.023), train(feature_cache="auto"), False).feature_cache.reason
+    assert "only 2.3% of a step's FLOPs" in reason and "feature_cache: on forces it" in reason
+
+
+@pytest.mark.parametrize(("until", "cached"), [("stem", False), ("layer1", True), ("layer3", True), ("layer4", True)])
+def test_auto_counts_the_prefix_share_on_the_real_model(tiny, until, cached):
+    """ResNet18: the stem is 2.3% of a frozen step's FLOPs, stem+layer1 13.8% (any image size)."""
+    from freezetune.freezing.plan import apply_freeze
+    from freezetune.models.weights import build_model
+
+    cfg = tiny(freeze__until=until, freeze__trainable="null", train__feature_cache="auto")
+    model = build_model(cfg.model).model
+    plan = plan_execution(model, apply_freeze(model, cfg.freeze, cfg.model.name), cfg)
+    assert plan.feature_cache.enabled is cached
+    judged = plan_execution(model, apply_freeze(model, cfg.freeze, cfg.model.name), cfg, judge_cost=False)
+    assert judged.feature_cache.enabled  # correctness alone allows it everywhere here
 
 
 def test_cache_on_where_it_would_be_wrong_is_a_config_error():

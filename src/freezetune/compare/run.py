@@ -232,7 +232,8 @@ def _initial_weights(config: Config, arms: list[ArmSpec], tmp: Path):
 
 def _why_no_cache(config: Config, model, plan) -> str | None:
     auto = config.model_copy(update={"train": config.train.model_copy(update={"feature_cache": "auto"})})
-    decision = plan_execution(model, plan, auto).feature_cache
+    # A cached arm measures the cache wherever it is correct, including where auto would not take it.
+    decision = plan_execution(model, plan, auto, judge_cost=False).feature_cache
     return None if decision.enabled else decision.reason
 
 
