@@ -24,9 +24,10 @@ TABLE = [
     (facts(), {}, False, (True, True, True, False)),
     (facts(device="cuda"), {}, False, (True, True, False, False)),
     (facts(device="cuda"), {"channels_last": True}, False, (True, True, True, False)),
-    (facts(bn_frozen=False), {}, False, (True, False, False, False)),
+    (facts(bn_frozen=False), {}, False, (True, False, True, False)),  # unfolded, still channels-last on CPU
+    (facts(bn_frozen=False, device="cuda"), {}, False, (True, False, False, False)),
     (facts(), {"fold_batchnorm": False}, False, (False, False, False, False)),
-    (facts(), {"fold_batchnorm": False, "feature_cache": "auto"}, False, (True, False, False, True)),
+    (facts(), {"fold_batchnorm": False, "feature_cache": "auto"}, False, (True, False, True, True)),
     (facts(), {"feature_cache": "auto"}, True, (True, True, True, False)),  # augmentation: no cache
     (facts(prefix=()), {"feature_cache": "auto"}, False, (False, False, False, False)),
     (facts(prefix=(), model="mobilenet_v3_small"), {"feature_cache": "auto"}, False, (False, False, False, False)),

@@ -93,9 +93,26 @@ def test_channels_last_prefix_matches_and_leaves_the_model_layout_alone():
     assert m.conv1.weight.is_contiguous()  # only the private folded copy was converted
 
 
-def test_channels_last_is_not_applied_to_an_unfolded_prefix():
+def test_an_unfolded_prefix_runs_channels_last_without_touching_the_model():
     m = model_with_real_bn_stats()
     plan = apply_freeze(m, FreezeConfig(until="layer1", batchnorm="train"), "resnet18")
     split = SplitForward(m, "resnet18", frozen_prefix(m, "resnet18"), fold=False, prefix_channels_last=True)
-    assert split.prefix_format is None and plan.frozen_bn == []
+    plain = SplitForward(m, "resnet18", frozen_prefix(m, "resnet18"), fold=False)
+    assert split.prefix_format is torch.channels_last and plan.frozen_bn == []
+    assert split.folded_bytes == 0  # no copy: the model's own modules
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(split.features(x), plain.features(x), rtol=1e-4, atol=1e-4)
     assert m.conv1.weight.is_contiguous()
+
+
+def test_folding_copies_only_the_fused_weights():
+    m = model_with_real_bn_stats().eval()
+    split = SplitForward(m, "resnet18", ["stem", "layer1", "layer2"], fold=True, prefix_channels_last=True)
+    convs = sum(p.numel() * 4 for n, p in m.named_parameters()
+                if n.split(".")[0] in ("conv1", "layer1", "layer2") and p.dim() == 4)
+    out_channels = sum(mod.out_channels * 4 for name, mod in m.named_modules()
+                       if isinstance(mod, torch.nn.Conv2d) and name.split(".")[0] in ("conv1", "layer1", "layer2"))
+    assert split.folded_bytes == convs + out_channels  # weights and one bias per output channel
+    original = {id(t) for t in m.parameters()}
+    assert not any(id(t) in original for t in split.prefix.parameters())

@@ -121,16 +121,17 @@ def decide(facts: ExecutionFacts, train: TrainConfig, augment: bool) -> Executio
         else "train.fold_batchnorm is off and there is no feature cache")
     fold = split and facts.prefix_batchnorm_frozen and train.fold_batchnorm
     if fold:
-        why_fold = "the prefix's BatchNorm is frozen: folded into its convolutions (a private copy)"
+        why_fold = ("the prefix's BatchNorm is frozen: folded into its convolutions (a private copy of "
+                    "their weights; train.fold_batchnorm: false saves that memory)")
     elif split and not facts.prefix_batchnorm_frozen:
         why_fold = "BatchNorm in the prefix updates its statistics (freeze.batchnorm: train)"
     else:
         why_fold = "no prefix to fold" if not split else "train.fold_batchnorm is off"
-    # Measured on CPU: the folded prefix runs 1.1-5.7x faster channels-last (see SplitForward);
-    # on CUDA it follows train.channels_last like the rest of the model.
-    prefix_cl = fold and (facts.device_type == "cpu" or train.channels_last)
-    why_prefix_cl = ("the folded prefix runs channels-last (faster on CPU, or train.channels_last)"
-                     if prefix_cl else "no folded prefix, or CUDA without train.channels_last")
+    # Measured on CPU: the prefix runs 1.1-5.7x faster channels-last (see SplitForward), folded or
+    # not; on CUDA it follows train.channels_last like the rest of the model.
+    prefix_cl = split and (facts.device_type == "cpu" or train.channels_last)
+    why_prefix_cl = ("the prefix runs channels-last (faster on CPU, or train.channels_last)"
+                     if prefix_cl else "no prefix, or CUDA without train.channels_last")
     return ExecutionPlan(
         frozen_prefix=prefix,
         prefix_without_autograd=Choice(split, why_split),
@@ -217,7 +218,8 @@ def plan_execution(model: nn.Module, plan: FreezePlan, config: Config, device: t
         ConfigError: With ``train.feature_cache: on``, naming why caching would be incorrect.
     """
     facts = gather_facts(model, plan, config.model.name, device, distributed)
-    if judge_cost and config.train.feature_cache == "auto" and facts.frozen_prefix and supports_prefix(facts.model_name):
+    judged = judge_cost and config.train.feature_cache == "auto"
+    if judged and facts.frozen_prefix and supports_prefix(facts.model_name):
         share = prefix_forward_share(model, config.model.name, list(facts.frozen_prefix), config.data.image_size)
         facts = replace(facts, prefix_forward_share=share)
     return decide(facts, config.train, config.data.augment)

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from freezetune.freezing.plan import FreezePlan
 from freezetune.models.catalog import is_resnet, stages
@@ -61,27 +61,54 @@ def prefix_batchnorm_frozen(model: nn.Module, model_name: str, prefix: list[str]
     return True
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
+def fold_batchnorm(module: nn.Module, memory_format: torch.memory_format | None = None) -> nn.Module:
     """Returns an eval-mode, frozen copy of ``module`` with BatchNorm folded into convolutions.
 
     Folds each ``convN``/``bnN`` sibling pair (the stem's conv1/bn1 and every block's) and each
     two-element ``Sequential(conv, bn)`` (ResNet's ``downsample``).
+
+    The copy's only new memory is the folded convolutions' weights and biases (about the size of
+    the prefix's parameters): the module structure is copied with every tensor shared, and each
+    folded weight is made directly in ``memory_format``, one convolution at a time, so no second
+    copy of the prefix ever exists, even for a moment.
+
+    Args:
+        module: The frozen prefix (left untouched).
+        memory_format: The layout of the folded weights (``torch.channels_last`` on CPU), or None.
     """
-    folded = copy.deepcopy(module).eval()
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    folded = copy.deepcopy(module, shared).eval()
     for parent in folded.modules():
         for name, child in list(parent.named_children()):
             m = _CONV_BN.match(name)
             bn = getattr(parent, f"bn{m.group(1)}", None) if m else None
             if isinstance(child, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, name, fuse_conv_bn_eval(child, bn))
+                setattr(parent, name, _fused(child, bn, memory_format))
                 setattr(parent, f"bn{m.group(1)}", nn.Identity())
         if isinstance(parent, nn.Sequential) and len(parent) == 2:
             conv, bn = parent[0], parent[1]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                parent[0], parent[1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+                parent[0], parent[1] = _fused(conv, bn, memory_format), nn.Identity()
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded
+
+
+def _fused(conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_format: torch.memory_format | None) -> nn.Conv2d:
+    """A new convolution computing ``bn(conv(x))`` in eval mode; shares nothing it does not need."""
+    keep = {id(t): t for t in (*conv.parameters(), *conv.buffers())}
+    fused = copy.deepcopy(conv, keep)  # hyperparameters copied, tensors shared until replaced below
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight, bn.bias)
+    if memory_format is not None:
+        weight = nn.Parameter(weight.detach().contiguous(memory_format=memory_format), requires_grad=False)
+    fused.weight, fused.bias = weight, bias
+    return fused
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (for the folded copy's cost)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 class SplitForward:
@@ -92,12 +119,12 @@ class SplitForward:
         model_name: torchvision name, for the stage order.
         prefix: Stage names of the frozen prefix (see :func:`frozen_prefix`).
         fold: Fold BatchNorm into the prefix's convolutions (only valid when it is frozen).
-        prefix_channels_last: Run the folded prefix copy in channels-last layout. On CPU this
-            made the prefix 1.1-5.7x faster (ResNet18, 64 px, batch 32; through layer4 to stem):
-            oneDNN's channels-last convolutions and, above all, max pooling (about 18x faster than
-            the NCHW kernel) beat the NCHW ones.
-            Only the private folded copy is converted; without folding the prefix shares the
-            model's modules, whose tensors are left as they are.
+        prefix_channels_last: Run the prefix in channels-last layout. On CPU this made the
+            prefix 1.1-5.7x faster (ResNet18, 64 px, batch 32; through layer4 to stem): oneDNN's
+            channels-last convolutions and, above all, max pooling (about 18x faster than the
+            NCHW kernel) beat the NCHW ones. The input is converted; the folded copy's weights
+            are made channels-last, while an unfolded prefix (the model's own modules) keeps its
+            weights as they are.
         suffix_channels_last: The layout the suffix expects (``train.channels_last``).
     """
 
@@ -106,12 +133,13 @@ class SplitForward:
         self.model = model
         names = prefix_modules(model_name, prefix)
         seq = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names))
-        self.prefix = fold_batchnorm(seq) if fold else seq
+        self.prefix_format = torch.channels_last if prefix_channels_last else None
+        # Unfolded, the prefix is the model's own modules (its weights keep their layout; a
+        # channels-last input still takes the channels-last kernels). Folded, it is a private copy.
+        self.prefix = fold_batchnorm(seq, self.prefix_format) if fold else seq
+        self.folded_bytes = parameter_bytes(self.prefix) if fold else 0
         self.suffix = [n for s in stages(model_name).values() for n in s if n not in names]
         self.folded = fold
-        self.prefix_format = torch.channels_last if fold and prefix_channels_last else None
-        if self.prefix_format is not None:
-            self.prefix.to(memory_format=self.prefix_format)
         self.suffix_format = torch.channels_last if suffix_channels_last else torch.contiguous_format
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

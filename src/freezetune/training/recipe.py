@@ -280,8 +280,11 @@ class Recipe:
 
     @property
     def speed(self) -> dict:
-        """The execution path as the ``speed`` section of ``summary.json``."""
-        return self.execution.as_dict() if self.execution else {}
+        """The execution path as the ``speed`` section of ``summary.json``, with the folded copy's bytes."""
+        if not self.execution:
+            return {}
+        split = self.engine.split if self.engine is not None else None
+        return {**self.execution.as_dict(), "folded_prefix_bytes": split.folded_bytes if split else 0}
 
     def extend_to(self, steps: int) -> None:
         """Lets the loop run at least ``steps`` steps in total, past the config's own length if need be.
