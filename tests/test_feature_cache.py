@@ -43,3 +43,34 @@ def test_stale_disk_cache_is_not_reused(tmp_path):
     assert c.on_disk and FeatureCache(4, tmp_path, key="A", max_bytes=0).complete
     assert not FeatureCache(4, tmp_path, key="B", max_bytes=0).complete
     assert not FeatureCache(5, tmp_path, key="A", max_bytes=0).complete
+
+
+def test_validation_reuses_the_prefix_features_of_a_cached_run(tiny):
+    """The first validation pass keeps the frozen prefix's output; later passes give the same result from it."""
+    from freezetune.training.recipe import Recipe
+    from freezetune.training.step import evaluate
+
+    cfg = tiny(freeze__until="layer3", train__feature_cache="on", data__val_size=8)
+    recipe = Recipe(cfg).setup()
+    engine = recipe.engine
+    first = evaluate(engine, recipe.plan, recipe.data.val, 4, 0, recipe.loss_fn)
+    assert engine.val_features and sum(y.shape[0] for _, y in engine.val_features) == 8
+    again = evaluate(engine, recipe.plan, recipe.data.val, 4, 0, recipe.loss_fn)
+    assert again == first
+    recipe.model.eval()
+    with torch.no_grad():
+        x = torch.stack([recipe.data.val[i][0] for i in range(8)])
+        y = torch.tensor([int(recipe.data.val[i][1]) for i in range(8)])
+        plain = (recipe.model(x).argmax(1) == y).float().mean().item()
+    assert first["accuracy"] == pytest.approx(plain)  # the folded prefix agrees with the model
+
+
+def test_validation_features_that_do_not_fit_are_not_kept(tiny):
+    from freezetune.training.recipe import Recipe
+    from freezetune.training.step import evaluate
+
+    cfg = tiny(freeze__until="layer3", train__feature_cache="on", data__val_size=8)
+    recipe = Recipe(cfg).setup()
+    recipe.engine.val_features_max_bytes = 1
+    evaluate(recipe.engine, recipe.plan, recipe.data.val, 4, 0, recipe.loss_fn)
+    assert recipe.engine.val_features == []

@@ -75,12 +75,12 @@ def test_readme_command_table_names_every_command():
 def test_readme_says_how_to_choose_what_to_freeze():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Which layers should I freeze?", 1)[1].split("\n## ", 1)[0]
+    assert "`freezetune sweep" in section and "time to target accuracy" in section
     assert "`freezetune compare depths" in section
-    assert "no accuracy sweep" in section
-    assert "`val.accuracy`" in section
+    assert "](docs/sweep.md)" in section
 
 
 def test_readme_links_every_docs_page():
     readme = (ROOT / "README.md").read_text()
-    for page in ("docs/guide.md", "docs/config.md", "docs/benchmarks.md", "docs/architecture.md"):
+    for page in ("docs/guide.md", "docs/sweep.md", "docs/config.md", "docs/benchmarks.md", "docs/architecture.md"):
         assert f"]({page})" in readme, page

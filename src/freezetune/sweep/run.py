@@ -140,7 +140,7 @@ class Slot:
 
 def sweep(config: Config, out: str | Path, arms: list[SweepArm] | None = None, seeds: int = 1,
           target: float | None = None, tolerance: float = DEFAULT_TOLERANCE, prune: bool = True,
-          memory: bool = True, feature_cache: str = "auto", source: str = "<python>",
+          memory: bool = False, feature_cache: str = "auto", source: str = "<python>",
           reporter: SweepReporter | None = None) -> dict:
     """Runs a sweep in this process and writes sweep.json, sweep.csv and sweep.png.
 
@@ -383,7 +383,7 @@ def _write(out: Path, manifest: Manifest, runs: dict, options: dict, memory: dic
         mem = memory.get(arm["name"], {})
         facts[arm["name"]] = {**arm_facts(load_config(out / job.config), summary),
                               "peak_memory_bytes": mem.get("peak_bytes"),
-                              "memory_kind": mem.get("kind", "not measured (--no-memory)")}
+                              "memory_kind": mem.get("kind", "not measured (run with --memory)")}
     device = resolve_device(base.device)
     meta = {
         "freezetune_version": __version__, "model": base.model.name,

@@ -246,6 +246,8 @@ class Recipe:
             key = cache_key(model, self.plan, cfg, self.data.train)
             engine.cache = FeatureCache(len(self.data.train), self.run_dir, key, cfg.train.feature_cache_max_bytes,
                                         device=self.device)
+            # Validation features are kept in memory only, within what the training cache leaves.
+            engine.val_features_max_bytes = cfg.train.feature_cache_max_bytes
         if plan.compile.enabled:
             if engine.split is not None:
                 engine.split.prefix = torch.compile(engine.split.prefix)

@@ -71,6 +71,10 @@ class Engine:
     compiled: nn.Module | None = None
     ddp: nn.Module | None = None
     scaler: torch.amp.GradScaler | None = None
+    # Validation features of a frozen, cached prefix: (features, labels) per batch, kept after the
+    # first validation pass when they fit (see evaluate); None until then, [] when they did not fit.
+    val_features: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    val_features_max_bytes: int = 0
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -147,19 +151,49 @@ def train_step(engine: Engine, batch: Batch, loss_fn: nn.Module) -> tuple[float,
 @torch.no_grad()
 def evaluate(engine: Engine, plan: FreezePlan, data: Dataset, batch_size: int, num_workers: int,
              loss_fn: nn.Module) -> dict:
-    """One pass over the validation set: mean loss and top-1 accuracy; leaves the model training."""
+    """One pass over the validation set: mean loss and top-1 accuracy; leaves the model training.
+
+    Where the engine caches the frozen prefix's training features (so that prefix is fixed and
+    deterministic), validation caches it too: the first pass keeps each batch's prefix output,
+    within ``val_features_max_bytes``, and later passes run only the trainable suffix on them.
+    """
     engine.model.eval()
-    loader = make_loader(data, batch_size, num_workers)
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(engine.device, memory_format=engine.memory_format), y.to(engine.device)
+    for h, y in _val_batches(engine, data, batch_size, num_workers):
         with autocast(engine.precision, engine.device):
-            logits = engine.model(x).float()
+            logits = (engine.split.head(h) if engine.split is not None and engine.cache is not None
+                      else engine.model(h)).float()
         total_loss += loss_fn(logits, y).item() * y.shape[0]
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.shape[0]
     set_train_mode(engine.model, plan, True)
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "samples": seen}
+
+
+def _val_batches(engine: Engine, data: Dataset, batch_size: int, num_workers: int):
+    """Validation inputs: images, or prefix features (computed once, then read back) for cached engines."""
+    if engine.val_features:
+        yield from engine.val_features
+        return
+    cached = engine.split is not None and engine.cache is not None
+    # Within the feature-cache budget that the training cache leaves (none if it spilled to disk).
+    limit = 0 if not cached or engine.cache.on_disk else engine.val_features_max_bytes - engine.cache.nbytes
+    kept, size = [], 0
+    for x, y in make_loader(data, batch_size, num_workers):
+        x, y = x.to(engine.device, memory_format=engine.memory_format), y.to(engine.device)
+        if not cached:
+            yield x, y
+            continue
+        with autocast(engine.precision, engine.device):
+            h = engine.split.features(x)
+        size += h.numel() * h.element_size()
+        if kept is not None and size <= limit:
+            kept.append((h, y))
+        else:
+            kept = None  # too big to keep: every pass computes the prefix
+        yield h, y
+    if cached:
+        engine.val_features = kept or []
 
 
 def fill_cache(engine: Engine, batches: Iterable[Batch]) -> float:
