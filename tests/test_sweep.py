@@ -275,3 +275,13 @@ def test_resume_or_collect_of_a_folder_that_is_no_sweep(tmp_path, cli):
     for flag in ("--resume", "--collect"):
         result = cli("sweep", flag, tmp_path)
         assert result.exit_code == 2 and "not a sweep folder" in result.stderr
+
+
+def test_a_new_sweep_over_an_old_one_trains_from_the_start(base, tmp_path):
+    cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1}),
+                                  "output": base.output.model_copy(update={"overwrite": True})})
+    arms = _arms(cfg, ("full", "layer4"))
+    sweep(cfg, tmp_path / "s", arms, prune=False)
+    again = _Epochs()
+    sweep(cfg, tmp_path / "s", arms, prune=False, reporter=again)
+    assert again.epochs == [("full", 0), ("layer4", 0)]  # nothing taken as already finished

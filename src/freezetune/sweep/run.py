@@ -161,16 +161,10 @@ def sweep(config: Config, out: str | Path, arms: list[SweepArm] | None = None, s
     Returns:
         The ``sweep.json`` record; ``status`` is ``interrupted`` if Ctrl-C stopped it (resume it).
     """
-    from freezetune.sweep.arms import default_arms
-
-    arms = arms if arms is not None else default_arms(config)
-    _check_options(seeds, target, tolerance)
-    check_validation_data(config)
-    out = prepare_run_dir(out, config.output.overwrite)
     options = {"target": target, "tolerance": tolerance, "prune": prune, "memory": memory,
                "feature_cache": feature_cache}
-    manifest, configs = write_jobs(out, config, source, arms, list(range(config.seed, config.seed + seeds)),
-                                   options, "in-process")
+    out, manifest, configs = _start(config, out, arms, seeds, options, source, "in-process")
+    (out / "memory.json").unlink(missing_ok=True)  # an earlier sweep's, in an overwritten folder
     return _run(out, manifest, configs, reporter or SweepReporter(), resumed=False)
 
 
@@ -196,17 +190,23 @@ def emit(config: Config, out: str | Path, arms: list[SweepArm] | None = None, se
     Run each line of ``jobs.txt`` (a SLURM array, a Kubernetes job, ``torchrun`` per job), then
     :func:`collect`. Every job trains its whole budget: pruning needs the arms side by side.
     """
+    options = {"target": target, "tolerance": tolerance, "prune": False, "memory": False,
+               "feature_cache": feature_cache}
+    return _start(config, out, arms, seeds, options, source, "emitted")[1]
+
+
+def _start(config: Config, out, arms: list[SweepArm] | None, seeds: int, options: dict, source: str,
+           mode: str) -> tuple[Path, Manifest, dict]:
+    """Checks the options and data, prepares the folder and writes the jobs (nothing trains yet)."""
     from freezetune.sweep.arms import default_arms
 
     arms = arms if arms is not None else default_arms(config)
-    _check_options(seeds, target, tolerance)
+    _check_options(seeds, options["target"], options["tolerance"])
     check_validation_data(config)
     out = prepare_run_dir(out, config.output.overwrite)
-    options = {"target": target, "tolerance": tolerance, "prune": False, "memory": False,
-               "feature_cache": feature_cache}
-    manifest, _ = write_jobs(out, config, source, arms, list(range(config.seed, config.seed + seeds)),
-                             options, "emitted")
-    return manifest
+    seed_list = list(range(config.seed, config.seed + seeds))
+    manifest, configs = write_jobs(out, config, source, arms, seed_list, options, mode)
+    return out, manifest, configs
 
 
 def collect(out: str | Path, target: float | None = None, tolerance: float | None = None) -> dict:
@@ -245,7 +245,7 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
 def _run(out: Path, manifest: Manifest, configs: dict, reporter: SweepReporter, resumed: bool) -> dict:
     start = time.perf_counter()
     options = manifest.options
-    slots = _slots(out, manifest, configs)
+    slots = _slots(out, manifest, configs, resumed)
     reporter.start(len(manifest.jobs), manifest.base_config().train.epochs, sum(s.done for s in slots))
     interrupted = False
     with StopFlag() as stop:
@@ -268,11 +268,18 @@ def _run(out: Path, manifest: Manifest, configs: dict, reporter: SweepReporter, 
     return _write(out, manifest, runs, options, memory, "in-process", time.perf_counter() - start)
 
 
-def _slots(out: Path, manifest: Manifest, configs: dict) -> list[Slot]:
-    """Every job: finished ones with their epochs read back, the others to train (resumed where they can be)."""
+def _slots(out: Path, manifest: Manifest, configs: dict, resumed: bool) -> list[Slot]:
+    """Every job: finished ones with their epochs read back, the others to train (resumed where they can be).
+
+    A new sweep (``resumed`` False) trains every job from the start, even in a folder that holds
+    an earlier sweep's runs (``output.overwrite``).
+    """
     slots = []
     for job in manifest.jobs:
         run_dir = out / job.run_dir
+        if not resumed:
+            slots.append(Slot(job.arm, job.seed, configs[(job.arm, job.seed)], resume=False))
+            continue
         epochs, summary = read_run(run_dir)
         status = (summary or {}).get("status")
         slot = Slot(job.arm, job.seed, configs[(job.arm, job.seed)], resume=(run_dir / "checkpoint.pt").is_file())
