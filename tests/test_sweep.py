@@ -285,3 +285,15 @@ def test_a_new_sweep_over_an_old_one_trains_from_the_start(base, tmp_path):
     again = _Epochs()
     sweep(cfg, tmp_path / "s", arms, prune=False, reporter=again)
     assert again.epochs == [("full", 0), ("layer4", 0)]  # nothing taken as already finished
+
+
+def test_a_frozen_tensor_that_moved_stops_the_sweep(base, tmp_path, monkeypatch):
+    from freezetune.errors import FreezeIntegrityError
+    from freezetune.training import recipe as recipe_mod
+
+    original = recipe_mod.Recipe.freeze_integrity
+    monkeypatch.setattr(recipe_mod.Recipe, "freeze_integrity",
+                        lambda self: {**original(self), "ok": False, "changed": ["conv1.weight"]})
+    cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1})})
+    with pytest.raises(FreezeIntegrityError, match=r"arm layer[34] seed 0: frozen tensors changed: conv1.weight"):
+        sweep(cfg, tmp_path / "s", _arms(cfg, ("layer4", "layer3")), prune=False)

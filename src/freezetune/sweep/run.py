@@ -35,7 +35,7 @@ from freezetune.atomic import atomic_write, write_json
 from freezetune.compare.arms import BASELINE, ArmSpec
 from freezetune.compare.worker import ProcessArm
 from freezetune.config import Config
-from freezetune.errors import ConfigError, RunDirError
+from freezetune.errors import ConfigError, FreezeIntegrityError, RunDirError
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import preview
 from freezetune.measure.device import device_description, resolve_device
@@ -120,8 +120,11 @@ class Slot:
         if pruned_after is not None:
             recipe.stop(StopReason.PRUNED, f"pruned by the sweep after epoch {pruned_after}: {PRUNING_RULE}")
         recipe.end_training()
-        recipe.summarize(recipe.outcome())
+        summary = recipe.summarize(recipe.outcome())
         recipe.cleanup()
+        if not summary["freeze_integrity"]["ok"]:  # a bug, never expected: stop the sweep loudly
+            changed = ", ".join(summary["freeze_integrity"]["changed"][:5])
+            raise FreezeIntegrityError(f"arm {self.arm} seed {self.seed}: frozen tensors changed: {changed}")
         self.status = recipe.stop_reason.value
         self.recipe, self.done = None, self.status != StopReason.INTERRUPTED.value
 
