@@ -218,8 +218,8 @@ def plan_execution(model: nn.Module, plan: FreezePlan, config: Config, device: t
         ConfigError: With ``train.feature_cache: on``, naming why caching would be incorrect.
     """
     facts = gather_facts(model, plan, config.model.name, device, distributed)
-    judged = judge_cost and config.train.feature_cache == "auto"
-    if judged and facts.frozen_prefix and supports_prefix(facts.model_name):
+    # frozen_prefix is empty for models without a frozen-prefix implementation.
+    if judge_cost and config.train.feature_cache == "auto" and facts.frozen_prefix:
         share = prefix_forward_share(model, config.model.name, list(facts.frozen_prefix), config.data.image_size)
         facts = replace(facts, prefix_forward_share=share)
     return decide(facts, config.train, config.data.augment)

@@ -22,6 +22,7 @@ Usable from Python::
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,14 +35,13 @@ from freezetune import __version__
 from freezetune.atomic import atomic_write, write_json
 from freezetune.compare.arms import BASELINE, ArmSpec
 from freezetune.compare.worker import ProcessArm
-from freezetune.config import Config
+from freezetune.config import Config, load_config
 from freezetune.errors import ConfigError, FreezeIntegrityError, RunDirError
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import preview
 from freezetune.measure.device import device_description, resolve_device
 from freezetune.measure.flops import step_flops, without_prefix
 from freezetune.render.sweep_plot import sweep_plot
-from freezetune.speed.execution import plan_execution
 from freezetune.speed.prefix import prefix_modules
 from freezetune.sweep.analysis import DEFAULT_TOLERANCE, mean_curve, prune_at, rungs
 from freezetune.sweep.arms import SweepArm
@@ -94,9 +94,6 @@ class Slot:
         """Builds the recipe (seeding it as ``freezetune train`` would) and keeps its RNG state."""
         before = rng_state()
         self.recipe = Recipe(self.config, resume=self.resume).setup()
-        if self.recipe.data.val is None:
-            raise ConfigError("a sweep compares validation accuracy, so it needs validation data "
-                              "(data.val_size > 0, or a val/ folder beside train/)")
         if self.resume:  # the epochs the checkpoint holds (the recipe dropped any logged after it)
             self.history = [EpochRecord.from_dict(e) for e in read_run(self.recipe.run_dir)[0]]
         self.recipe.start_training(stop)
@@ -223,7 +220,7 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
     """
     out = Path(out).resolve()
     manifest = read_manifest(out)
-    runs = _read_runs(out, manifest)
+    runs, summaries = _read_runs(out, manifest)
     unfinished = [(j, r) for j in manifest.jobs for r in [runs[j.arm][manifest.seeds.index(j.seed)]]
                   if r.status not in FINISHED]
     if unfinished:
@@ -237,8 +234,9 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
     if tolerance is not None:
         options["tolerance"] = tolerance
     _check_options(1, options["target"], options["tolerance"])
-    memory = _memory_from_summaries(out, manifest) if manifest.mode == "emitted" else _read_memory(out)
-    return _write(out, manifest, runs, options, memory, "collected", None)
+    memory = _memory_from_summaries(summaries) if manifest.mode == "emitted" else _read_memory(out)
+    configs = {(j.arm, j.seed): _job_config(out, j) for j in manifest.jobs}
+    return _write(out, manifest, configs, runs, summaries, options, memory, "collected", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,8 +265,9 @@ def _run(out: Path, manifest: Manifest, configs: dict, reporter: SweepReporter, 
         reporter.message("measuring each arm's peak memory in its own process")
         memory = _measure_memory(out, manifest, configs)
         write_json(out / "memory.json", memory)
-    runs = _read_runs(out, manifest)
-    return _write(out, manifest, runs, options, memory, "in-process", time.perf_counter() - start)
+    runs, summaries = _read_runs(out, manifest)
+    return _write(out, manifest, configs, runs, summaries, options, memory, "in-process",
+                  time.perf_counter() - start)
 
 
 def _slots(out: Path, manifest: Manifest, configs: dict, resumed: bool) -> list[Slot]:
@@ -347,51 +346,49 @@ def _prune(slots: list[Slot], manifest: Manifest, epochs: int, reporter: SweepRe
 
 
 def _job_config(out: Path, job) -> Config:
-    from freezetune.config import load_config
-
     return load_config(out / job.config)
 
 
-def _read_runs(out: Path, manifest: Manifest) -> dict:
+def _read_runs(out: Path, manifest: Manifest) -> tuple[dict, dict]:
+    """Every job's run read once: per arm its :class:`SeedRun` list, and per (arm, seed) its summary."""
     runs: dict[str, list] = {a["name"]: [] for a in manifest.arms}
+    summaries: dict[tuple[str, int], dict | None] = {}
     for job in manifest.jobs:
         epochs, summary = read_run(out / job.run_dir)
         runs[job.arm].append(seed_run(job.seed, job.run_dir, epochs, summary))
-    return runs
+        summaries[(job.arm, job.seed)] = summary
+    return runs, summaries
 
 
-def arm_facts(config: Config, summary: dict | None = None) -> dict:
+def arm_facts(config: Config, summary: dict) -> dict:
     """What an arm is, apart from its seed: trainable share, FLOPs per step, whether it caches.
 
     Counted on a randomly initialised model of the arm's shape (FLOPs and the parameter split do
-    not depend on weight values). With the feature cache, FLOPs are those of a step after the
-    first epoch, which reads the frozen prefix's output instead of computing it.
+    not depend on weight values). Whether it cached, and which prefix, is what its run's
+    ``summary.json`` says; with the feature cache, FLOPs are those of a step after the first
+    epoch, which reads the frozen prefix's output instead of computing it.
     """
-    model, plan = preview(config.model, config.freeze)
+    model, _ = preview(config.model, config.freeze)
     params = count_params(model)
-    execution = plan_execution(model, plan, config)
-    cached = execution.feature_cache.enabled
-    if summary is not None:
-        cached = bool(summary.get("speed", {}).get("feature_cache", {}).get("enabled", cached))
+    speed = summary.get("speed", {})
+    cached = bool(speed.get("feature_cache", {}).get("enabled", False))
     data = config.data
     flops = step_flops(model, data.batch_size, data.image_size, config.model.num_classes)
     if cached:
-        flops = without_prefix(flops, prefix_modules(config.model.name, list(execution.frozen_prefix)))
+        flops = without_prefix(flops, prefix_modules(config.model.name, list(speed.get("frozen_prefix", []))))
     return {"trainable_params": int(params["trainable"]), "trainable_pct": float(params["trainable_pct"]),
             "flops_per_step": int(flops["total"]), "feature_cache": cached}
 
 
-def _write(out: Path, manifest: Manifest, runs: dict, options: dict, memory: dict, mode: str,
-           wall_s: float | None) -> dict:
-    from freezetune.config import load_config
-
+def _write(out: Path, manifest: Manifest, configs: dict, runs: dict, summaries: dict, options: dict,
+           memory: dict, mode: str, wall_s: float | None) -> dict:
     base = manifest.base_config()
     facts = {}
+    first = manifest.seeds[0]
     for arm in manifest.arms:
-        job = next(j for j in manifest.jobs if j.arm == arm["name"])
-        _, summary = read_run(out / job.run_dir)
+        key = (arm["name"], first)
         mem = memory.get(arm["name"], {})
-        facts[arm["name"]] = {**arm_facts(load_config(out / job.config), summary),
+        facts[arm["name"]] = {**arm_facts(configs[key], summaries[key]),
                               "peak_memory_bytes": mem.get("peak_bytes"),
                               "memory_kind": mem.get("kind", "not measured (run with --memory)")}
     device = resolve_device(base.device)
@@ -467,19 +464,16 @@ def _measure_memory(out: Path, manifest: Manifest, configs: dict) -> dict:
 
 
 def _read_memory(out: Path) -> dict:
-    import json
-
     path = out / "memory.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _memory_from_summaries(out: Path, manifest: Manifest) -> dict:
+def _memory_from_summaries(summaries: dict) -> dict:
     """An emitted sweep's jobs each had a process of their own, so their summaries' peaks are theirs."""
     memory = {}
-    for job in manifest.jobs:
-        _, summary = read_run(out / job.run_dir)
+    for (arm, _), summary in summaries.items():
         peak = (summary or {}).get("memory", {})
         if peak.get("peak_bytes") is not None:
-            prev = memory.get(job.arm, {}).get("peak_bytes") or 0
-            memory[job.arm] = {"peak_bytes": max(prev, int(peak["peak_bytes"])), "kind": peak.get("kind")}
+            prev = memory.get(arm, {}).get("peak_bytes") or 0
+            memory[arm] = {"peak_bytes": max(prev, int(peak["peak_bytes"])), "kind": peak.get("kind")}
     return memory
