@@ -197,8 +197,19 @@ def test_seeds_give_mean_and_sd_and_memory_is_measured_per_arm(base, tmp_path):
 
 def test_default_arms_are_full_and_every_freeze_point(base):
     arms = default_arms(base)
-    assert [a.name for a in arms] == ["full", "stem", "layer1", "layer2", "layer3", "layer4"]
+    assert [a.name for a in arms] == ["full", "stem", "layer1", "layer2", "layer3", "layer4", "auto"]
     assert arms[0].overrides == {} and arms[3].overrides == {"freeze.until": "layer2"}
+    assert arms[-1].overrides == {"freeze.auto": True}
+
+
+def test_the_auto_arm_keeps_the_configs_own_auto_options(tiny, tmp_path):
+    cfg = tiny(freeze__auto__every=2, freeze__auto__max_stage="layer2")
+    auto = default_arms(cfg)[-1]
+    assert auto.overrides == {"freeze.auto": {"every": 2, "max_stage": "layer2"}}
+    made = arm_config(cfg, auto, 0, tmp_path / "r")
+    assert made.freeze.auto.every == 2 and made.freeze.auto.max_stage == "layer2" and made.freeze.until is None
+    fixed = arm_config(cfg, default_arms(cfg)[1], 0, tmp_path / "s")
+    assert fixed.freeze.auto is None  # the fixed arms do not inherit adaptive freezing
 
 
 def test_arm_config_replaces_the_freeze_spec_and_keeps_batchnorm(tiny, tmp_path):
@@ -219,7 +230,7 @@ def test_shipped_arms_file_makes_valid_configs(tiny, tmp_path):
     assert {"surgical-layer1", "lp-ft", "layer3-bn-train"} <= {a.name for a in arms}
     for arm in arms:
         arm_config(cfg, arm, 0, tmp_path / arm.name)  # raises on an invalid arm
-    assert len(merge_arms(default_arms(cfg), arms)) == 6 + len(arms)
+    assert len(merge_arms(default_arms(cfg), arms)) == 7 + len(arms)
 
 
 @pytest.mark.parametrize(("text", "message"), [

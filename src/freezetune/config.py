@@ -58,6 +58,42 @@ class UnfreezeStep(_Strict):
     lr_mult: float = Field(1.0, gt=0)
 
 
+class AutoFreezeConfig(_Strict):
+    """Adaptive freezing (``freeze.auto``): stages freeze, input side first, once they stop learning.
+
+    At the start of epochs ``first_check``, ``first_check + every``, ... each trainable stage's mean
+    gradient norm over the last ``every`` epochs is compared with the ``every`` epochs before; the
+    longest run of trainable stages from the input side whose relative change is below the cut
+    freezes (never the head, never past ``max_stage``). See docs/auto-freeze.md.
+    """
+
+    every: int = Field(1, ge=1)
+    start_epoch: int | None = Field(None, ge=2)  # None: as soon as two intervals exist (2 x every)
+    criterion: Literal["percentile", "threshold"] = "percentile"
+    percentile: float = Field(50.0, gt=0, lt=100)
+    threshold: float = Field(0.05, gt=0)
+    max_stage: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AutoFreezeConfig:
+        if self.start_epoch is not None and self.start_epoch < 2 * self.every:
+            raise ValueError(
+                f"start_epoch {self.start_epoch} is too early: the first check compares two intervals "
+                f"of every={self.every} epochs, so start_epoch must be at least {2 * self.every}"
+            )
+        # A changed option the criterion ignores is a mistake (the defaults are what dump_config writes).
+        unused = {"percentile": "threshold", "threshold": "percentile"}
+        for key, other in unused.items():
+            if self.criterion == other and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"{key} applies only with criterion: {key} (criterion is {other})")
+        return self
+
+    @property
+    def first_check(self) -> int:
+        """The first epoch (0-based) at whose start stages may freeze."""
+        return self.start_epoch if self.start_epoch is not None else 2 * self.every
+
+
 class FreezeConfig(_Strict):
     """Which parameters train. At most one of ``trainable``, ``frozen`` or ``until``."""
 
@@ -66,6 +102,15 @@ class FreezeConfig(_Strict):
     until: str | None = None
     batchnorm: Literal["frozen", "train"] = "frozen"
     schedule: list[UnfreezeStep] = Field(default_factory=list)
+    auto: AutoFreezeConfig | None = None
+
+    @field_validator("auto", mode="before")
+    @classmethod
+    def _auto_switch(cls, v):
+        # ``auto: true`` means the defaults; ``auto: false`` (or null) means off.
+        if v is True:
+            return {}
+        return None if v is False else v
 
     @field_validator("schedule")
     @classmethod
@@ -80,6 +125,11 @@ class FreezeConfig(_Strict):
         given = [k for k in ("trainable", "frozen", "until") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give only one of trainable, frozen, until (got {', '.join(given)})")
+        if self.auto is not None and self.schedule:
+            raise ValueError(
+                "auto and schedule cannot be combined: adaptive freezing only grows the frozen prefix, "
+                "a schedule unfreezes; use one of them"
+            )
         for key in ("trainable", "frozen"):
             patterns = getattr(self, key)
             if patterns is not None and not patterns:

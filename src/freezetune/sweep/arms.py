@@ -56,12 +56,21 @@ class _ArmEntry(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
+AUTO = "auto"
+
+
 def default_arms(config: Config) -> list[SweepArm]:
-    """``full``, then frozen through each of the model's freeze points (the last leaves the head only)."""
+    """``full``, frozen through each of the model's freeze points (the last leaves the head only), and ``auto``.
+
+    ``auto`` is adaptive freezing from full fine-tuning, with the config's own ``freeze.auto``
+    options when it has them (the defaults otherwise).
+    """
     arms = []
     for spec in depth_arms(config, modes=("optimized",)):
         overrides = {} if spec.name == BASELINE else {"freeze.until": spec.depth}
         arms.append(SweepArm(spec.name, spec.label if spec.name != BASELINE else "full fine-tuning", overrides))
+    auto = config.freeze.auto.model_dump(exclude_unset=True) if config.freeze.auto is not None else {}
+    arms.append(SweepArm(AUTO, "adaptive (freeze.auto)", {"freeze.auto": auto or True}))
     return arms
 
 

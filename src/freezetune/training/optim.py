@@ -106,6 +106,27 @@ def add_unfrozen(
     return added
 
 
+def remove_frozen(optimizer: torch.optim.Optimizer) -> int:
+    """Takes parameters that stopped requiring grad out of the optimizer and frees their state.
+
+    Groups left empty are dropped. A resumed run replays the same removals before loading the
+    optimizer's state dict, so the group layout matches the one that was saved.
+
+    Returns:
+        Bytes of optimizer state (momentum buffers) released.
+    """
+    freed = 0
+    for group in list(optimizer.param_groups):
+        gone = [p for p in group["params"] if not p.requires_grad]
+        for p in gone:
+            state = optimizer.state.pop(p, {})
+            freed += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+        if not group["params"]:
+            optimizer.param_groups.remove(group)
+    return freed
+
+
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """The schedule's multiplier for the step about to run (0-based), warm-up included."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -133,6 +154,17 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         t.numel() * t.element_size()
         for state in optimizer.state.values()
         for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module, names) -> int:
+    """Bytes of optimizer state held for the named parameters (names that are not parameters are skipped)."""
+    params = dict(model.named_parameters())
+    return sum(
+        t.numel() * t.element_size()
+        for n in names if n in params
+        for t in optimizer.state.get(params[n], {}).values()
         if isinstance(t, torch.Tensor)
     )
 

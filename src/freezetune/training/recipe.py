@@ -31,9 +31,10 @@ from torch import nn
 from freezetune.atomic import remove_stale_temps, write_json, write_text
 from freezetune.config import Config, dump_config, load_config
 from freezetune.errors import ConfigError, FreezeIntegrityError, NonFiniteLossError, RunDirError, WeightsError
+from freezetune.freezing.auto import AutoFreezer, FreezeEvent
 from freezetune.freezing.integrity import changed_tensors, combined_sha256, fingerprint, frozen_state
 from freezetune.freezing.params import count_params
-from freezetune.freezing.plan import apply_freeze, set_train_mode
+from freezetune.freezing.plan import FreezePlan, apply_freeze, set_train_mode
 from freezetune.freezing.schedule import PhaseRecord, phases_due, unfreeze_phase
 from freezetune.measure.device import resolve_device
 from freezetune.measure.memory import reset_peak_memory
@@ -46,7 +47,15 @@ from freezetune.speed.prefix import SplitForward
 from freezetune.training import distributed as dist
 from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
 from freezetune.training.data import EpochSampler, build_data, make_loader
-from freezetune.training.optim import add_unfrozen, build_optimizer, check_optimizer, plain_optimizer, set_lr
+from freezetune.training.optim import (
+    add_unfrozen,
+    build_optimizer,
+    check_optimizer,
+    plain_optimizer,
+    remove_frozen,
+    set_lr,
+    state_bytes,
+)
 from freezetune.training.run_dir import MetricsLog, prepare_run_dir, read_jsonl
 from freezetune.training.state import RunState, StopReason
 from freezetune.training.step import Batch, BatchSource, DDPForward, Engine, evaluate, fill_cache, train_step
@@ -160,6 +169,8 @@ class Recipe:
         self.nonfinite: str | None = None  # what the loss became, and at which step
         self.loss_fn = nn.CrossEntropyLoss()
         self._warmup_left = 0
+        self.auto: AutoFreezer | None = None  # freeze.auto: stages freezing mid-run
+        self._metrics: MetricsLog | None = None
 
     # ----------------------------------------------------------------------------------------
     # setup
@@ -190,6 +201,8 @@ class Recipe:
         self.loaded = build_model(cfg.model)
         self.plan = apply_freeze(self.loaded.model, cfg.freeze, cfg.model.name)
         self.params = count_params(self.loaded.model)
+        if cfg.freeze.auto is not None:
+            self.auto = AutoFreezer(cfg.freeze.auto, self.loaded.model, self.plan, cfg.model.name)
 
     def _setup_data(self) -> None:
         cfg = self.config
@@ -258,6 +271,8 @@ class Recipe:
         # here, after every change of the freeze state.
         if plan.ddp.enabled:
             engine.ddp = dist.wrap(DDPForward(engine), self.dist, self.device)
+        if self.auto is not None and self.auto.candidates():
+            engine.grad_probe = self.auto.meter.observe
         self.engine, self.execution = engine, plan
 
     def _scaler(self) -> torch.amp.GradScaler | None:
@@ -311,16 +326,36 @@ class Recipe:
             # optimizer's param groups are exactly those the checkpoint was saved with.
             state = RunState.from_checkpoint(ckpt)
             self.apply_phases(state.phases, announce=False)
+            replayed = self._replay_auto_freeze(state.auto_freeze)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first})") from None
         self.state = state
+        self._check_replayed(replayed, path)
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         self._restored_scaler = ckpt.get("scaler")
         self.resumed_from_step = self.saved_step = state.step
+
+    def _replay_auto_freeze(self, saved: dict | None) -> list[FreezeEvent]:
+        """Re-freezes the stages the checkpoint had frozen, so model and optimizer match what was saved."""
+        if self.auto is None or not saved:
+            return []
+        replayed = self.auto.load_state_dict(saved)
+        remove_frozen(self.optimizer)
+        return replayed
+
+    def _check_replayed(self, replayed: list[FreezeEvent], path: Path) -> None:
+        """Proves the restored weights of stages frozen mid-run are the ones hashed when they froze."""
+        current = fingerprint(self.model, self.plan) if replayed else {}
+        for event in replayed:
+            moved = sorted(k for k, h in event.hashes.items() if current.get(k) != h)
+            if moved:
+                raise WeightsError(f"{path}: {event.stage} (frozen at step {event.step}) does not match "
+                                   f"its hash from then: {', '.join(moved[:3])}")
+            self.frozen_before.update(event.hashes)
 
     def _check_work_left(self) -> None:
         """Refuses to "resume" a run that already completed (it would only rewrite its summary)."""
@@ -341,8 +376,14 @@ class Recipe:
         for name in ("metrics.jsonl", EPOCHS_NAME):
             path = self.run_dir / name
             if path.exists():
-                kept = [r for r in read_jsonl(path) if r["step"] <= self.state.step]
+                kept = [r for r in read_jsonl(path) if r["step"] <= self.state.step and self._event_kept(r)]
                 write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def _event_kept(self, row: dict) -> bool:
+        """A freeze event logged after the checkpoint was saved is logged again when it recurs."""
+        if row.get("event") != "auto_freeze":
+            return True
+        return self.auto is not None and row.get("stage") in {e.stage for e in self.auto.events}
 
     # ----------------------------------------------------------------------------------------
     # gradual unfreezing
@@ -431,7 +472,35 @@ class Recipe:
 
     def _start_epoch(self, epoch: int) -> None:
         self.apply_phases(phases_due(self.config.freeze.schedule, epoch))
+        self.auto_freeze(epoch)
         set_train_mode(self.model, self.plan, True)
+
+    # ----------------------------------------------------------------------------------------
+    # adaptive freezing (freeze.auto)
+
+    def auto_freeze(self, epoch: int) -> list[FreezeEvent]:
+        """The epoch-start hook of ``freeze.auto``: freezes the stages that stopped learning.
+
+        Each frozen stage leaves the optimizer (its momentum freed), its tensors' hashes join the
+        integrity check, and the execution path is rebuilt once for the longer frozen prefix
+        (no autograd, folded BatchNorm, a new feature cache filled during this epoch, DDP).
+        """
+        if self.auto is None:
+            return []
+        events = self.auto.at_epoch_start(epoch, self.state.step)
+        if not events:
+            return []
+        for event in events:
+            event.optimizer_bytes_freed = state_bytes(self.optimizer, self.model, event.hashes)
+            self.frozen_before.update(event.hashes)
+        remove_frozen(self.optimizer)
+        self._check_optimizer()
+        self._setup_execution()
+        for event in events:
+            self.reporter.message(event.line)
+            if self._metrics is not None:
+                self._metrics.write({"event": "auto_freeze", **event.as_dict()})
+        return events
 
     def _step(self, batch: Batch, epoch: int, cached: bool, warmup: bool) -> StepRecord | None:
         """Trains one batch at this step's learning rate; None if the loss was not finite."""
@@ -604,10 +673,13 @@ class Recipe:
             return  # every rank holds the same weights; rank 0 writes them
         # The base is what is frozen now, hashed as it was before training (a layer unfrozen
         # mid-run is saved with the trainable tensors instead).
-        frozen_now = set(frozen_state(self.model, self.plan))
+        plan = self._base_plan()
+        frozen_now = set(frozen_state(self.model, plan))
         cfg = self.config
+        if self.auto is not None:
+            self.state.auto_freeze = self.auto.state_dict()
         save_trainable(
-            self.run_dir, self.model, self.plan,
+            self.run_dir, self.model, plan,
             base=combined_sha256({k: h for k, h in self.frozen_before.items() if k in frozen_now}),
             step=self.state.step,
             model_name=cfg.model.name,
@@ -617,6 +689,20 @@ class Recipe:
         )
         save_checkpoint(self.run_dir, self.model, self.optimizer, self.state, self.engine.scaler)
         self.saved_step = self.state.step
+
+    def _base_plan(self) -> FreezePlan:
+        """The plan as the trainable-only checkpoint sees it.
+
+        Stages frozen mid-run changed since the start, so they are saved with the trainable
+        tensors, not left to the base.
+        """
+        if self.auto is None or not self.auto.events:
+            return self.plan
+        mid_run = self.auto.frozen_names()
+        return FreezePlan(trainable=self.plan.trainable + [n for n in self.plan.frozen if n in mid_run],
+                          frozen=[n for n in self.plan.frozen if n not in mid_run],
+                          frozen_bn=[n for n in self.plan.frozen_bn if not any(k.startswith(n + ".") for k in mid_run)],
+                          batchnorm=self.plan.batchnorm)
 
     # ----------------------------------------------------------------------------------------
     # after training
@@ -635,6 +721,7 @@ class Recipe:
             "changed": changed,
             "sha256": combined_sha256(after),
             "checked_when_unfrozen": sum(p.tensors for p in self.phases),
+            "frozen_mid_run": sum(e.tensors for e in self.auto.events) if self.auto else 0,
             "ranks_ok": ranks_ok,
         }
 

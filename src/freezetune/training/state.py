@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -17,6 +17,7 @@ class RunState:
         phases: How many ``freeze.schedule`` phases (gradual unfreezing) are in effect.
         epoch_seconds: Training seconds already spent on ``epoch`` by earlier processes, so an
             epoch split by an interruption is still timed whole in ``epochs.jsonl``.
+        auto_freeze: :meth:`freezetune.freezing.auto.AutoFreezer.state_dict` (None without ``freeze.auto``).
     """
 
     step: int = 0
@@ -24,16 +25,22 @@ class RunState:
     batch_in_epoch: int = 0
     phases: int = 0
     epoch_seconds: float = 0.0
+    auto_freeze: dict | None = field(default=None)
 
-    def as_dict(self) -> dict[str, int | float]:
-        """The counters as checkpoint keys (``step``, ``epoch``, ``batch_in_epoch``, ``phases``, ``epoch_seconds``)."""
+    def as_dict(self) -> dict:
+        """The state as checkpoint keys.
+
+        ``step``, ``epoch``, ``batch_in_epoch``, ``phases``, ``epoch_seconds``, and ``auto_freeze``
+        (the events, last interval and gradient-norm sums of ``freeze.auto``).
+        """
         return asdict(self)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> RunState:
         """Reads the counters of a loaded checkpoint; older checkpoints may lack the newer ones."""
         counters = {k: int(ckpt.get(k, 0)) for k in ("step", "epoch", "batch_in_epoch", "phases")}
-        return cls(**counters, epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)))
+        return cls(**counters, epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)),
+                   auto_freeze=ckpt.get("auto_freeze"))
 
 
 class StopReason(enum.Enum):

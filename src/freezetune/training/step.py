@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +75,8 @@ class Engine:
     # first validation pass when they fit (see evaluate); None until then, [] when they did not fit.
     val_features: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     val_features_max_bytes: int = 0
+    # Called after every update (freeze.auto's gradient-norm meter); part of the timed step.
+    grad_probe: Callable[[], None] | None = None
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -144,6 +146,8 @@ def train_step(engine: Engine, batch: Batch, loss_fn: nn.Module) -> tuple[float,
         else:
             loss.backward()
             engine.optimizer.step()
+        if engine.grad_probe is not None:
+            engine.grad_probe()
     synchronize(engine.device)
     return value, time.perf_counter() - start
 

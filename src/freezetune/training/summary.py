@@ -56,6 +56,7 @@ class RunSummary:
     val: dict
     freeze_integrity: dict
     schedule: list[dict]
+    auto_freeze: dict | None
     optimizer: dict
     distributed: dict
     run_dir: str
@@ -114,7 +115,7 @@ def build_summary(recipe: Recipe, outcome: Outcome, integrity: dict) -> dict:
     per_rank = dist.gather(timing_stats(recipe.step_times[cfg.train.warmup_steps:], bs), recipe.dist)
     if not recipe.dist.is_main:
         return {"rank": recipe.dist.rank, "freeze_integrity": integrity}
-    records = read_jsonl(recipe.run_dir / "metrics.jsonl")
+    records = [r for r in read_jsonl(recipe.run_dir / "metrics.jsonl") if "event" not in r]  # steps only
     timed = [r for r in records if not r.get("warmup")]
     losses = [r["loss"] for r in records]
     cache = recipe.engine.cache
@@ -151,6 +152,7 @@ def build_summary(recipe: Recipe, outcome: Outcome, integrity: dict) -> dict:
              "loss": outcome.val["loss"] if outcome.val else None},
         freeze_integrity=integrity,
         schedule=[p.as_dict() for p in recipe.phases],
+        auto_freeze=recipe.auto.summary() if recipe.auto is not None else None,
         optimizer={"groups": [{"name": g.get("name"), "lr": g["lr"], "lr_mult": g.get("lr_mult", 1.0),
                                "params": sum(p.numel() for p in g["params"])}
                               for g in recipe.optimizer.param_groups],
