@@ -49,3 +49,16 @@ def test_unfreeze_phase_rebuilds_ddp(tmp_path):
     summary = json.loads((tmp_path / "sched" / "summary.json").read_text())
     assert summary["schedule"][0]["params"] == 8_393_728 and summary["freeze_integrity"]["ok"]
     assert summary["steps"] == 8
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_auto_freeze_rewraps_ddp_and_every_rank_agrees(tmp_path):
+    # layer1 freezes at the start of epoch 2; DDP built for layer1 + fc would then wait forever
+    # for layer1's gradients, so the run only finishes if it was re-wrapped.
+    proc = torchrun(tmp_path / "auto", "data.batch_size=4", "train.epochs=3", "freeze.trainable=[layer1,fc]",
+                    "freeze.auto.criterion=threshold", "freeze.auto.threshold=1e9")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert [e["stage"] for e in summary["auto_freeze"]["events"]] == ["layer1"]
+    assert summary["freeze_integrity"]["ranks_ok"] == [True, True] and summary["steps"] == 12
+    assert "froze layer1" in proc.stdout

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 
+from conftest import tiny_overrides
 from freezetune.config import load_config
 from freezetune.sweep import SweepArm, collect, default_arms, emit, merge_arms, resume, sweep
 from freezetune.sweep.arms import arm_config, load_arms_file
@@ -177,6 +178,19 @@ def test_pruned_arms_stop_and_are_reported_as_pruned(base, tmp_path, monkeypatch
     assert summary["status"] == "pruned" and "pruned by the sweep after epoch 2" in summary["error"]
     assert result["arms"]["full"]["status"] == "completed"
     assert result["recommendation"]["arm"] == "full" and "layer4" not in result["pareto"]
+
+
+def test_the_auto_arm_freezes_during_the_sweep_and_is_a_point_of_its_own(base, tmp_path):
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "run"), "train.epochs=3", "data.train_size=8",
+                             "freeze.auto.criterion=threshold", "freeze.auto.threshold=1e9",
+                             "freeze.auto.max_stage=layer2"])
+    result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "auto")), prune=False, memory=False)
+    summary = json.loads((tmp_path / "s/runs/auto/seed-0/summary.json").read_text())
+    assert summary["auto_freeze"]["stages_frozen"] == ["stem", "layer1", "layer2"]
+    assert summary["freeze_integrity"]["ok"] and summary["freeze_integrity"]["frozen_mid_run"] > 0
+    auto = result["arms"]["auto"]
+    assert auto["status"] == "completed" and auto["wall_s"]["mean"] > 0
+    assert (tmp_path / "s" / "sweep.png").is_file()
 
 
 def test_seeds_give_mean_and_sd_and_memory_is_measured_per_arm(base, tmp_path):

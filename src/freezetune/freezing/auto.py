@@ -76,7 +76,7 @@ class FreezeEvent:
         if self.criterion == "threshold":
             cut += " threshold"
         return (f"step {self.step}: froze {self.stage} (grad change {self.change:.1%} < {cut}; "
-                f"{self.params:,} params, {self.optimizer_bytes_freed / 2**20:.1f} MiB of momentum freed)")
+                f"{self.params:,} params, {self.optimizer_bytes_freed / 2**20:.1f} MiB freed)")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,0 +1,57 @@
+"""What freeze.auto's gradient-norm meter costs per step: steps with and without it, interleaved.
+
+One recipe (full fine-tuning, so every stage is measured), one fixed batch, and steps taken in
+alternating order with the meter on and off, so drift in the machine hits both alike. Medians
+after warm-up; the device is synchronized around every step (``train_step`` does it).
+
+    python scripts/bench_auto.py --config configs/quickstart.yaml --rounds 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from freezetune.config import load_config
+from freezetune.training.recipe import Recipe
+from freezetune.training.step import Batch, BatchSource, train_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/quickstart.yaml")
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = load_config(args.config, ["freeze.trainable=null", "freeze.auto=true", "output.dir=runs/bench-auto",
+                                    "output.overwrite=true", *args.overrides])
+    recipe = Recipe(cfg).setup()
+    engine = recipe.engine
+    probe = engine.grad_probe
+    assert probe is not None, "the meter is not attached"
+    first = next(iter(recipe.epoch_batches(0)))
+    batch = Batch(first.inputs, first.labels, None, BatchSource.IMAGES)
+    times = {"with meter": [], "without meter": []}
+    for i in range(args.warmup + args.rounds):
+        order = [("with meter", probe), ("without meter", None)]
+        for name, hook in order if i % 2 else reversed(order):
+            engine.grad_probe = hook
+            _, seconds = train_step(engine, batch, recipe.loss_fn)
+            if i >= args.warmup:
+                times[name].append(seconds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"device": str(recipe.device), "threads": torch.get_num_threads(), "image_size": cfg.data.image_size,
+           "batch_size": cfg.data.batch_size, "rounds": args.rounds,
+           "median_ms_with_meter": round(med["with meter"] * 1e3, 2),
+           "median_ms_without_meter": round(med["without meter"] * 1e3, 2),
+           "overhead_pct": round(100 * (med["with meter"] / med["without meter"] - 1), 2)}
+    print(json.dumps(row))
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    main()
