@@ -4,7 +4,7 @@ A task of our own making for benchmarks (see docs/benchmarks.md, "Adaptive freez
 built-in synthetic data, colour says nothing about the class and the shapes need spatial
 features, so it takes several epochs from random init and the early layers matter.
 
-    python scripts/make_shapes_task.py data/shapes --train 150 --val 50 --size 48
+    python scripts/make_shapes_task.py data/shapes --train 200 --val 50 --size 48
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def draw(shape: str, size: int, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (size * 2, size * 2), bg)  # drawn at 2x, then downsampled: antialiased
     d = ImageDraw.Draw(img)
     s = size * 2
-    r = rng.uniform(0.18, 0.34) * s
+    r = rng.uniform(0.22, 0.36) * s
     cx, cy = rng.uniform(r + 2, s - r - 2), rng.uniform(r + 2, s - r - 2)
     w = max(3, int(r * rng.uniform(0.25, 0.4)))
     box = (cx - r, cy - r, cx + r, cy + r)
@@ -47,9 +47,9 @@ def draw(shape: str, size: int, rng: random.Random) -> Image.Image:
     elif shape == "ell":
         d.rectangle((cx - r, cy + r - w, cx + r, cy + r), fill=fg)
         d.rectangle((cx - r, cy - r, cx - r + w, cy + r), fill=fg)
-    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5))).resize((size, size), Image.BILINEAR)
-    noise = Image.effect_noise((size, size), rng.uniform(10, 40)).convert("RGB")
-    return Image.blend(img, noise, rng.uniform(0.1, 0.3))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8))).resize((size, size), Image.BILINEAR)
+    noise = Image.effect_noise((size, size), rng.uniform(10, 30)).convert("RGB")
+    return Image.blend(img, noise, rng.uniform(0.05, 0.15))
 
 
 def _rotated(cx: float, cy: float, r: float, n: int, angle: float) -> list[tuple[float, float]]:
@@ -60,7 +60,7 @@ def _rotated(cx: float, cy: float, r: float, n: int, angle: float) -> list[tuple
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path)
-    p.add_argument("--train", type=int, default=150, help="images per class in train/")
+    p.add_argument("--train", type=int, default=200, help="images per class in train/")
     p.add_argument("--val", type=int, default=50, help="images per class in val/")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
