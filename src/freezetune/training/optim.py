@@ -106,25 +106,20 @@ def add_unfrozen(
     return added
 
 
-def remove_frozen(optimizer: torch.optim.Optimizer) -> int:
+def remove_frozen(optimizer: torch.optim.Optimizer) -> None:
     """Takes parameters that stopped requiring grad out of the optimizer and frees their state.
 
     Groups left empty are dropped. A resumed run replays the same removals before loading the
-    optimizer's state dict, so the group layout matches the one that was saved.
-
-    Returns:
-        Bytes of optimizer state (momentum buffers) released.
+    optimizer's state dict, so the group layout matches the one that was saved. What is freed is
+    :func:`state_bytes` of those parameters, measured before the call.
     """
-    freed = 0
     for group in list(optimizer.param_groups):
-        gone = [p for p in group["params"] if not p.requires_grad]
-        for p in gone:
-            state = optimizer.state.pop(p, {})
-            freed += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+        for p in group["params"]:
+            if not p.requires_grad:
+                optimizer.state.pop(p, None)
         group["params"] = [p for p in group["params"] if p.requires_grad]
         if not group["params"]:
             optimizer.param_groups.remove(group)
-    return freed
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -150,23 +145,18 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by optimizer state tensors (SGD momentum buffers)."""
-    return sum(
-        t.numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if isinstance(t, torch.Tensor)
-    )
+    return sum(_tensor_bytes(state) for state in optimizer.state.values())
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module, names) -> int:
     """Bytes of optimizer state held for the named parameters (names that are not parameters are skipped)."""
     params = dict(model.named_parameters())
-    return sum(
-        t.numel() * t.element_size()
-        for n in names if n in params
-        for t in optimizer.state.get(params[n], {}).values()
-        if isinstance(t, torch.Tensor)
-    )
+    return sum(_tensor_bytes(optimizer.state.get(params[n], {})) for n in names if n in params)
+
+
+def _tensor_bytes(state: dict) -> int:
+    """Bytes of the tensors in one parameter's optimizer state."""
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
