@@ -117,3 +117,81 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+class _DiskBudget:
+    """Bytes a fake disk still takes; the write that crosses it writes what fits, then fails like a full disk."""
+
+    def __init__(self, folder, free: int, error: int):
+        self.folder, self.free, self.error, self.failures = str(folder), free, error, 0
+
+    def covers(self, path) -> bool:
+        return os.path.realpath(path).startswith(os.path.realpath(self.folder) + os.sep)
+
+    def take(self, f, data):
+        if len(data) <= self.free:
+            self.free -= len(data)
+            return f.write(data)
+        fits, self.free = data[: self.free], 0
+        f.write(fits)
+        f.flush()
+        self.failures += 1
+        raise OSError(self.error, os.strerror(self.error))
+
+
+class _Faulty:
+    """A file object whose writes draw on a :class:`_DiskBudget`; everything else is the real file's."""
+
+    def __init__(self, f, budget: _DiskBudget):
+        self._f, self._budget = f, budget
+
+    def write(self, data):
+        return self._budget.take(self._f, data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Returns ``fill(folder, free, error=errno.ENOSPC)``: writes under ``folder`` fail after ``free`` bytes.
+
+    It patches the two ways freezetune writes files: the temp files of :func:`freezetune.atomic.atomic_write`
+    (``os.fdopen``) and the metrics logs (``open`` in :mod:`freezetune.training.run_dir`). The returned
+    budget has ``free`` (bytes left, settable) and ``failures``.
+    """
+    import builtins
+    import errno
+
+    from freezetune.training import run_dir
+
+    budgets = []
+    real_fdopen, real_open = os.fdopen, builtins.open
+
+    def covering(path):
+        return next((b for b in budgets if b.covers(path)), None)
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        budget = covering(os.readlink(f"/proc/self/fd/{fd}"))
+        return f if budget is None else _Faulty(f, budget)
+
+    def open_(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        budget = covering(path)
+        return f if budget is None else _Faulty(f, budget)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(run_dir, "open", open_, raising=False)
+
+    def fill(folder, free: int, error: int = errno.ENOSPC) -> _DiskBudget:
+        budgets.append(_DiskBudget(folder, free, error))
+        return budgets[-1]
+
+    return fill

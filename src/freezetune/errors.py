@@ -60,3 +60,36 @@ class FreezeIntegrityError(RuntimeError):
     Deliberately not a :class:`FreezetuneError`: the CLI keeps its traceback, because there is
     nothing the user could fix.
     """
+
+
+class WriteError(FreezetuneError, OSError):
+    """A file could not be written (disk full, quota, read-only, permissions...).
+
+    Also an :class:`OSError`, so code that handles OS errors keeps working. Build one with
+    :meth:`of`; ``str(err)`` is then ``"{path}: cannot write ({cause})"``, plus what to do next
+    when the writer knows it. Like every :class:`FreezetuneError` it can be rebuilt from its
+    message alone (a comparison's worker process sends only the class name and the message).
+
+    Attributes:
+        path: The file being written (None when rebuilt from a message).
+        cause: Why, in words ("no space left on device").
+        errno: The OS error number, when known.
+    """
+
+    def __init__(self, message: str, path=None, cause: str | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.path, self.cause, self.errno = path, cause, errno
+
+    @classmethod
+    def of(cls, path, cause: str, errno: int | None = None, hint: str | None = None) -> WriteError:
+        """The error for ``path`` failing because of ``cause``, with ``hint`` (what to do next) appended."""
+        message = f"{path}: cannot write ({cause})" + (f"; {hint}" if hint else "")
+        return cls(message, path, cause, errno)
+
+    def with_hint(self, hint: str) -> WriteError:
+        """The same error, with what to do next added to its message."""
+        return WriteError(f"{self}; {hint}", self.path, self.cause, self.errno)
+
+
+class FolderLockedError(FreezetuneError):
+    """Another live process is writing to the folder (it holds the folder's lock)."""

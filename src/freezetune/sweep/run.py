@@ -36,7 +36,7 @@ from freezetune.atomic import atomic_write, write_json
 from freezetune.compare.arms import BASELINE, ArmSpec
 from freezetune.compare.worker import ProcessArm
 from freezetune.config import Config, load_config
-from freezetune.errors import ConfigError, FreezeIntegrityError, RunDirError
+from freezetune.errors import ConfigError, FreezeIntegrityError, RunDirError, WriteError
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import preview
 from freezetune.measure.device import device_description, resolve_device
@@ -254,6 +254,11 @@ def _run(out: Path, manifest: Manifest, configs: dict, reporter: SweepReporter, 
             for slot in (s for s in slots if not s.done):
                 slot.setup(stop)
             interrupted = _turns(slots, manifest, stop, reporter)
+        except WriteError as e:
+            if e.path is None:
+                raise
+            raise WriteError.of(e.path, e.cause, e.errno, hint="each run's last checkpoint is intact; once the "
+                                f"folder can be written again, `freezetune sweep --resume {out}` continues") from e
         finally:
             for slot in slots:
                 slot.park()

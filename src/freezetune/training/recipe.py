@@ -15,6 +15,7 @@ through a :class:`Reporter`; the default one is silent.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -30,7 +31,14 @@ from torch import nn
 
 from freezetune.atomic import remove_stale_temps, write_json, write_text
 from freezetune.config import Config, dump_config, load_config
-from freezetune.errors import ConfigError, FreezeIntegrityError, NonFiniteLossError, RunDirError, WeightsError
+from freezetune.errors import (
+    ConfigError,
+    FreezeIntegrityError,
+    NonFiniteLossError,
+    RunDirError,
+    WeightsError,
+    WriteError,
+)
 from freezetune.freezing.auto import AutoFreezer, FreezeEvent
 from freezetune.freezing.integrity import changed_tensors, combined_sha256, fingerprint, frozen_state
 from freezetune.freezing.params import count_params
@@ -568,8 +576,12 @@ class Recipe:
             try:
                 while self.train_epoch() is not None:
                     pass
-            finally:
-                self.end_training()
+            except BaseException:
+                # Closing must not hide why training stopped (a full disk refuses the close too).
+                with contextlib.suppress(Exception):
+                    self.end_training()
+                raise
+            self.end_training()
         return self.outcome()
 
     def start_training(self, stop: StopFlag | None = None) -> None:
@@ -594,13 +606,28 @@ class Recipe:
         self._events = self.loop()
 
     def train_epoch(self) -> EpochRecord | None:
-        """Trains until the next epoch ends, then validates and saves; None once the loop has ended."""
-        for event in self._events:
-            if isinstance(event, StepRecord):
-                self._after_step(event, self._metrics, self._outcome)
-            else:
-                return self._after_epoch(event, self._outcome)
+        """Trains until the next epoch ends, then validates and saves; None once the loop has ended.
+
+        Raises:
+            WriteError: If a checkpoint or a log cannot be written; its message says which
+                checkpoint is intact and how to resume from it.
+        """
+        try:
+            for event in self._events:
+                if isinstance(event, StepRecord):
+                    self._after_step(event, self._metrics, self._outcome)
+                else:
+                    return self._after_epoch(event, self._outcome)
+        except WriteError as e:
+            raise e.with_hint(self.resume_hint()) from e
         return None
+
+    def resume_hint(self) -> str:
+        """What to do after a write fault: which checkpoint survived, and the command that continues from it."""
+        if self.saved_step is None:
+            return "no checkpoint had been saved yet, so the run must start again"
+        return (f"the checkpoint of step {self.saved_step} is intact; once the folder can be written again, "
+                f"`freezetune train --resume {self.run_dir}` continues from it")
 
     def end_training(self) -> None:
         """Closes the logs; call it once the loop has ended or raised."""
@@ -730,7 +757,10 @@ class Recipe:
         integrity = self.freeze_integrity()
         summary = build_summary(self, outcome, integrity)
         if self.dist.is_main:
-            write_json(self.run_dir / "summary.json", summary)
+            try:
+                write_json(self.run_dir / "summary.json", summary)
+            except WriteError as e:
+                raise e.with_hint(self.resume_hint() + " (it writes the missing summary)") from e
         return summary
 
     def cleanup(self) -> None:

@@ -5,10 +5,13 @@ Files in it are written atomically through :mod:`freezetune.atomic`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
+from freezetune.atomic import write_error
 from freezetune.errors import RunDirError
 
 
@@ -41,22 +44,56 @@ def prepare_run_dir(path: str | Path, overwrite: bool, resume: bool = False) -> 
 
 
 class MetricsLog:
-    """Appends one JSON object per line and flushes it, so a killed run keeps every finished step."""
+    """Appends one JSON object per line and flushes it, so a killed run keeps every finished step.
+
+    A failed write (disk full...) raises :class:`~freezetune.errors.WriteError`. The line it
+    was writing may be left torn; :func:`read_jsonl` stops before a torn line, and a resumed run
+    rewrites the log up to its checkpoint, so no step is lost or logged twice.
+    """
 
     def __init__(self, path: str | Path | None, append: bool = False):
         # path None: a log that keeps nothing (ranks other than 0 in distributed training).
-        self._f = open(path, "a" if append else "w", encoding="utf-8") if path else None  # noqa: SIM115
+        self.path = Path(path) if path else None
+        self._f = None
+        if self.path is not None:
+            try:
+                self._f = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+            except OSError as e:
+                raise write_error(self.path, e) from e
 
     def write(self, record: dict) -> None:
-        """Writes one record and flushes it to the OS."""
-        if self._f is not None:
+        """Writes one record and flushes it to the OS.
+
+        Raises:
+            WriteError: If the line cannot be written; the log is closed and writes nothing more.
+        """
+        if self._f is None:
+            return
+        try:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
+        except OSError as e:
+            self._abandon()
+            raise write_error(self.path, e) from e
 
     def close(self) -> None:
         """Closes the file."""
-        if self._f is not None:
+        if self._f is None:
+            return
+        try:
             self._f.close()
+        except OSError as e:
+            self._abandon()
+            raise write_error(self.path, e) from e
+        self._f = None
+
+    def _abandon(self) -> None:
+        """Drops the file without flushing again: a buffer the disk refused must not be retried at close."""
+        f, self._f = self._f, None
+        with contextlib.suppress(OSError):
+            os.close(f.fileno())  # the descriptor goes first, so the object's close cannot write
+        with contextlib.suppress(OSError, ValueError):
+            f.close()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
