@@ -2,7 +2,8 @@
 
 The layers, lowest first (a module belongs to the layer of its longest matching prefix):
 
- 0. errors, atomic, the package ``__init__``: exception types, atomic file writes, ``__version__``.
+ 0. errors, atomic, lock, the package ``__init__``: exception types, atomic file writes, the
+    one-writer folder lock, ``__version__``.
  1. measure, models.catalog: plain torch facts (timing, memory, FLOPs) and the static model catalog.
  2. config: the schema and YAML loading; it checks model names against the catalog (lazily).
  3. models: building a model and loading its weights, driven by the model config.
@@ -36,7 +37,7 @@ PACKAGE = "freezetune"
 # Lowest first. Each entry is a list of module prefixes; "freezetune" itself means the package
 # __init__ only (it holds __version__), never "everything in the package".
 LAYERS: list[list[str]] = [
-    ["freezetune.errors", "freezetune.atomic", "freezetune"],  # 0: exceptions, atomic writes, __version__
+    ["freezetune.errors", "freezetune.atomic", "freezetune.lock", "freezetune"],  # 0: errors, file writes, locks
     ["freezetune.measure", "freezetune.models.catalog"],   # 1: timing, memory, FLOPs; the static model catalog
     ["freezetune.config"],                                 # 2: schema + YAML; checks names against the catalog
     ["freezetune.models"],                                 # 3: building a model and loading its weights

@@ -204,3 +204,61 @@ def test_skip_bad_images_trains_and_warns_naming_the_file(tmp_path, caplog, cli)
     broken = str(root / "train" / "cat" / "broken.png")
     assert broken in caplog.text + result.stderr
     assert (tmp_path / "new_run" / "summary.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# every other command: a bad option value, a missing or wrong path, an unknown command
+
+
+def _config_file(t):
+    path = t / "config.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+COMMAND_CASES = {
+    "unknown command": (lambda t: ["trian"], ["No such command 'trian'", "freezetune --help"]),
+    "unknown option": (lambda t: ["train", "--bogus"], ["No such option: --bogus", "freezetune train --help"]),
+    "missing --config": (lambda t: ["inspect"], ["Missing option '--config'"]),
+    "inspect: config missing": (lambda t: ["inspect", "--config", t / "nope.yaml"], ["nope.yaml"]),
+    "compare: steps not a number": (
+        lambda t: ["compare", "depths", "--config", _config_file(t), "--steps", "abc"],
+        ["'--steps'", "got 'abc'", "freezetune compare depths --help"]),
+    "compare: steps zero": (
+        lambda t: ["compare", "frozen-vs-full", "--config", _config_file(t), "--steps", "0", "--out", t / "c"],
+        ["'--steps'", "greater than or equal to 1", "got '0'"]),
+    "export: no run folder": (
+        lambda t: ["export", t / "no_run", "--out", t / "m.safetensors"], ["no_run"]),
+    "export: wrong suffix": (
+        lambda t: ["export", t / "old_run", "--out", t / "m.bin"], ["must end with .safetensors"]),
+    "models: unknown model": (lambda t: ["models", "resnet9000"], ["resnet9000"]),
+    "demo: steps out of range": (lambda t: ["demo", "frozen", "--steps", "1000"], ["'--steps'", "got '1000'"]),
+    "demo: bad vector": (lambda t: ["demo", "autograd", "--a", "x,y"], ["x,y"]),
+    "sweep: target not a number": (
+        lambda t: ["sweep", "--config", _config_file(t), "--target", "x"], ["'--target'", "got 'x'"]),
+    "sweep: resume of no sweep": (lambda t: ["sweep", "--resume", t / "old_run"], ["old_run"]),
+    "bench: steps zero": (lambda t: ["bench", "--steps", "0", "--out", t / "b"], ["--steps must be at least 1"]),
+    "bench: out is a file": (
+        lambda t: ["bench", "--out", t / "old_run" / "summary.json"], ["--out", "not a folder"]),
+    "bench: bad device": (lambda t: ["bench", "--device", "gpu", "--out", t / "b"], ["--device 'gpu'"]),
+}
+
+
+@pytest.mark.parametrize("name", list(COMMAND_CASES))
+def test_every_command_refuses_bad_input_with_one_line(tmp_path, cli, name):
+    old = tmp_path / "old_run"
+    old.mkdir()
+    for f in ("config.yaml", "summary.json"):
+        (old / f).write_bytes(os.urandom(64))
+    make, expect = COMMAND_CASES[name]
+    args = make(tmp_path)
+    before = snapshot(tmp_path)
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    for want in expect:
+        assert want in lines[0], lines[0]
+    after = snapshot(tmp_path)
+    assert {p: after.get(p) for p in before} == before

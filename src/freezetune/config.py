@@ -397,6 +397,7 @@ def dump_config(config: Config) -> str:
 def _describe(err: dict, source: str, origin: dict[str, str]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "(top level)"
+    shown = key if all(p.isprintable() and p.strip() == p and p for p in loc) else repr(key)  # e.g. "\\x1e" or " seed"
     # A section-level problem (e.g. two freeze selectors) may come from an override inside it.
     hits = [text for k, text in origin.items() if k == key or k.startswith(key + ".")]
     where = ", ".join(f"override {t!r}" for t in hits) if hits else source
@@ -406,7 +407,7 @@ def _describe(err: dict, source: str, origin: dict[str, str]) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] not in ("value_error", "assertion_error", "missing"):
             msg += f" (got {err.get('input')!r})"
-    return f"{where}: {key}: {msg}"
+    return f"{where}: {shown}: {msg}"
 
 
 def _suggest(loc: list[str]) -> str:

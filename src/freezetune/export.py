@@ -15,6 +15,7 @@ import torch
 from freezetune.atomic import atomic_write
 from freezetune.config import load_config
 from freezetune.errors import RunDirError, WeightsError
+from freezetune.lock import hold
 from freezetune.models.weights import build_model
 from freezetune.training.trainable import META_KEY, Trainable, load_trainable, merge
 
@@ -67,7 +68,9 @@ def export_run(
 
     Raises:
         WeightsError: If the base does not match the checkpoint.
-        RunDirError: If ``out`` exists (without ``overwrite``) or cannot be written.
+        RunDirError: If ``out`` exists (without ``overwrite``) or its folder does not.
+        FolderLockedError: If another process writes ``out``'s folder (a run still training there).
+        WriteError: If ``out`` cannot be written; no partial file is left.
     """
     from safetensors.torch import save
 
@@ -86,10 +89,8 @@ def export_run(
     meta = {"model": m["model"], "num_classes": m["num_classes"], "step": m["step"],
             "exported_from": str(run_dir), "base": loaded.weights_source}
     data = save({n: t.contiguous() for n, t in merged.items()}, metadata={META_KEY: json.dumps(meta)})
-    try:
+    with hold(out.parent, "export", create=False):  # e.g. a run folder another process still trains into
         atomic_write(out, lambda f: f.write(data))
-    except OSError as e:
-        raise RunDirError(f"--out {out}: cannot write ({e.strerror or e})") from None
     return {"out": str(out), "bytes": len(data), "step": m["step"], "base": loaded.weights_source,
             "trainable_bytes": trainable.path.stat().st_size,
             "tensors_from_checkpoint": len(trainable.tensors)}

@@ -19,8 +19,10 @@ from freezetune.cli import (
     sweep_cmd,
     train_cmd,
 )
+from freezetune.cli.common import OneLineGroup
 
 app = typer.Typer(
+    cls=OneLineGroup,
     name="freezetune",
     help="Fine-tune a pretrained torchvision ResNet with chosen layers frozen, and measure "
     "what freezing buys: trainable parameters, step time, memory and accuracy.",

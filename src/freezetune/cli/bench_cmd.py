@@ -10,9 +10,8 @@ import shlex
 from pathlib import Path
 
 import typer
-from typer.core import TyperCommand
 
-from freezetune.cli.common import DEBUG_OPTION, user_errors
+from freezetune.cli.common import DEBUG_OPTION, OneLineCommand, user_errors
 
 # Where BenchCommand keeps the arguments as given, for the command recorded in the benchmark files.
 _ARGS_KEY = "freezetune.bench.args"
@@ -28,7 +27,7 @@ CI_HELP = (
 )
 
 
-class BenchCommand(TyperCommand):
+class BenchCommand(OneLineCommand):
     """``freezetune bench``: fills in the help's ``{...}`` when shown, and keeps the arguments as given."""
 
     def format_help(self, ctx, formatter) -> None:
@@ -102,7 +101,8 @@ def bench(
                           "repeating it (--sizes 64 --sizes 224) or with commas (--sizes 64,224)")
     size_list = _ints(sizes, "--sizes") or (b.CI_SIZES if ci else b.DEFAULT_SIZES)
     batch_list = _ints(batch_sizes, "--batch-sizes") or (b.CI_BATCH_SIZES if ci else b.DEFAULT_BATCH_SIZES)
-    steps = steps or (b.CI_STEPS if ci else b.DEFAULT_STEPS)
+    # `is None`, not `or`: --steps 0 is a mistake to report, not a request for the default.
+    steps = steps if steps is not None else (b.CI_STEPS if ci else b.DEFAULT_STEPS)
     warmup = warmup if warmup is not None else (b.CI_WARMUP if ci else b.DEFAULT_WARMUP)
     out = out or Path("runs/bench-ci" if ci else "benchmarks")
     for name, values in (("--sizes", size_list), ("--batch-sizes", batch_list)):
@@ -110,6 +110,10 @@ def bench(
             raise ConfigError(f"{name} must be positive")
     if steps < 1 or warmup < 0:
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
+    if block is not None and block < 1:
+        raise ConfigError(f"--block {block}: must be at least 1")
+    _check_device(device)
+    _check_out(out)  # before the benchmark's minutes, not after them
     command = ("freezetune bench " + shlex.join(ctx.meta.get(_ARGS_KEY, []))).strip()
 
     def on_cell(cell: dict) -> None:
@@ -138,6 +142,8 @@ def _split(values: list[str] | None) -> list[str]:
 def _ints(values: list[str] | None, option: str) -> tuple[int, ...]:
     from freezetune.errors import ConfigError
 
+    if values and not _split(values):
+        raise ConfigError(f"{option} {values[0]!r}: no values given")
     ints = []
     for text in _split(values):
         try:
@@ -145,6 +151,37 @@ def _ints(values: list[str] | None, option: str) -> tuple[int, ...]:
         except ValueError:
             raise ConfigError(f"{option}: invalid int value: {text!r}") from None
     return tuple(ints)
+
+
+def _check_device(device: str) -> None:
+    """Refuses a device name the config would refuse (``gpu``, ``cuda:x``), before torch sees it."""
+    from pydantic import ValidationError
+
+    from freezetune.config import Config
+    from freezetune.errors import ConfigError
+
+    try:
+        Config.model_validate({"device": device})
+    except ValidationError:
+        raise ConfigError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N") from None
+
+
+def _check_out(out: Path) -> None:
+    """Refuses an --out folder that could not be created or written."""
+    import tempfile
+
+    from freezetune.errors import ConfigError
+
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        what = "exists and is not a folder" if existing == out else f"{existing} is a file, not a folder"
+        raise ConfigError(f"--out {out}: {what}")
+    try:
+        # A real write, not os.access: root passes every permission check, not /proc or a read-only mount.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def _help_values() -> dict:

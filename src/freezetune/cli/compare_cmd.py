@@ -10,6 +10,8 @@ from freezetune.cli.common import (
     CONFIG_OPTION,
     DEBUG_OPTION,
     OVERRIDES_ARG,
+    OneLineCommand,
+    OneLineGroup,
     console,
     err_console,
     print_all,
@@ -17,6 +19,7 @@ from freezetune.cli.common import (
 )
 
 compare_app = typer.Typer(
+    cls=OneLineGroup,
     help="Measure what freezing buys: arms trained side by side from the same weights and batches, "
     "timed fairly (warm-up excluded, synchronized, interleaved), with FLOP predictions beside.",
     no_args_is_help=True,
@@ -46,8 +49,8 @@ NO_MEMORY_OPTION = typer.Option(
 
 def register(app: typer.Typer) -> None:
     """Adds the ``compare`` command group to the app."""
-    compare_app.command("frozen-vs-full")(frozen_vs_full)
-    compare_app.command("depths")(depths)
+    compare_app.command("frozen-vs-full", cls=OneLineCommand)(frozen_vs_full)
+    compare_app.command("depths", cls=OneLineCommand)(depths)
     app.add_typer(compare_app, name="compare")
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from freezetune.cli.common import DEBUG_OPTION, console, user_errors
+from freezetune.cli.common import DEBUG_OPTION, OneLineCommand, OneLineGroup, console, user_errors
 
 demo_app = typer.Typer(
+    cls=OneLineGroup,
     help="Worked examples: what autograd computes and what freezing does.",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -18,7 +19,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(demo_app, name="demo")
 
 
-@demo_app.command("autograd")
+@demo_app.command("autograd", cls=OneLineCommand)
 @user_errors
 def autograd(
     a: str = typer.Option("2,3", "--a", help="Values of a, comma-separated."),
@@ -36,7 +37,7 @@ def autograd(
     console.print(render_autograd(result.to_dict()))
 
 
-@demo_app.command("frozen")
+@demo_app.command("frozen", cls=OneLineCommand)
 @user_errors
 def frozen(
     steps: int = typer.Option(3, "--steps", min=1, max=100, help="SGD steps per run."),

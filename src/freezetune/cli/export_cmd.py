@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from freezetune.cli.common import DEBUG_OPTION, console, print_all, user_errors
+from freezetune.cli.common import DEBUG_OPTION, OneLineCommand, console, print_all, user_errors
 
 
 def register(app: typer.Typer) -> None:
     """Adds the command to the app."""
-    app.command("export")(export)
+    app.command("export", cls=OneLineCommand)(export)
 
 
 @user_errors

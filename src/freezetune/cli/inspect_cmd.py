@@ -7,13 +7,20 @@ from pathlib import Path
 
 import typer
 
-from freezetune.cli.common import CONFIG_OPTION, DEBUG_OPTION, OVERRIDES_ARG, console, user_errors
+from freezetune.cli.common import (
+    CONFIG_OPTION,
+    DEBUG_OPTION,
+    OVERRIDES_ARG,
+    OneLineCommand,
+    console,
+    user_errors,
+)
 from freezetune.config import load_config
 
 
 def register(app: typer.Typer) -> None:
     """Adds the command to the app."""
-    app.command("inspect")(inspect)
+    app.command("inspect", cls=OneLineCommand)(inspect)
 
 
 @user_errors

@@ -7,12 +7,12 @@ from dataclasses import asdict
 
 import typer
 
-from freezetune.cli.common import DEBUG_OPTION, console, print_all, user_errors
+from freezetune.cli.common import DEBUG_OPTION, OneLineCommand, console, print_all, user_errors
 
 
 def register(app: typer.Typer) -> None:
     """Adds the command to the app."""
-    app.command("models")(models)
+    app.command("models", cls=OneLineCommand)(models)
 
 
 @user_errors

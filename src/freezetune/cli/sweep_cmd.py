@@ -6,12 +6,20 @@ from pathlib import Path
 
 import typer
 
-from freezetune.cli.common import DEBUG_OPTION, OVERRIDES_ARG, console, err_console, print_all, user_errors
+from freezetune.cli.common import (
+    DEBUG_OPTION,
+    OVERRIDES_ARG,
+    OneLineCommand,
+    console,
+    err_console,
+    print_all,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
     """Adds ``sweep`` to the app."""
-    app.command("sweep")(sweep)
+    app.command("sweep", cls=OneLineCommand)(sweep)
 
 
 @user_errors

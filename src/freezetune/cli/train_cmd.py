@@ -11,6 +11,7 @@ from freezetune.cli.common import (
     CONFIG_OPTION,
     DEBUG_OPTION,
     OVERRIDES_ARG,
+    OneLineCommand,
     console,
     err_console,
     user_errors,
@@ -20,8 +21,8 @@ from freezetune.config import dump_config, load_config
 
 def register(app: typer.Typer) -> None:
     """Adds the commands to the app."""
-    app.command("train")(train)
-    app.command("validate")(validate)
+    app.command("train", cls=OneLineCommand)(train)
+    app.command("validate", cls=OneLineCommand)(validate)
 
 
 @user_errors

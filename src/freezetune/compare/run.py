@@ -34,7 +34,7 @@ from freezetune.freezing.plan import apply_freeze
 from freezetune.models.weights import build_model
 from freezetune.render.plot import comparison_plot
 from freezetune.speed.execution import plan_execution
-from freezetune.training.run_dir import prepare_run_dir
+from freezetune.training.run_dir import claim_run_dir
 
 # The memory pass (see measure): peak memory is reached in the first steps (gradients, momentum).
 MEMORY_STEPS = 2
@@ -292,10 +292,11 @@ def frozen_vs_full(
         at the top level.
     """
     arms = frozen_vs_full_arms(config, modes=modes)
-    out_dir = prepare_run_dir(out or Path(config.output.dir) / "compare", config.output.overwrite)
-    result = measure(config, arms, out_dir, steps, warmup, block, memory, progress)
-    result = {"kind": "frozen-vs-full", **result, **headline(result, "frozen")}
-    return _write(result, out_dir, "compare")
+    out_dir = Path(out or Path(config.output.dir) / "compare")
+    with claim_run_dir(out_dir, config.output.overwrite, "compare frozen-vs-full"):
+        result = measure(config, arms, out_dir, steps, warmup, block, memory, progress)
+        result = {"kind": "frozen-vs-full", **result, **headline(result, "frozen")}
+        return _write(result, out_dir, "compare")
 
 
 def depths(
@@ -316,11 +317,12 @@ def depths(
         The result; ``freeze_integrity.ok`` is true only if no arm's frozen tensors changed.
     """
     arms = depth_arms(config, modes=modes)
-    out_dir = prepare_run_dir(out or Path(config.output.dir) / "depths", config.output.overwrite)
-    result = measure(config, arms, out_dir, steps, warmup, block, memory, progress)
-    integrity = {name: arm["freeze_integrity"]["ok"] for name, arm in result["arms"].items()}
-    result = {"kind": "depths", **result, "freeze_integrity": {"ok": all(integrity.values()), "arms": integrity}}
-    return _write(result, out_dir, "depths")
+    out_dir = Path(out or Path(config.output.dir) / "depths")
+    with claim_run_dir(out_dir, config.output.overwrite, "compare depths"):
+        result = measure(config, arms, out_dir, steps, warmup, block, memory, progress)
+        integrity = {name: arm["freeze_integrity"]["ok"] for name, arm in result["arms"].items()}
+        result = {"kind": "depths", **result, "freeze_integrity": {"ok": all(integrity.values()), "arms": integrity}}
+        return _write(result, out_dir, "depths")
 
 
 def _write(result: dict, out_dir: Path, stem: str) -> dict:

@@ -159,6 +159,7 @@ class ArmRunner:
         after = fingerprint(recipe.model, recipe.plan)
         changed = changed_tensors(recipe.frozen_before, after)
         timing = timing_stats(self.timed, self.config.data.batch_size)
+        recipe.release_run_dir()  # the arm writes nothing more
         return {
             "timing": {**timing, "warmup_steps": self.warmup_steps, "step_times_s": list(self.timed)},
             "memory": self._memory(),

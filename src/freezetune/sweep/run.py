@@ -39,6 +39,7 @@ from freezetune.config import Config, load_config
 from freezetune.errors import ConfigError, FreezeIntegrityError, RunDirError, WriteError
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import preview
+from freezetune.lock import hold
 from freezetune.measure.device import device_description, resolve_device
 from freezetune.measure.flops import step_flops, without_prefix
 from freezetune.render.sweep_plot import sweep_plot
@@ -49,7 +50,7 @@ from freezetune.sweep.jobs import Manifest, read_manifest, read_run, write_jobs
 from freezetune.sweep.result import FINISHED, assemble, seed_run, to_csv
 from freezetune.training.checkpoint import rng_state, set_rng_state
 from freezetune.training.recipe import Recipe, StopFlag
-from freezetune.training.run_dir import prepare_run_dir
+from freezetune.training.run_dir import claim_run_dir
 from freezetune.training.state import StopReason
 from freezetune.training.summary import EpochRecord
 
@@ -163,9 +164,10 @@ def sweep(config: Config, out: str | Path, arms: list[SweepArm] | None = None, s
     """
     options = {"target": target, "tolerance": tolerance, "prune": prune, "memory": memory,
                "feature_cache": feature_cache}
-    out, manifest, configs = _start(config, out, arms, seeds, options, source, "in-process")
-    (out / "memory.json").unlink(missing_ok=True)  # an earlier sweep's, in an overwritten folder
-    return _run(out, manifest, configs, reporter or SweepReporter(), resumed=False)
+    with claim_run_dir(out, config.output.overwrite, "sweep"):
+        out, manifest, configs = _start(config, out, arms, seeds, options, source, "in-process")
+        (out / "memory.json").unlink(missing_ok=True)  # an earlier sweep's, in an overwritten folder
+        return _run(out, manifest, configs, reporter or SweepReporter(), resumed=False)
 
 
 def resume(out: str | Path, reporter: SweepReporter | None = None) -> dict:
@@ -179,7 +181,8 @@ def resume(out: str | Path, reporter: SweepReporter | None = None) -> dict:
     if manifest.mode != "in-process":
         raise RunDirError(f"{out}: made by --emit; run its jobs with your scheduler, then use --collect")
     configs = {(j.arm, j.seed): _job_config(out, j) for j in manifest.jobs}
-    return _run(out, manifest, configs, reporter or SweepReporter(), resumed=True)
+    with hold(out, "sweep --resume", create=False):
+        return _run(out, manifest, configs, reporter or SweepReporter(), resumed=True)
 
 
 def emit(config: Config, out: str | Path, arms: list[SweepArm] | None = None, seeds: int = 1,
@@ -192,18 +195,19 @@ def emit(config: Config, out: str | Path, arms: list[SweepArm] | None = None, se
     """
     options = {"target": target, "tolerance": tolerance, "prune": False, "memory": False,
                "feature_cache": feature_cache}
-    return _start(config, out, arms, seeds, options, source, "emitted")[1]
+    with claim_run_dir(out, config.output.overwrite, "sweep --emit"):
+        return _start(config, out, arms, seeds, options, source, "emitted")[1]
 
 
 def _start(config: Config, out, arms: list[SweepArm] | None, seeds: int, options: dict, source: str,
            mode: str) -> tuple[Path, Manifest, dict]:
-    """Checks the options and data, prepares the folder and writes the jobs (nothing trains yet)."""
+    """Checks the options and data and writes the jobs (nothing trains yet); the caller claimed ``out``."""
     from freezetune.sweep.arms import default_arms
 
     arms = arms if arms is not None else default_arms(config)
     _check_options(seeds, options["target"], options["tolerance"])
     check_validation_data(config)
-    out = prepare_run_dir(out, config.output.overwrite)
+    out = Path(out)
     seed_list = list(range(config.seed, config.seed + seeds))
     manifest, configs = write_jobs(out, config, source, arms, seed_list, options, mode)
     return out, manifest, configs
@@ -236,7 +240,8 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
     _check_options(1, options["target"], options["tolerance"])
     memory = _memory_from_summaries(summaries) if manifest.mode == "emitted" else _read_memory(out)
     configs = {(j.arm, j.seed): _job_config(out, j) for j in manifest.jobs}
-    return _write(out, manifest, configs, runs, summaries, options, memory, "collected", None)
+    with hold(out, "sweep --collect", create=False):
+        return _write(out, manifest, configs, runs, summaries, options, memory, "collected", None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from freezetune.freezing.integrity import changed_tensors, combined_sha256, fing
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import FreezePlan, apply_freeze, set_train_mode
 from freezetune.freezing.schedule import PhaseRecord, phases_due, unfreeze_phase
+from freezetune.lock import RunLock
 from freezetune.measure.device import resolve_device
 from freezetune.measure.memory import reset_peak_memory
 from freezetune.measure.timing import synchronize
@@ -64,7 +65,7 @@ from freezetune.training.optim import (
     set_lr,
     state_bytes,
 )
-from freezetune.training.run_dir import MetricsLog, prepare_run_dir, read_jsonl
+from freezetune.training.run_dir import MetricsLog, claim_run_dir, read_jsonl
 from freezetune.training.state import RunState, StopReason
 from freezetune.training.step import Batch, BatchSource, DDPForward, Engine, evaluate, fill_cache, train_step
 from freezetune.training.summary import EPOCHS_NAME, EpochRecord, build_summary
@@ -179,19 +180,28 @@ class Recipe:
         self._warmup_left = 0
         self.auto: AutoFreezer | None = None  # freeze.auto: stages freezing mid-run
         self._metrics: MetricsLog | None = None
+        self._lock: RunLock | None = None  # the run folder's one-writer lock (rank 0)
 
     # ----------------------------------------------------------------------------------------
     # setup
 
     def setup(self) -> Recipe:
-        """Builds device, model and freeze plan, data, run folder, optimizer, state and execution path."""
+        """Builds device, model and freeze plan, data, run folder, optimizer, state and execution path.
+
+        Raises:
+            FolderLockedError: If another live process writes the run folder.
+        """
         self._setup_distributed()
         self._setup_model()
         self._setup_data()
-        self._setup_run_dir()
-        self._setup_optimizer()
-        self._setup_state()
-        self._setup_execution()
+        try:
+            self._setup_run_dir()
+            self._setup_optimizer()
+            self._setup_state()
+            self._setup_execution()
+        except BaseException:
+            self.release_run_dir()  # a run that never started must not keep its folder locked
+            raise
         return self
 
     def _setup_distributed(self) -> None:
@@ -220,10 +230,18 @@ class Recipe:
         self.max_epochs = cfg.train.epochs
 
     def _setup_run_dir(self) -> None:
+        # Rank 0 writes the folder, so it alone holds the folder's lock, until cleanup().
         if self.dist.is_main:
-            prepare_run_dir(self.config.output.dir, self.config.output.overwrite, resume=self.resume)
+            self._lock = claim_run_dir(self.config.output.dir, self.config.output.overwrite,
+                                       "train --resume" if self.resume else "train", resume=self.resume)
         dist.barrier(self.dist)
         self.run_dir = Path(self.config.output.dir)
+
+    def release_run_dir(self) -> None:
+        """Lets go of the run folder's lock (cleanup does it); another process may then write it."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _setup_optimizer(self) -> None:
         self.model.to(self.device)
@@ -625,7 +643,7 @@ class Recipe:
     def resume_hint(self) -> str:
         """What to do after a write fault: which checkpoint survived, and the command that continues from it."""
         if self.saved_step is None:
-            return "no checkpoint had been saved yet, so the run must start again"
+            return "no checkpoint had been saved yet: start the run again (output.overwrite=true reuses this folder)"
         return (f"the checkpoint of step {self.saved_step} is intact; once the folder can be written again, "
                 f"`freezetune train --resume {self.run_dir}` continues from it")
 
@@ -764,13 +782,14 @@ class Recipe:
         return summary
 
     def cleanup(self) -> None:
-        """Releases DDP and the process group; safe to call after a failure."""
+        """Releases DDP, the process group and the run folder's lock; safe to call after a failure."""
         # Drop the DDP wrapper (and any replaced by unfreezing) before the process group goes:
         # a reducer destroyed after its group can abort the process at exit.
         if self.engine is not None:
             self.engine.ddp = None
         gc.collect()
         dist.shutdown(self.dist)
+        self.release_run_dir()
 
 
 def run(config: Config, reporter: Reporter | None = None, resume: bool = False) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from freezetune.atomic import write_error
 from freezetune.errors import RunDirError
+from freezetune.lock import LOCK_NAME, RunLock, hold
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool, resume: bool = False) -> Path:
@@ -27,20 +28,58 @@ def prepare_run_dir(path: str | Path, overwrite: bool, resume: bool = False) -> 
         RunDirError: If the folder holds a previous run, cannot be created, or is not writable.
     """
     path = Path(path)
+    _check_reuse(path, overwrite or resume)
+    _make_writable(path)
+    return path
+
+
+def claim_run_dir(path: str | Path, overwrite: bool, what: str, resume: bool = False) -> RunLock:
+    """Prepares the folder as :func:`prepare_run_dir` does, holding its one-writer lock.
+
+    The lock is taken before the folder is judged empty, so a second writer is told who holds
+    the folder (``output.overwrite`` or not), not that it is not empty. Release the returned
+    lock when done writing.
+
+    Args:
+        path: The folder.
+        overwrite: Whether an existing non-empty folder may be written into.
+        what: What this process does there, for a refused writer's message (``train``...).
+        resume: Whether the folder is being continued.
+
+    Raises:
+        FolderLockedError: If another live process writes the folder.
+        RunDirError: As :func:`prepare_run_dir`.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        _check_reuse(path, True)  # the error for a file in the folder's place
+    _make_writable(path)
+    lock = hold(path, what, create=False)
+    try:
+        _check_reuse(path, overwrite or resume)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_reuse(path: Path, allowed: bool) -> None:
     if path.exists() and not path.is_dir():
         raise RunDirError(f"output.dir {path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()) and not allowed:
         raise RunDirError(
             f"output.dir {path}: folder is not empty; choose another output.dir "
             "or set output.overwrite=true"
         )
+
+
+def _make_writable(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as e:
         raise RunDirError(f"output.dir {path}: cannot write there ({e.strerror or e})") from None
-    return path
 
 
 class MetricsLog:
