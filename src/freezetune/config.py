@@ -215,6 +215,7 @@ class OutputConfig(_Strict):
 
     dir: str = "runs/run"
     overwrite: bool = False
+    tensorboard: bool = False  # TensorBoard event files in <dir>/tensorboard/ (needs the tensorboard extra)
 
 
 class Config(_Strict):

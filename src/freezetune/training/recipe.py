@@ -69,6 +69,7 @@ from freezetune.training.run_dir import MetricsLog, claim_run_dir, read_jsonl
 from freezetune.training.state import RunState, StopReason
 from freezetune.training.step import Batch, BatchSource, DDPForward, Engine, evaluate, fill_cache, train_step
 from freezetune.training.summary import EPOCHS_NAME, EpochRecord, build_summary
+from freezetune.training.tensorboard import TensorBoardLog
 from freezetune.training.trainable import save_trainable
 
 FINGERPRINT_NAME = "frozen_sha256.json"
@@ -180,6 +181,7 @@ class Recipe:
         self._warmup_left = 0
         self.auto: AutoFreezer | None = None  # freeze.auto: stages freezing mid-run
         self._metrics: MetricsLog | None = None
+        self._tensorboard: TensorBoardLog | None = None  # output.tensorboard, rank 0, opened by start_training
         self._lock: RunLock | None = None  # the run folder's one-writer lock (rank 0)
 
     # ----------------------------------------------------------------------------------------
@@ -439,10 +441,10 @@ class Recipe:
             if not announce:
                 continue
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            self.reporter.message(
-                f"epoch {phase.epoch}: unfreezing {', '.join(phase.unfreeze)} ({record.params:,} params, "
-                f"lr x{phase.lr_mult}); trainable now {trainable:,}"
-            )
+            line = (f"epoch {phase.epoch}: unfreezing {', '.join(phase.unfreeze)} ({record.params:,} params, "
+                    f"lr x{phase.lr_mult}); trainable now {trainable:,}")
+            self.reporter.message(line)
+            self.tensorboard_text(line)
 
     # ----------------------------------------------------------------------------------------
     # the training loop
@@ -524,6 +526,7 @@ class Recipe:
         self._setup_execution()
         for event in events:
             self.reporter.message(event.line)
+            self.tensorboard_text(event.line)
             if self._metrics is not None:
                 self._metrics.write({"event": "auto_freeze", **event.as_dict()})
         return events
@@ -610,7 +613,14 @@ class Recipe:
 
         Args:
             stop: The signal flag the loop checks after every step (None: never stopped).
+
+        Raises:
+            ConfigError: If ``output.tensorboard`` is on but the tensorboard package is missing.
         """
+        if self.config.output.tensorboard and self.dist.is_main:  # first: a missing package leaves nothing open
+            self._tensorboard = TensorBoardLog(self.run_dir, self.config, resumed_from=self.resumed_from_step)
+            self.reporter.message(f"TensorBoard events in {self._tensorboard.dir} (tensorboard --logdir "
+                                  f"{self._tensorboard.dir})")
         self._metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None,
                                    append=self.resumed_from_step is not None)
         self._epochs_log = MetricsLog(self.run_dir / EPOCHS_NAME if self.dist.is_main else None,
@@ -653,6 +663,8 @@ class Recipe:
         self._stop = None
         self._metrics.close()
         self._epochs_log.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()  # summarize() still adds the hyperparameters, in a file of their own
         self.reporter.train_end()
 
     @property
@@ -681,6 +693,8 @@ class Recipe:
     def _after_step(self, record: StepRecord, metrics: MetricsLog, outcome: Outcome) -> None:
         row = record.as_dict()
         metrics.write(row)
+        if self._tensorboard is not None:
+            self._tensorboard.step(row, self.optimizer)
         self.reporter.step(row)
         outcome.first_loss = record.loss if outcome.first_loss is None else outcome.first_loss
         outcome.last_loss = record.loss
@@ -705,8 +719,15 @@ class Recipe:
             complete=self.state.epoch > end.epoch,
         )
         self._epochs_log.write(record.as_dict())
+        if self._tensorboard is not None:
+            self._tensorboard.epoch(record)
         self.save()
         return record
+
+    def tensorboard_text(self, text: str) -> None:
+        """Logs an event line (an unfreeze or freeze) as TensorBoard text at the current step, if it is on."""
+        if self._tensorboard is not None:
+            self._tensorboard.text("events", text, self.state.step)
 
     def save(self) -> None:
         """Writes the trainable-only checkpoint, then ``checkpoint.pt``; each atomically.
@@ -779,6 +800,8 @@ class Recipe:
                 write_json(self.run_dir / "summary.json", summary)
             except WriteError as e:
                 raise e.with_hint(self.resume_hint() + " (it writes the missing summary)") from e
+            if self._tensorboard is not None:
+                self._tensorboard.hparams(self.config, summary)
         return summary
 
     def cleanup(self) -> None:
