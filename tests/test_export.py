@@ -199,3 +199,81 @@ def test_export_user_errors(fc_run, tmp_path, make_args, expect, cli):
     (line,) = stderr_lines(result)
     assert expect in line and "Traceback" not in result.output
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX
+
+
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def bn_run(tmp_path_factory):
+    """A run whose BatchNorm statistics trained too, so folding has real values to fold."""
+    out = tmp_path_factory.mktemp("onnx") / "run"
+    train_run(out, **{"freeze.trainable": "[layer4,fc]", "freeze.batchnorm": "train", "train.max_steps": 2})
+    return out
+
+
+def test_onnx_export_matches_the_trained_model_at_any_batch_size(bn_run, tmp_path, cli):
+    import onnxruntime as ort
+
+    dest = tmp_path / "model.onnx"
+    result = cli("export", bn_run, "--format", "onnx", "--out", dest)
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.stdout.split())
+    assert "checked: onnxruntime" in printed and "20 of 20 BatchNorm folded" in printed
+
+    model = build_model(ModelConfig(name="resnet18", num_classes=4, weights="none")).model
+    model.load_state_dict(trained_state(bn_run))
+    model.eval()
+    session = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
+    [inp], [outp] = session.get_inputs(), session.get_outputs()
+    assert (inp.name, outp.name) == ("images", "logits")
+    assert inp.shape[1:] == [3, 32, 32] and not isinstance(inp.shape[0], int)  # the batch is dynamic
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(None, {"images": x.numpy()})[0]
+    assert got.shape == (5, 4)
+    assert abs(got - expected).max() <= 1e-4 + 1e-4 * abs(expected).max()
+    meta = {p.key: p.value for p in onnx.load(str(dest)).metadata_props}
+    assert json.loads(meta["freezetune"])["model"] == "resnet18"
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(dest)).graph.node)
+
+
+def test_an_onnx_file_that_disagrees_with_pytorch_is_an_error_and_nothing_is_written(bn_run, tmp_path, cli,
+                                                                                    monkeypatch):
+    import freezetune.export as export
+
+    real = export.run_onnxruntime
+    monkeypatch.setattr(export, "run_onnxruntime", lambda m, xs: [y + 0.01 for y in real(m, xs)])
+    dest = tmp_path / "model.onnx"
+    result = cli("export", bn_run, "--format", "onnx", "--out", dest)
+    assert result.exit_code == 2
+    [line] = stderr_lines(result)
+    assert "onnxruntime's logits differ from PyTorch's" in line and "nothing written" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_without_its_extra_says_how_to_install_it(bn_run, tmp_path, cli, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    result = cli("export", bn_run, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 2
+    assert "pip install 'freezetune[onnx]'" in result.stderr and len(stderr_lines(result)) == 1
+
+
+def test_fold_for_inference_folds_every_conv_batchnorm_pair_and_keeps_the_output():
+    from freezetune.export import fold_for_inference
+
+    model = build_model(ModelConfig(name="resnet18", num_classes=4, weights="none")).model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        folded, info = fold_for_inference(model)
+        after = folded(x)
+    assert info["batchnorm_before"] == info["batchnorm_folded"] == 20
+    assert torch.allclose(before, after, atol=1e-5)

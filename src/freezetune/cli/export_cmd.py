@@ -18,8 +18,11 @@ def register(app: typer.Typer) -> None:
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder holding checkpoint.trainable.safetensors.",
                                    show_default=False),
-    out: Path = typer.Option(..., "--out", "-o", help="Full weights to write (.safetensors).",
+    out: Path = typer.Option(..., "--out", "-o", help="File to write: .safetensors (full weights) or .onnx.",
                              show_default=False),
+    fmt: str = typer.Option("safetensors", "--format", "-f", help="safetensors: full weights for "
+                            "model.weights=PATH; onnx: the folded eval-mode network with a dynamic batch, "
+                            "checked against PyTorch with onnxruntime (needs the onnx extra)."),
     base: Path = typer.Option(
         None, "--base", help="Weights file the run started from (default: rebuild it from the run's "
         "config: random init from its seed, ImageNet, or its weights file).", show_default=False,
@@ -27,12 +30,18 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Merge base weights + trainable checkpoint into full weights for model.weights=PATH.
+    """Merge base weights + trainable checkpoint into full weights, or export the model to ONNX.
 
-    Refuses a base whose frozen weights differ (sha256) from the ones the run trained on.
+    Refuses a base whose frozen weights differ (sha256) from the ones the run trained on. An ONNX
+    file is written only once onnxruntime's logits match PyTorch's.
     """
-    from freezetune.export import export_run
-    from freezetune.render.export import export_lines
+    from freezetune.errors import ConfigError
+    from freezetune.export import export_onnx, export_run
+    from freezetune.render.export import export_lines, onnx_lines
 
-    done = export_run(run_dir, out, base=base, overwrite=overwrite)
-    print_all(console, export_lines(done))
+    if fmt == "safetensors":
+        print_all(console, export_lines(export_run(run_dir, out, base=base, overwrite=overwrite)))
+    elif fmt == "onnx":
+        print_all(console, onnx_lines(export_onnx(run_dir, out, base=base, overwrite=overwrite)))
+    else:
+        raise ConfigError(f"--format {fmt!r}: choose safetensors or onnx")
