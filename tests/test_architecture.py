@@ -11,7 +11,7 @@ The layers, lowest first (a module belongs to the layer of its longest matching 
  5. speed: how a frozen model runs fast (frozen prefix, feature cache, precision).
  6. training: the engine that puts model, freezing and speed together into a run (the recipe).
  7. render: text, tables and figures for people, made from result records (plain dicts).
- 8. compare, inspection, demo, export: features built on the recipe; compare draws through render.
+ 8. compare, inspection, demo, export, evaluation: features built on the recipe; compare draws through render.
  9. cli, __main__: the command line, the only place that knows about all the features.
 
 Why: a module may only lean on what is below it, so each layer can be understood, tested and
@@ -45,7 +45,8 @@ LAYERS: list[list[str]] = [
     ["freezetune.speed"],                                  # 5: frozen prefix, feature cache, precision
     ["freezetune.training"],                               # 6: the training engine
     ["freezetune.render"],                                 # 7: text, tables, figures
-    ["freezetune.compare", "freezetune.inspection", "freezetune.demo", "freezetune.export"],  # 8: features
+    ["freezetune.compare", "freezetune.inspection", "freezetune.demo", "freezetune.export",
+     "freezetune.evaluation"],  # 8: features
     ["freezetune.sweep"],                                  # 9: the sweep, built on compare's arms and workers
     ["freezetune.cli", "freezetune.__main__"],             # 10: the command line
 ]

@@ -13,9 +13,11 @@ from freezetune.cli import (
     bench_cmd,
     compare_cmd,
     demo_cmd,
+    evaluate_cmd,
     export_cmd,
     inspect_cmd,
     models_cmd,
+    plot_cmd,
     sweep_cmd,
     train_cmd,
 )
@@ -54,6 +56,8 @@ demo_cmd.register(app)
 compare_cmd.register(app)
 sweep_cmd.register(app)
 export_cmd.register(app)
+evaluate_cmd.register(app)
+plot_cmd.register(app)
 models_cmd.register(app)
 bench_cmd.register(app)
 
