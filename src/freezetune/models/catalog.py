@@ -10,6 +10,11 @@ The ResNets' stages are a fixed table. Every other family's stages are read off 
 structure (built on the meta device: no memory, no initialisation cost), so each variant of a
 family (``efficientnet_b0`` or ``_v2_l``, ``vit_b_16`` or ``vit_h_14``) gets exactly its own
 blocks. Families without a curated rule fall back to their top-level modules, in forward order.
+
+``timm/<name>`` (the optional ``timm`` extra) names a timm model. Its freeze points come from timm's
+own stage grouping (``model.group_matcher(coarse=True)``, else ``model.feature_info``), read off a
+model built on the meta device, and its head is ``model.get_classifier()``. timm is imported only
+inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 import torchvision
 from torch import nn
 
@@ -56,6 +62,13 @@ FAMILY_RULES: dict[str, str] = {
     "encoder_ln (encoder.ln), head (heads)",
     "regnet": "stem, block1..block4 (trunk_output.blockN), head (avgpool fc)",
 }
+TIMM_PREFIX = "timm/"
+TIMM_INSTALL_HINT = "pip install 'freezetune[timm]'"
+TIMM_RULE = (
+    "timm's own stage grouping (group_matcher(coarse=True), else feature_info): stem, then one "
+    "freeze point per stage named after its module (layer1, stages_0, blocks_3), head: "
+    "get_classifier() and the layers after the last stage"
+)
 GENERIC_RULE = (
     "the model's own module names in forward order (a norm or parameter-free layer joins the "
     "stage before it), head: the classifier"
@@ -83,7 +96,14 @@ def model_names() -> tuple[str, ...]:
 
 
 def check_model_name(name: str) -> None:
-    """Raises ConfigError, with close matches, if ``name`` is not a classification model."""
+    """Raises ConfigError, with close matches, if ``name`` is not a classification model.
+
+    ``timm/<name>`` is checked against timm's registry (``timm.is_model``); without timm installed
+    the error says how to install it.
+    """
+    if is_timm_name(name):
+        _check_timm_name(name)
+        return
     if name in model_names():
         return
     if name in torchvision.models.list_models():
@@ -98,7 +118,9 @@ def check_model_name(name: str) -> None:
 
 
 def family(name: str) -> str:
-    """The architecture family of a model name, e.g. ``resnet`` for ``resnext50_32x4d``."""
+    """The architecture family of a model name, e.g. ``resnet`` for ``resnext50_32x4d``; ``timm`` for timm models."""
+    if is_timm_name(name):
+        return "timm"
     if name.startswith(("resnet", "resnext", "wide_resnet")):
         return "resnet"
     for prefix in ("mobilenet_v2", "mobilenet_v3", "efficientnet", "convnext", "swin", "vit", "regnet"):
@@ -120,11 +142,20 @@ def build(name: str) -> nn.Module:
         ConfigError: If ``name`` is not a torchvision classification model.
     """
     check_model_name(name)
+    if is_timm_name(name):
+        return import_timm().create_model(timm_arch(name), pretrained=False)
     return torchvision.models.get_model(name, weights=None, **_BUILD_KWARGS.get(name, {}))
 
 
 def meta_model(name: str) -> nn.Module:
     """The model with every tensor on the meta device: its structure, with no memory or init cost."""
+    if is_timm_name(name):
+        check_model_name(name)
+        try:
+            with torch.device("meta"):
+                return build(name)
+        except Exception:  # noqa: BLE001 - a builder computing with tensor values; the patch below copes
+            pass
     with _parameters_on_meta():
         model = build(name)
     return model.to("meta")
@@ -172,6 +203,8 @@ def _stages(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 def derive_stages(name: str, model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Reads the freeze points of a (meta or real) model of this name off its structure."""
+    if is_timm_name(name):
+        return timm_stages(model)
     rule = {
         "resnet": lambda m: dict(RESNET_STAGES),
         "mobilenet_v2": _mobilenet,
@@ -186,7 +219,13 @@ def derive_stages(name: str, model: nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 def head_path(model: nn.Module) -> str:
-    """Dotted name of the classifier layer: the last ``nn.Linear`` (SqueezeNet: last ``Conv2d``)."""
+    """Dotted name of the classifier layer: the last ``nn.Linear`` (SqueezeNet: last ``Conv2d``).
+
+    For a timm model, the module ``model.get_classifier()`` returns.
+    """
+    timm_head = _timm_classifier_path(model)
+    if timm_head is not None:
+        return timm_head
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     return (linears or convs)[-1]
@@ -194,6 +233,8 @@ def head_path(model: nn.Module) -> str:
 
 def input_size_rule(name: str) -> tuple[int | None, int | None]:
     """``(exact, minimum)`` input size a model needs (None: no constraint)."""
+    if is_timm_name(name):
+        return _timm_input_rule(name)
     fam = family(name)
     return _EXACT_SIZE.get(fam), _MIN_SIZE.get(fam)
 
@@ -231,6 +272,14 @@ def replace_head(model: nn.Module, num_classes: int) -> bool:
         Whether the head was replaced.
     """
     name, layer = head_layer(model)
+    if _timm_classifier_path(model) is not None and hasattr(model, "reset_classifier"):
+        size = getattr(layer, "out_features", getattr(layer, "out_channels", None))
+        if size == num_classes:
+            return False
+        with torch.device(layer.weight.device):
+            model.reset_classifier(num_classes)
+        model.get_classifier().to(layer.weight.dtype)
+        return True
     if isinstance(layer, nn.Conv2d):  # SqueezeNet classifies with a 1x1 convolution
         if layer.out_channels == num_classes:
             return False
@@ -351,6 +400,186 @@ def _has_params(module: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# timm models (``timm/<name>``). Here, not in freezetune.models.timm_models, because the catalog
+# (layer 1) needs their stages and heads; building with weights lives in timm_models.
+
+
+def is_timm_name(name: str) -> bool:
+    """Whether ``name`` names a timm model (``timm/<name>``)."""
+    return name.startswith(TIMM_PREFIX)
+
+
+def timm_arch(name: str) -> str:
+    """The timm model name in ``timm/<name>`` (e.g. ``resnet50`` or ``resnet50.a1_in1k``)."""
+    return name[len(TIMM_PREFIX):]
+
+
+def import_timm():
+    """Imports timm (the optional ``timm`` extra).
+
+    Raises:
+        ConfigError: One line with the install command if timm cannot be imported.
+    """
+    try:
+        import timm
+    except ImportError as e:
+        why = "is not installed" if isinstance(e, ModuleNotFoundError) or "None in sys.modules" in str(e) else (
+            f"cannot be imported ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+        raise ConfigError(f"timm/<name> models need timm, which {why}: {TIMM_INSTALL_HINT}") from None
+    return timm
+
+
+def _check_timm_name(name: str) -> None:
+    timm = import_timm()
+    arch = timm_arch(name)
+    if not arch:
+        raise ConfigError(f"{name!r} names no timm model; use timm/<name>, e.g. timm/resnet50")
+    if timm.is_model(arch):
+        return
+    known = timm.list_models()
+    close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(TIMM_PREFIX + c) for c in close)}? " if close else ""
+    raise ConfigError(f"unknown timm model {name!r}; {hint}timm.list_models() lists the {len(known)} timm models")
+
+
+def _is_timm_model(model: nn.Module) -> bool:
+    return hasattr(model, "pretrained_cfg") and callable(getattr(model, "get_classifier", None))
+
+
+def _timm_classifier_path(model: nn.Module) -> str | None:
+    """Dotted name of a timm model's ``get_classifier()`` layer, or None (not timm, or no such layer)."""
+    if not _is_timm_model(model):
+        return None
+    classifier = model.get_classifier()
+    if isinstance(classifier, (tuple, list)) and classifier:  # distilled models: (head, head_dist)
+        classifier = classifier[0]
+    if not isinstance(classifier, nn.Module) or getattr(classifier, "weight", None) is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is classifier and n), None)
+
+
+@functools.cache
+def _timm_input_rule(name: str) -> tuple[int | None, int | None]:
+    cfg = getattr(meta_model(name), "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size") and cfg.get("input_size"):
+        return int(cfg["input_size"][-1]), None
+    return None, None
+
+
+def timm_stages(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """A timm model's freeze points, from timm's own stage grouping.
+
+    The groups are those of ``model.group_matcher(coarse=True)`` (what timm uses for layer-wise
+    learning-rate decay), or, for a model without one, one group per ``model.feature_info`` module.
+    A group timm names once (``stem``) keeps that name; the numbered groups (timm's ``blocks``) are
+    named after their first module (``layer1``, ``stages_0``, ``blocks_3``). Parameters timm leaves
+    unmatched (the neck and classifier) and ``get_classifier()`` form ``head``. Members are the
+    outermost modules (or loose parameters) lying wholly inside one group.
+    """
+    params = [n for n, _ in model.named_parameters()]
+    head = head_path(model)
+    matcher = None
+    with contextlib.suppress(AttributeError, NotImplementedError, TypeError):
+        matcher = model.group_matcher(coarse=True)
+    groups = _matcher_groups(model, matcher) if matcher else _feature_info_groups(model, params, head)
+    if not groups:
+        return _generic(model)
+    # Everything from the group holding the classifier on is the head.
+    gid_of: dict[str, int] = {}
+    labels: list[str | None] = []
+    head_gid = None
+    for label, names in groups:
+        if head_gid is None and any(stage_members_cover(n, (head,)) for n in names):
+            head_gid = len(labels)
+            labels.append("head")
+        elif head_gid is None:
+            labels.append(label)
+        gid = head_gid if head_gid is not None else len(labels) - 1
+        for n in names:
+            gid_of[n] = gid
+    for n in params:
+        if stage_members_cover(n, (head,)) or n not in gid_of:
+            if head_gid is None:
+                head_gid = len(labels)
+                labels.append("head")
+            gid_of[n] = head_gid
+    members = _collapse({n: gid_of[n] for n in params})
+    out: dict[str, tuple[str, ...]] = {}
+    counts = {label: labels.count(label) for label in labels}
+    for gid, label in enumerate(labels):
+        if gid == head_gid or not members.get(gid):
+            continue
+        name = label if label and counts[label] == 1 else members[gid][0].replace(".", "_")
+        if name in out or name == "head":
+            name = f"{label or 'group'}{gid}"
+        out[name] = tuple(members[gid])
+    out["head"] = tuple(members.get(head_gid, (head,)))
+    return out
+
+
+def _matcher_groups(model: nn.Module, matcher) -> list[tuple[str | None, list[str]]]:
+    """The coarse parameter groups of timm in order, each with the matcher key that made it (None: unmatched)."""
+    from timm.models import group_parameters
+
+    grouped = group_parameters(model, matcher)
+    out = []
+    for gid in sorted(grouped):
+        names = list(grouped[gid])
+        out.append((_matcher_label(matcher, names[0]) if names else None, names))
+    return out
+
+
+def _matcher_label(matcher, param: str) -> str | None:
+    if not isinstance(matcher, dict):
+        return None
+    for label, spec in matcher.items():
+        if spec is None:
+            continue
+        specs = [s[0] for s in spec] if isinstance(spec, (list, tuple)) else [spec]
+        if any(re.match(s, param) for s in specs):
+            return label
+    return None
+
+
+def _feature_info_groups(model: nn.Module, params: list[str], head: str) -> list[tuple[str | None, list[str]]]:
+    """One group per ``feature_info`` module; parameters before the first go to ``stem``.
+
+    Parameters between two feature modules join the group before them; the classifier is left
+    out (it becomes ``head``).
+    """
+    info = getattr(model, "feature_info", None)
+    modules = [f["module"] for f in info] if info else []
+    if not modules:
+        return []
+    groups: dict[str, list[str]] = {"stem": []}
+    current = "stem"
+    for n in params:
+        if stage_members_cover(n, (head,)):
+            continue
+        owner = next((m for m in modules if stage_members_cover(n, (m,))), None)
+        if owner is not None:
+            current = owner
+        groups.setdefault(current, []).append(n)
+    return [(k if k == "stem" else None, v) for k, v in groups.items() if v]
+
+
+def _collapse(gid_of: dict[str, int]) -> dict[int, list[str]]:
+    """Each group's outermost module paths (or loose parameter names) whose parameters are all in it."""
+    under: dict[str, set[int]] = {}
+    for p, g in gid_of.items():
+        parts = p.split(".")
+        for i in range(1, len(parts)):
+            under.setdefault(".".join(parts[:i]), set()).add(g)
+    out: dict[int, list[str]] = {}
+    for p, g in gid_of.items():
+        parts = p.split(".")
+        member = next((".".join(parts[:i]) for i in range(1, len(parts)) if under[".".join(parts[:i])] == {g}), p)
+        if member not in out.setdefault(g, []):
+            out[g].append(member)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The catalog behind `freezetune models`
 
 
@@ -397,6 +626,15 @@ def select_models(pattern: str | None = None) -> list[str]:
     """
     if not pattern:
         return list(model_names())
+    if is_timm_name(pattern):
+        arch = timm_arch(pattern)
+        if not any(c in arch for c in "*?["):
+            check_model_name(pattern)
+            return [pattern]
+        hits = [TIMM_PREFIX + n for n in import_timm().list_models(arch)]
+        if not hits:
+            raise ConfigError(f"no timm model matches {pattern!r}")
+        return hits
     hits = [n for n in model_names() if fnmatch.fnmatchcase(n, pattern)]
     if not hits:
         check_model_name(pattern)  # raises with "did you mean"
@@ -423,7 +661,7 @@ def describe(name: str, num_classes: int = 1000) -> ModelInfo:
     return ModelInfo(
         name=name,
         family=family(name),
-        rule=FAMILY_RULES.get(family(name), GENERIC_RULE),
+        rule=TIMM_RULE if is_timm_name(name) else FAMILY_RULES.get(family(name), GENERIC_RULE),
         default=name == DEFAULT_MODEL,
         head=head_path(model),
         stages={s: list(m) for s, m in order.items()},

@@ -7,6 +7,9 @@ ImageNet but never blocks an offline machine: it falls back to random init and s
 Any torchvision classification model can be built (see :mod:`freezetune.models.catalog` for their freeze
 points); its classifier layer (ResNet ``fc``, MobileNet/EfficientNet/ConvNeXt ``classifier[-1]``,
 ViT ``heads.head``) is replaced to give ``num_classes`` outputs.
+
+``timm/<name>`` models are built by :mod:`freezetune.models.timm_models` through
+``timm.create_model``, with the same weights keywords and the same offline behaviour.
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ from torch import nn
 
 from freezetune.config import ModelConfig
 from freezetune.errors import WeightsError
-from freezetune.models.catalog import AUX_PREFIXES, build, check_image_size, head_layer, input_size_rule, replace_head
+from freezetune.models.catalog import (
+    AUX_PREFIXES,
+    build,
+    check_image_size,
+    check_model_name,
+    head_layer,
+    input_size_rule,
+    is_timm_name,
+    replace_head,
+)
 
 # How long ``weights: auto`` may spend trying to download before giving up on ImageNet.
 AUTO_DOWNLOAD_TIMEOUT_S = 10.0
@@ -58,7 +70,10 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
 
     Raises:
         WeightsError: If the weights cannot be had or do not fit.
+        ConfigError: For ``timm/<name>`` when timm is not installed or does not know the model.
     """
+    if is_timm_name(cfg.name):
+        return _build_timm(cfg)
     model = build(cfg.name)
     _guard_input_size(model, cfg.name)
     notice = None
@@ -74,11 +89,7 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
             source = "imagenet"
         except WeightsError as e:
             source = "random-init"
-            notice = (
-                f"ImageNet weights unavailable ({e}); training from RANDOM INIT. "
-                "Frozen random layers make a poor feature extractor: use weights: imagenet "
-                "or a weights file for real fine-tuning."
-            )
+            notice = _random_init_notice(e)
     else:
         state = read_weights_file(cfg.weights)
         head_replaced = _fit_head(model, state, cfg.num_classes)
@@ -86,6 +97,57 @@ def build_model(cfg: ModelConfig) -> LoadedModel:
         return LoadedModel(model, str(cfg.weights), None, head_replaced)
     head_replaced = replace_head(model, cfg.num_classes)
     return LoadedModel(model, source, notice, head_replaced)
+
+
+def _random_init_notice(e: WeightsError) -> str:
+    return (
+        f"ImageNet weights unavailable ({e}); training from RANDOM INIT. "
+        "Frozen random layers make a poor feature extractor: use weights: imagenet "
+        "or a weights file for real fine-tuning."
+    )
+
+
+def _build_timm(cfg: ModelConfig) -> LoadedModel:
+    """``build_model`` for ``timm/<name>``: every path goes through ``timm.create_model``."""
+    from freezetune.models import timm_models
+
+    check_model_name(cfg.name)
+    notice = None
+    if cfg.weights == "none":
+        model, source, replaced = timm_models.create(cfg.name, cfg.num_classes), "random-init", False
+    elif cfg.weights in ("imagenet", "auto"):
+        try:
+            if cfg.weights == "imagenet":
+                path = timm_models.imagenet_file(cfg.name, allow_download=True)
+            else:
+                path = timm_models.imagenet_file(cfg.name, allow_download=True, timeout=AUTO_DOWNLOAD_TIMEOUT_S,
+                                                 quiet=True)
+            model = timm_models.create(cfg.name, cfg.num_classes, weights_file=path)
+            source = "imagenet"
+            replaced = timm_models.pretrained_cfg(cfg.name).get("num_classes") != cfg.num_classes
+        except WeightsError as e:
+            if cfg.weights == "imagenet":
+                raise
+            model, source, replaced = timm_models.create(cfg.name, cfg.num_classes), "random-init", False
+            notice = _random_init_notice(e)
+    else:
+        state = read_weights_file(cfg.weights)  # refuses pickled code and non-state-dicts in one line
+        rows = timm_models.file_head_rows(cfg.name, state)
+        model = timm_models.create(cfg.name, rows or cfg.num_classes, weights_file=cfg.weights, file_classes=rows)
+        if rows is None:
+            _check_backbone_keys(model, state, cfg.weights)
+        replaced = replace_head(model, cfg.num_classes) or rows is None
+        source = str(cfg.weights)
+    _guard_input_size(model, cfg.name)
+    return LoadedModel(model, source, notice, replaced)
+
+
+def _check_backbone_keys(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """A head-less file was loaded non-strictly by timm: every other key must have been in it."""
+    head_name, _ = head_layer(model)
+    missing = [k for k in model.state_dict() if k not in state and not k.startswith(f"{head_name}.")]
+    if missing:
+        raise WeightsError(f"{source}: weights do not fit the model; missing keys: {_few(missing)}")
 
 
 def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -119,8 +181,10 @@ def _guard_input_size(model: nn.Module, name: str) -> None:
 def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None = None, quiet: bool = False) -> dict:
     """Fetches torchvision's published ImageNet weights through torchvision's cache.
 
+    For ``timm/<name>``, timm's default pretrained weights through timm's hub cache.
+
     Args:
-        name: torchvision model name, e.g. ``resnet18``.
+        name: torchvision model name, e.g. ``resnet18``, or ``timm/<name>``.
         allow_download: Whether to download when the file is not in the cache.
         timeout: Socket timeout for the download, in seconds.
         quiet: Keep torch.hub's "Downloading: ..." line (stdout) and progress bar (stderr) off the
@@ -132,6 +196,10 @@ def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None =
     Raises:
         WeightsError: With instructions for placing the file by hand when it cannot be had.
     """
+    if is_timm_name(name):
+        from freezetune.models import timm_models
+
+        return timm_models.load_file(timm_models.imagenet_file(name, allow_download, timeout, quiet))
     weights = torchvision.models.get_model_weights(name).DEFAULT
     filename = os.path.basename(weights.url)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
