@@ -14,9 +14,7 @@ the import layers put below this module.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -101,15 +99,10 @@ def imagenet_file(name: str, allow_download: bool, timeout: float | None = None,
     )
     if not allow_download or os.environ.get("FREEZETUNE_OFFLINE"):
         raise WeightsError(f"timm weights for {name} are not in timm's cache; {how}")
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        with _silenced() if quiet else contextlib.nullcontext():
-            return _download(hub_id, url, cfg.get("hf_hub_filename"), progress=not quiet)
-    except Exception as e:  # network errors come in many types (requests, httpx, socket, hub errors)
-        raise WeightsError(f"cannot download timm weights for {name} ({_short(e)}); {how}") from None
-    finally:
-        socket.setdefaulttimeout(old)
+    from freezetune.models.weights import download_within
+
+    return download_within(lambda progress: _download(hub_id, url, cfg.get("hf_hub_filename"), progress=progress),
+                           timeout, quiet, f"timm weights for {name}", how)
 
 
 def _split_hub(hub_id: str) -> tuple[str, str | None]:
@@ -160,12 +153,6 @@ def load_file(path: Path) -> dict[str, torch.Tensor]:
 
         return load_safetensors(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@contextlib.contextmanager
-def _silenced():
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
 
 
 def _short(e: BaseException) -> str:

@@ -211,14 +211,27 @@ def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None =
     )
     if not allow_download or os.environ.get("FREEZETUNE_OFFLINE"):
         raise WeightsError(f"{filename} is not in torchvision's cache; {how}")
+    return download_within(lambda progress: weights.get_state_dict(progress=progress, check_hash=True),
+                           timeout, quiet, filename, how)
+
+
+def download_within(fetch, timeout: float | None, quiet: bool, what: str, how: str):
+    """Runs ``fetch(progress)`` with a socket timeout, silenced when ``quiet``; any failure is one WeightsError.
+
+    Args:
+        fetch: Downloads and returns the weights; takes whether to show progress.
+        timeout: Socket timeout in seconds (None: the default).
+        quiet: Hide what the downloader prints (torch.hub prints before it knows the network works).
+        what: What is downloaded, for the message.
+        how: What the user can do instead, for the message.
+    """
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
-        # torch.hub prints "Downloading: ..." before it knows whether the network works.
         with _silenced() if quiet else contextlib.nullcontext():
-            return weights.get_state_dict(progress=not quiet, check_hash=True)
-    except Exception as e:  # network errors come in many types (URLError, socket, http)
-        raise WeightsError(f"cannot download {filename} ({_short(e)}); {how}") from None
+            return fetch(not quiet)
+    except Exception as e:  # network errors come in many types (URLError, socket, http, hub errors)
+        raise WeightsError(f"cannot download {what} ({_short(e)}); {how}") from None
     finally:
         socket.setdefaulttimeout(old)
 
