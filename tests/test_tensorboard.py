@@ -94,9 +94,10 @@ def test_unnamed_and_duplicate_groups_get_distinct_names():
     assert group_lrs(Opt()) == {"group0": 0.1, "a": 0.2, "a#2": 0.3}
 
 
-def test_without_the_tensorboard_package_it_is_one_line(tiny_yaml, cli, monkeypatch):
+def test_without_the_tensorboard_package_it_is_one_line(tmp_path, tiny_yaml, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     result = cli("train", "--config", tiny_yaml(output__tensorboard="true", train__max_steps=1))
     assert result.exit_code == 2
     assert "pip install 'freezetune[tensorboard]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made

@@ -69,7 +69,7 @@ from freezetune.training.run_dir import MetricsLog, claim_run_dir, read_jsonl
 from freezetune.training.state import RunState, StopReason
 from freezetune.training.step import Batch, BatchSource, DDPForward, Engine, evaluate, fill_cache, train_step
 from freezetune.training.summary import EPOCHS_NAME, EpochRecord, build_summary
-from freezetune.training.tensorboard import TensorBoardLog
+from freezetune.training.tensorboard import TensorBoardLog, summary_writer_class
 from freezetune.training.trainable import save_trainable
 
 FINGERPRINT_NAME = "frozen_sha256.json"
@@ -193,6 +193,8 @@ class Recipe:
         Raises:
             FolderLockedError: If another live process writes the run folder.
         """
+        if self.config.output.tensorboard:
+            summary_writer_class()  # a missing package is refused before anything is written
         self._setup_distributed()
         self._setup_model()
         self._setup_data()
