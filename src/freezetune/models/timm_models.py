@@ -23,6 +23,7 @@ from torch import nn
 
 from freezetune.errors import WeightsError
 from freezetune.models.catalog import head_path, import_timm, meta_model, timm_arch
+from freezetune.models.download import download_within
 
 # timm's hub files, in the order timm's own loader tries them.
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -99,8 +100,6 @@ def imagenet_file(name: str, allow_download: bool, timeout: float | None = None,
     )
     if not allow_download or os.environ.get("FREEZETUNE_OFFLINE"):
         raise WeightsError(f"timm weights for {name} are not in timm's cache; {how}")
-    from freezetune.models.weights import download_within
-
     return download_within(lambda progress: _download(hub_id, url, cfg.get("hf_hub_filename"), progress=progress),
                            timeout, quiet, f"timm weights for {name}", how)
 

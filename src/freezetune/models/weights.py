@@ -14,10 +14,7 @@ ViT ``heads.head``) is replaced to give ``num_classes`` outputs.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +35,7 @@ from freezetune.models.catalog import (
     is_timm_name,
     replace_head,
 )
+from freezetune.models.download import download_within
 
 # How long ``weights: auto`` may spend trying to download before giving up on ImageNet.
 AUTO_DOWNLOAD_TIMEOUT_S = 10.0
@@ -213,33 +211,6 @@ def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None =
         raise WeightsError(f"{filename} is not in torchvision's cache; {how}")
     return download_within(lambda progress: weights.get_state_dict(progress=progress, check_hash=True),
                            timeout, quiet, filename, how)
-
-
-def download_within(fetch, timeout: float | None, quiet: bool, what: str, how: str):
-    """Runs ``fetch(progress)`` with a socket timeout, silenced when ``quiet``; any failure is one WeightsError.
-
-    Args:
-        fetch: Downloads and returns the weights; takes whether to show progress.
-        timeout: Socket timeout in seconds (None: the default).
-        quiet: Hide what the downloader prints (torch.hub prints before it knows the network works).
-        what: What is downloaded, for the message.
-        how: What the user can do instead, for the message.
-    """
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        with _silenced() if quiet else contextlib.nullcontext():
-            return fetch(not quiet)
-    except Exception as e:  # network errors come in many types (URLError, socket, http, hub errors)
-        raise WeightsError(f"cannot download {what} ({_short(e)}); {how}") from None
-    finally:
-        socket.setdefaulttimeout(old)
-
-
-@contextlib.contextmanager
-def _silenced():
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
