@@ -4,7 +4,7 @@
 to a file) and ``tiny_args`` gives the same settings as command-line overrides;
 both take extra overrides as keywords, ``__`` standing for ``.`` (``train__max_steps=3``).
 ``resnet18`` is a randomly initialised ResNet18 with 10 classes; ``cli`` runs the command line
-in-process. ``tiny_overrides`` stays importable as a plain function.
+in-process. ``tiny_overrides`` and ``wait_for_file`` stay importable as plain functions.
 """
 
 from __future__ import annotations
@@ -31,6 +31,20 @@ def tiny_overrides(out_dir, **extra) -> list[str]:
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def wait_for_file(path, proc, timeout: float = 120, poll: float = 0.005) -> None:
+    """Waits until ``path`` exists, failing if the process ``proc`` exits first or ``timeout`` seconds pass.
+
+    For tests that act on a running ``freezetune`` subprocess at a known point (a checkpoint on disk).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {os.path.basename(path)} within {timeout:g} s"
+        time.sleep(poll)
 
 
 def _dotted(extra: dict) -> dict:

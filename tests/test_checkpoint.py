@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import wait_for_file
 from freezetune.atomic import remove_stale_temps
 from freezetune.cli import app
 from freezetune.config import dump_config, load_config
@@ -155,13 +156,9 @@ def test_sigkilled_cli_run_resumes_without_losing_or_repeating_a_step(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
     )
     try:
-        deadline = time.monotonic() + 120
         # Wait for a known checkpoint (one complete save), then kill without warning at a random
         # moment of the saves that follow, one every step: mid-write or between writes.
-        while not (out / CHECKPOINT_NAME).exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.005)
+        wait_for_file(out / CHECKPOINT_NAME, proc)
         time.sleep(random.Random(1).uniform(0, 0.05))
     finally:
         proc.kill()

@@ -4,10 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from conftest import wait_for_file
 from freezetune.errors import FolderLockedError, RunDirError
 from freezetune.lock import LOCK_NAME, hold, holder
 from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -89,11 +89,7 @@ def test_a_second_train_into_a_live_run_is_refused_even_with_overwrite_and_a_kil
     args = tiny_args(out, train__epochs=10**7, train__checkpoint_every=2, data__val_size=0, output__overwrite="true")
     first = _train(tmp_path, args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / CHECKPOINT_NAME).exists():
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.01)
+        wait_for_file(out / CHECKPOINT_NAME, first)
         second = subprocess.run(_command(tmp_path, args), capture_output=True, text=True, timeout=120, env=ENV)
         assert first.poll() is None  # the live run was not disturbed
     finally:
