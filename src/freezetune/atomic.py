@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from freezetune.errors import WriteError
+from freezetune.errors import WriteError, first_line
 
 # Suffix of the temp siblings atomic_write renames into place; a killed writer leaves one behind.
 TEMP_SUFFIX = ".tmp"
@@ -84,8 +84,7 @@ def write_error(path: str | Path, e: BaseException) -> WriteError | None:
             return WriteError.of(path, describe(os_error), os_error.errno)
         if _free_bytes(Path(path).parent) < _FULL_DISK_BYTES:
             return WriteError.of(path, os.strerror(errnos.ENOSPC).lower(), errnos.ENOSPC)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return WriteError.of(path, f"torch's writer failed: {first}")
+        return WriteError.of(path, f"torch's writer failed: {first_line(e)}")
     return None
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from freezetune.errors import ConfigError
+from freezetune.errors import ConfigError, first_line
 
 # The ResNets: the default family, with fixed freeze points and the frozen-prefix fast path. Any
 # torchvision classification model is accepted; freezetune.models.catalog lists them with their freeze points.
@@ -280,7 +280,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({_first_line(e)})") from e
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({first_line(e, limit=None)})") from e
     return key.split("."), value
 
 
@@ -325,7 +325,7 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or _first_line(e)
+        problem = getattr(e, "problem", None) or first_line(e, limit=None)
         raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from e
 
 
@@ -423,6 +423,3 @@ def _suggest(loc: list[str]) -> str:
     valid = ", ".join(model.model_fields)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {valid})"
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -8,6 +8,15 @@ exits with code 2; everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int | None = 200) -> str:
+    """An exception's message cut to its first line (and ``limit`` characters), or its type's name if empty.
+
+    Library errors (torch, PIL, YAML, onnx) span many lines; a user-facing message quotes one.
+    """
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 class FreezetuneError(Exception):
     """Base class for errors caused by user input; ``str(err)`` is the message shown."""
 

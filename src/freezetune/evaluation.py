@@ -29,8 +29,8 @@ from torch.utils.data import Dataset
 from freezetune import __version__
 from freezetune.atomic import write_json
 from freezetune.config import Config, load_config
-from freezetune.errors import DataError, FreezetuneError, RunDirError, WeightsError
-from freezetune.export import rebuild_base
+from freezetune.errors import DataError, FreezetuneError, RunDirError, WeightsError, first_line
+from freezetune.export import merged_model
 from freezetune.lock import hold
 from freezetune.measure.device import device_description, resolve_device
 from freezetune.models.weights import build_model, read_weights_file, safe_torch_load
@@ -38,7 +38,7 @@ from freezetune.speed.precision import autocast
 from freezetune.training.checkpoint import CHECKPOINT_NAME
 from freezetune.training.data import CheckedImageFolder, build_data, make_loader
 from freezetune.training.data import _transform as data_transform  # the run's own eval transform, not a copy
-from freezetune.training.trainable import FORMAT, META_KEY, TRAINABLE_NAME, load_trainable, merge
+from freezetune.training.trainable import FORMAT, META_KEY, TRAINABLE_NAME
 
 EVAL_SCHEMA_VERSION = 1
 EVAL_NAME = "eval.json"
@@ -329,14 +329,11 @@ def load_weights(run_dir: Path, cfg: Config, checkpoint: str | Path | None = Non
     path = Path(checkpoint) if checkpoint is not None else _default_checkpoint(run_dir)
     if not path.is_file():
         raise WeightsError(f"--checkpoint {path}: file not found")
-    if path.suffix == ".safetensors" and _is_trainable(path):
-        trainable = load_trainable(path)
-        loaded = rebuild_base(run_dir, trainable)
-        state = merge(loaded.model.state_dict(), trainable, f"base {loaded.weights_source}")
-        _load_strict(loaded.model, state, path)
-        return Weights(loaded.model, path, "trainable", trainable.manifest.get("step"))
     if path.suffix == ".safetensors":
         meta = _safetensors_meta(path)
+        if meta.get("format") == FORMAT:  # a trainable-only checkpoint: merged with the run's base
+            model, info = merged_model(run_dir, trainable_file=path)
+            return Weights(model, path, "trainable", info["step"])
         _check_meta(meta, cfg, path)
         state, step, kind = read_weights_file(path), meta.get("step"), "weights"
     elif path.suffix in (".pt", ".pth"):
@@ -368,16 +365,12 @@ def _safetensors_meta(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a valid safetensors file ({_short(e)})") from None
+        raise WeightsError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
     try:
         found = json.loads(meta[META_KEY])
     except (KeyError, ValueError, TypeError):
         return {}  # weights written by another tool: the strict load decides
     return found if isinstance(found, dict) else {}
-
-
-def _is_trainable(path: Path) -> bool:
-    return _safetensors_meta(path).get("format") == FORMAT
 
 
 def _check_meta(meta: dict, cfg: Config, path: Path) -> None:
@@ -500,7 +493,3 @@ def _summary_check(run_dir: Path, record: DataRecord, step: int | None) -> Summa
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
-
-def _short(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__

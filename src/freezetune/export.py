@@ -23,9 +23,9 @@ from torch import nn
 from freezetune import __version__
 from freezetune.atomic import TEMP_SUFFIX, atomic_write, write_error
 from freezetune.config import load_config
-from freezetune.errors import FreezetuneError, RunDirError, WeightsError
+from freezetune.errors import FreezetuneError, RunDirError, WeightsError, first_line
 from freezetune.lock import hold
-from freezetune.models.weights import build_model
+from freezetune.models.weights import LoadedModel, build_model
 from freezetune.training.trainable import META_KEY, Trainable, load_trainable, merge
 
 
@@ -84,19 +84,10 @@ def export_run(
     from safetensors.torch import save
 
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise RunDirError(f"--out {out}: must end with .safetensors")
-    if out.exists() and not overwrite:
-        raise RunDirError(f"--out {out}: already exists; choose another path or pass --overwrite")
-    if not out.parent.is_dir():
-        raise RunDirError(f"--out {out}: folder {out.parent} does not exist")
-    trainable = load_trainable(run_dir)
-    loaded = rebuild_base(run_dir, trainable, base)
-    desc = f"base {loaded.weights_source}"
-    merged = merge(loaded.model.state_dict(), trainable, desc)
+    _check_out(out, ".safetensors", overwrite)
+    merged, trainable, loaded = merged_state(run_dir, base)
+    meta = _export_meta(run_dir, trainable, loaded)
     m = trainable.manifest
-    meta = {"model": m["model"], "num_classes": m["num_classes"], "step": m["step"],
-            "exported_from": str(run_dir), "base": loaded.weights_source}
     data = save({n: t.contiguous() for n, t in merged.items()}, metadata={META_KEY: json.dumps(meta)})
     with hold(out.parent, "export", create=False):  # e.g. a run folder another process still trains into
         atomic_write(out, lambda f: f.write(data))
@@ -196,8 +187,30 @@ def export_onnx(run_dir: str | Path, out: str | Path, base: str | Path | None = 
             "check": check, "seconds": time.perf_counter() - start}
 
 
-def merged_model(run_dir: str | Path, base: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """A run's fine-tuned network on the CPU in eval mode (its base merged with its trainable checkpoint).
+def merged_state(run_dir: str | Path, base: str | Path | None = None,
+                 trainable_file: str | Path | None = None) -> tuple[dict, Trainable, LoadedModel]:
+    """A run's base (rebuilt, or ``base``) merged with its trainable checkpoint, as a state dict.
+
+    Args:
+        run_dir: The run folder.
+        base: Weights file to use as the base instead of rebuilding it from the run's config.
+        trainable_file: A trainable-only checkpoint other than the run folder's own.
+
+    Returns:
+        The merged state dict, the trainable checkpoint, and the rebuilt base model.
+
+    Raises:
+        RunDirError: If the folder holds no run.
+        WeightsError: If the base does not match the checkpoint.
+    """
+    trainable = load_trainable(trainable_file if trainable_file is not None else run_dir)
+    loaded = rebuild_base(run_dir, trainable, base)
+    return merge(loaded.model.state_dict(), trainable, f"base {loaded.weights_source}"), trainable, loaded
+
+
+def merged_model(run_dir: str | Path, base: str | Path | None = None,
+                 trainable_file: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """A run's fine-tuned network on the CPU in eval mode (:func:`merged_state` loaded into the base).
 
     Returns:
         The model and ``{"model", "num_classes", "step", "exported_from", "base"}``.
@@ -206,14 +219,17 @@ def merged_model(run_dir: str | Path, base: str | Path | None = None) -> tuple[n
         RunDirError: If the folder holds no run.
         WeightsError: If the base does not match the checkpoint.
     """
-    trainable = load_trainable(run_dir)
-    loaded = rebuild_base(run_dir, trainable, base)
+    merged, trainable, loaded = merged_state(run_dir, base, trainable_file)
     model = loaded.model.cpu().float()
-    model.load_state_dict(merge(model.state_dict(), trainable, f"base {loaded.weights_source}"))
+    model.load_state_dict(merged)
+    return model.eval(), _export_meta(run_dir, trainable, loaded)
+
+
+def _export_meta(run_dir: str | Path, trainable: Trainable, loaded: LoadedModel) -> dict:
+    """What an exported file says about itself: model, classes, step, the run and the base."""
     m = trainable.manifest
-    meta = {"model": m["model"], "num_classes": m["num_classes"], "step": m["step"],
+    return {"model": m["model"], "num_classes": m["num_classes"], "step": m["step"],
             "exported_from": str(run_dir), "base": loaded.weights_source}
-    return model.eval(), meta
 
 
 def check_inputs(image_size: int) -> list[torch.Tensor]:
@@ -243,7 +259,7 @@ def fold_for_inference(model: nn.Module) -> tuple[nn.Module, dict]:
     try:
         folded = fuse(model, inplace=True)
     except Exception as e:  # noqa: BLE001 - symbolic tracing fails in many ways; all mean "not traceable"
-        note = f"torch.fx cannot trace it ({_first_line(e)})"
+        note = f"torch.fx cannot trace it ({first_line(e)})"
         return model, {"method": "none", "batchnorm_before": before, "batchnorm_folded": 0, "note": note}
     left = _count_batchnorm(folded)
     note = f"{left} BatchNorm not after a convolution or linear layer, kept" if left else ""
@@ -289,7 +305,8 @@ def _check_out(out: Path, suffix: str, overwrite: bool, *also: Path) -> None:
         raise RunDirError(f"--out {out}: must end with {suffix}")
     for path in (out, *also):
         if path.exists() and not overwrite:
-            raise RunDirError(f"--out {out}: {path} already exists; choose another path or pass --overwrite")
+            what = "already exists" if path == out else f"{path} already exists"
+            raise RunDirError(f"--out {out}: {what}; choose another path or pass --overwrite")
     if not out.parent.is_dir():
         raise RunDirError(f"--out {out}: folder {out.parent} does not exist")
 
@@ -305,7 +322,7 @@ def _onnx_program(model: nn.Module, size: int, name: str):
                                      input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
                                      external_data=False, verbose=False, optimize=True)
     except Exception as e:  # noqa: BLE001 - the exporter's failures have no common base class
-        raise ExportError(f"{name}: torch.onnx.export failed ({_first_line(e)}); --debug shows why") from e
+        raise ExportError(f"{name}: torch.onnx.export failed ({first_line(e)}); --debug shows why") from e
 
 
 def _write_single(program, proto, out: Path, inputs, expected, atol, rtol) -> tuple[int, dict]:
@@ -386,7 +403,3 @@ def _opset(proto) -> int | None:
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
-
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(e).__name__

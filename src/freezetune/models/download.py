@@ -10,7 +10,7 @@ import contextlib
 import io
 import socket
 
-from freezetune.errors import WeightsError
+from freezetune.errors import WeightsError, first_line
 
 
 def download_within(fetch, timeout: float | None, quiet: bool, what: str, how: str):
@@ -29,7 +29,7 @@ def download_within(fetch, timeout: float | None, quiet: bool, what: str, how: s
         with _silenced() if quiet else contextlib.nullcontext():
             return fetch(not quiet)
     except Exception as e:  # network errors come in many types (URLError, socket, http, hub errors)
-        raise WeightsError(f"cannot download {what} ({_short(e)}); {how}") from None
+        raise WeightsError(f"cannot download {what} ({first_line(e)}); {how}") from None
     finally:
         socket.setdefaulttimeout(old)
 
@@ -39,7 +39,3 @@ def _silenced():
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
 
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 
 from freezetune.config import ModelConfig
-from freezetune.errors import WeightsError
+from freezetune.errors import WeightsError, first_line
 from freezetune.models.catalog import (
     AUX_PREFIXES,
     build,
@@ -229,7 +229,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a valid safetensors file ({_short(e)})") from None
+            raise WeightsError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
     else:
         state = safe_torch_load(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -323,7 +323,3 @@ def _few(items: list[str], n: int = 5) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
 
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from freezetune.config import DataConfig
-from freezetune.errors import DataError
+from freezetune.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class CheckedImageFolder(Dataset):
         try:
             self.inner = ImageFolder(str(root), transform=transform)
         except (FileNotFoundError, OSError) as e:
-            raise DataError(f"{root}: no class folders with images ({_short(e)})") from None
+            raise DataError(f"{root}: no class folders with images ({first_line(e)})") from None
         self.skip_bad = skip_bad
         self.classes = self.inner.classes
         if skip_bad:
@@ -142,10 +142,10 @@ class CheckedImageFolder(Dataset):
             return self.inner[index]
         except Exception as e:  # PIL raises several unrelated types for bad files
             if self.skip_bad:
-                log.warning("skipping unreadable image %s (%s)", path, _short(e))
+                log.warning("skipping unreadable image %s (%s)", path, first_line(e))
                 return None
             raise DataError(
-                f"{path}: cannot read image ({_short(e)}); fix or remove it, "
+                f"{path}: cannot read image ({first_line(e)}); fix or remove it, "
                 "or set data.skip_bad_images: true"
             ) from None
 
@@ -159,7 +159,7 @@ def _openable(path: str) -> bool:
             img.verify()
         return True
     except Exception as e:  # PIL raises several unrelated types for bad files
-        log.warning("skipping unreadable image %s (%s)", path, _short(e))
+        log.warning("skipping unreadable image %s (%s)", path, first_line(e))
         return False
 
 
@@ -220,7 +220,7 @@ def _cifar10(cfg: DataConfig, num_classes: int) -> Data:
         val = CIFAR10(cfg.root, train=False, download=cfg.download, transform=_transform(cfg, False))
     except RuntimeError as e:
         raise DataError(
-            f"data.root {cfg.root}: CIFAR-10 not found ({_short(e)}); "
+            f"data.root {cfg.root}: CIFAR-10 not found ({first_line(e)}); "
             "set data.download: true or place cifar-10-batches-py there"
         ) from None
     return Data(train, val, 10, list(train.classes))
@@ -284,7 +284,3 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-
-def _short(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__

@@ -38,6 +38,7 @@ from freezetune.errors import (
     RunDirError,
     WeightsError,
     WriteError,
+    first_line,
 )
 from freezetune.freezing.auto import AutoFreezer, FreezeEvent
 from freezetune.freezing.integrity import changed_tensors, combined_sha256, fingerprint, frozen_state
@@ -360,8 +361,7 @@ class Recipe:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first})") from None
+            raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first_line(e)})") from None
         self.state = state
         self._check_replayed(replayed, path)
         if "rng" in ckpt:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from freezetune.atomic import atomic_write, write_json
-from freezetune.errors import WeightsError
+from freezetune.errors import WeightsError, first_line
 from freezetune.freezing.integrity import combined_sha256, frozen_state, tensor_sha256
 from freezetune.freezing.plan import FreezePlan
 from freezetune.training.checkpoint import CHECKPOINT_NAME
@@ -177,13 +177,13 @@ def load_trainable(path: str | Path) -> Trainable:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a valid safetensors file ({_short(e)})") from None
+        raise WeightsError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
     try:
         manifest = json.loads(meta[META_KEY])
         if manifest.get("format") != FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}")
     except (KeyError, ValueError, TypeError) as e:
-        raise WeightsError(f"{path}: not a freezetune trainable checkpoint ({_short(e)})") from None
+        raise WeightsError(f"{path}: not a freezetune trainable checkpoint ({first_line(e)})") from None
     return Trainable(tensors, manifest, path)
 
 
@@ -236,7 +236,3 @@ def load_into(model: nn.Module, path: str | Path) -> Trainable:
     model.load_state_dict(merge(model.state_dict(), trainable, "the model"))
     return trainable
 
-
-def _short(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
