@@ -5,6 +5,8 @@ built-in synthetic data, colour says nothing about the class and the shapes need
 features, so it takes several epochs from random init and the early layers matter.
 
     python scripts/make_shapes_task.py data/shapes --train 200 --val 50 --size 48
+    # a pretraining source for the fine-tuning measurements: other images, half the classes
+    python scripts/make_shapes_task.py data/shapes-source --seed 1 --train 400 --classes circle,square,triangle,cross
 """
 
 from __future__ import annotations
@@ -64,15 +66,21 @@ def main() -> None:
     p.add_argument("--val", type=int, default=50, help="images per class in val/")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", default=",".join(CLASSES),
+                   help=f"comma-separated subset of {','.join(CLASSES)} (default: all)")
     args = p.parse_args()
+    classes = [c for c in args.classes.split(",") if c]
+    unknown = sorted(set(classes) - set(CLASSES))
+    if unknown or not classes:
+        p.error(f"--classes: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CLASSES)}")
     rng = random.Random(args.seed)
     for split, n in (("train", args.train), ("val", args.val)):
-        for cls in CLASSES:
+        for cls in classes:
             folder = args.root / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 draw(cls, args.size, rng).save(folder / f"{i:04d}.png")
-    print(f"{args.root}: {len(CLASSES)} classes, {args.train}/{args.val} images per class (train/val)")
+    print(f"{args.root}: {len(classes)} classes, {args.train}/{args.val} images per class (train/val)")
 
 
 if __name__ == "__main__":

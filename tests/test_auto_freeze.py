@@ -168,6 +168,41 @@ def test_the_prefix_grows_into_the_fast_path(straight):
     assert [e["cached"] for e in epochs] == [False, False, False, True]  # cache filled in epoch 2
 
 
+# The stem is frozen from the start and cached (feature_cache: on, as the stem alone is too little
+# for auto); layer1 freezes at epoch 2, and its cache is filled from the stem's.
+GROWING = {"freeze__until": "stem", "train__feature_cache": "on"}
+
+
+@pytest.fixture(scope="module")
+def growing(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "growing"
+    return out, run(load_config(None, overrides(out, train__checkpoint_every=2, **GROWING)))
+
+
+def test_a_grown_prefix_fills_its_cache_from_the_old_one_and_trains_from_it_at_once(growing, tmp_path, monkeypatch):
+    out, summary = growing
+    assert [e["stage"] for e in summary["auto_freeze"]["events"]] == ["layer1"]
+    epochs = read_jsonl(out / "epochs.jsonl")
+    assert [e["cached"] for e in epochs] == [False, True, True, True]  # epoch 2 needed no image
+    # The same run filling layer1's cache from images instead: the same losses, bit for bit.
+    import freezetune.training.recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "extend_cache", lambda old, new, batch_size: False)
+    slow = tmp_path / "from-images"
+    run(load_config(None, overrides(slow, **GROWING)))
+    assert [e["cached"] for e in read_jsonl(slow / "epochs.jsonl")] == [False, True, False, True]
+    assert [r["loss"] for r in step_rows(slow)] == [r["loss"] for r in step_rows(out)]
+
+
+def test_resume_after_a_cache_grown_from_the_old_one_is_bit_identical(growing, tmp_path, cli):
+    out_straight, _ = growing
+    out = tmp_path / "split"
+    run(load_config(None, overrides(out, train__checkpoint_every=2, train__max_steps=10, **GROWING)))
+    result = cli("train", "--resume", out, "train.max_steps=16")
+    assert result.exit_code == 0, result.output
+    assert [r["loss"] for r in step_rows(out)] == [r["loss"] for r in step_rows(out_straight)]
+
+
 def test_a_frozen_tensor_that_moves_after_its_event_fails_the_integrity_check(tmp_path):
     recipe = Recipe(load_config(None, overrides(tmp_path / "r", train__epochs=3))).setup()
     recipe.start_training()

@@ -116,3 +116,16 @@ def test_folding_copies_only_the_fused_weights():
     assert split.folded_bytes == convs + out_channels  # weights and one bias per output channel
     original = {id(t) for t in m.parameters()}
     assert not any(id(t) in original for t in split.prefix.parameters())
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_longer_prefix_continues_from_a_shorter_ones_output_bit_for_bit(channels_last):
+    m = model_with_real_bn_stats()
+    apply_freeze(m, FreezeConfig(until="layer2"), "resnet18")
+    m.eval()
+    short = SplitForward(m, "resnet18", ["stem"], fold=True, prefix_channels_last=channels_last)
+    long = SplitForward(m, "resnet18", ["stem", "layer1", "layer2"], fold=True, prefix_channels_last=channels_last)
+    x = torch.randn(6, 3, 32, 32)
+    assert torch.equal(long.features_after(short.features(x), short.names), long.features(x))
+    with pytest.raises(ValueError, match="not the start of the prefix"):
+        long.features_after(short.features(x), ["layer1"])

@@ -132,11 +132,13 @@ class SplitForward:
                  prefix_channels_last: bool = False, suffix_channels_last: bool = False):
         self.model = model
         names = prefix_modules(model_name, prefix)
+        self.names = names
         seq = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names))
         self.prefix_format = torch.channels_last if prefix_channels_last else None
         # Unfolded, the prefix is the model's own modules (its weights keep their layout; a
         # channels-last input still takes the channels-last kernels). Folded, it is a private copy.
         self.prefix = fold_batchnorm(seq, self.prefix_format) if fold else seq
+        self._modules = self.prefix  # kept apart: torch.compile may replace self.prefix
         self.folded_bytes = parameter_bytes(self.prefix) if fold else 0
         self.suffix = [n for s in stages(model_name).values() for n in s if n not in names]
         self.folded = fold
@@ -149,6 +151,24 @@ class SplitForward:
                 return self.prefix(x)
             h = self.prefix(x.contiguous(memory_format=self.prefix_format))
             return h.contiguous(memory_format=self.suffix_format)
+
+    def features_after(self, h: torch.Tensor, done: list[str]) -> torch.Tensor:
+        """The prefix's output from the output of its first modules ``done`` (a shorter prefix).
+
+        The modules run are this prefix's own (folded) ones, in the same layout as
+        :meth:`features`, so the result is what :meth:`features` gives for the same images.
+
+        Raises:
+            ValueError: If ``done`` is not the start of this prefix.
+        """
+        if self.names[: len(done)] != list(done):
+            raise ValueError(f"{', '.join(done)} is not the start of the prefix {', '.join(self.names)}")
+        with torch.no_grad():
+            if self.prefix_format is not None:
+                h = h.contiguous(memory_format=self.prefix_format)
+            for name in self.names[len(done):]:
+                h = getattr(self._modules, name)(h)
+            return h if self.prefix_format is None else h.contiguous(memory_format=self.suffix_format)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The trainable suffix from prefix features to logits."""

@@ -68,7 +68,16 @@ from freezetune.training.optim import (
 )
 from freezetune.training.run_dir import MetricsLog, claim_run_dir, read_jsonl
 from freezetune.training.state import RunState, StopReason
-from freezetune.training.step import Batch, BatchSource, DDPForward, Engine, evaluate, fill_cache, train_step
+from freezetune.training.step import (
+    Batch,
+    BatchSource,
+    DDPForward,
+    Engine,
+    evaluate,
+    extend_cache,
+    fill_cache,
+    train_step,
+)
 from freezetune.training.summary import EPOCHS_NAME, EpochRecord, build_summary
 from freezetune.training.tensorboard import TensorBoardLog, summary_writer_class
 from freezetune.training.trainable import save_trainable
@@ -470,8 +479,11 @@ class Recipe:
 
     def _epoch(self, epoch: int) -> Iterator[StepRecord]:
         """One pass over the epoch's remaining batches; returns its EpochEnd, or None if the run stops."""
-        self._start_epoch(epoch)
+        # Timed from before the epoch-start hooks: re-planning after a freeze and filling a
+        # feature cache from the old one are part of what the epoch cost.
+        synchronize(self.device)
         start, steps, stopping = time.perf_counter(), 0, False
+        self._start_epoch(epoch)
         cached = self.engine.cache is not None and self.engine.cache.complete
         for batch in self.epoch_batches(epoch):
             record = self._step(batch, epoch, cached, warmup=self._warmup_left > 0)
@@ -513,7 +525,9 @@ class Recipe:
 
         Each frozen stage leaves the optimizer (its momentum freed), its tensors' hashes join the
         integrity check, and the execution path is rebuilt once for the longer frozen prefix
-        (no autograd, folded BatchNorm, a new feature cache filled during this epoch, DDP).
+        (no autograd, folded BatchNorm, a new feature cache, DDP). The new cache is filled at
+        once from the old one where there was a complete one (see :func:`extend_cache`), and
+        otherwise during this epoch.
         """
         if self.auto is None:
             return []
@@ -525,7 +539,12 @@ class Recipe:
             self.frozen_before.update(event.hashes)
         remove_frozen(self.optimizer)
         self._check_optimizer()
+        before = self.engine
         self._setup_execution()
+        if extend_cache(before, self.engine, self.config.data.batch_size):
+            self.reporter.message(f"feature cache of {', '.join(self.execution.frozen_prefix)} filled from the "
+                                  "cached output of the shorter prefix: this epoch trains from it")
+        del before  # the old cache's memory goes now, not at the next epoch
         for event in events:
             self.reporter.message(event.line)
             self.tensorboard_text(event.line)

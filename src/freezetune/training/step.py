@@ -200,6 +200,33 @@ def _val_batches(engine: Engine, data: Dataset, batch_size: int, num_workers: in
         engine.val_features = kept or []
 
 
+def extend_cache(old: Engine, new: Engine, batch_size: int) -> bool:
+    """Fills ``new``'s feature cache from ``old``'s, through only the stages that froze in between.
+
+    When the frozen prefix grows mid-run (``freeze.auto``), the old prefix's cached output is the
+    input of the newly frozen stages. Running just those over the cache fills the new cache
+    without reading an image or recomputing the old prefix, so the epoch that follows trains from
+    cached features at once instead of filling the cache from images first.
+
+    Returns:
+        Whether it did: the old cache must be complete and in memory (a memory-mapped cache
+        shares its file with the new one), and its prefix must be the start of the new one.
+    """
+    src, dst = old.cache, new.cache
+    if src is None or dst is None or src.on_disk or not src.complete or old.split is None or new.split is None:
+        return False
+    done = old.split.names
+    if new.split.names[: len(done)] != done or len(new.split.names) == len(done):
+        return False
+    synchronize(new.device)
+    for chunk in torch.arange(src.size).split(batch_size):
+        h, labels = src.get(chunk)
+        with autocast(new.precision, new.device):
+            dst.put(chunk, new.split.features_after(h.to(new.device), done), labels)
+    synchronize(new.device)
+    return True
+
+
 def fill_cache(engine: Engine, batches: Iterable[Batch]) -> float:
     """Stores the frozen prefix's output for every batch without training; returns seconds.
 
