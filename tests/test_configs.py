@@ -31,6 +31,17 @@ def test_config_validates_and_header_gives_command(path):
     assert any(f"freezetune train --config configs/{path.name}" in line for line in header)
 
 
+SWEEP_CONFIGS = [p for p in sorted(ROOT.joinpath("configs", "sweep").glob("*.yaml"))
+                 if not p.name.endswith("_arms.yaml")]
+
+
+@pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=lambda p: p.name)
+def test_sweep_task_configs_validate_and_show_their_commands(path):
+    load_config(path)
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"--config configs/sweep/{path.name}" in line for line in header)
+
+
 def test_quickstart_config_is_offline_and_trains_layer4_fc():
     cfg = load_config(QUICKSTART)
     assert cfg.data.source == "synthetic" and cfg.model.weights == "auto"
