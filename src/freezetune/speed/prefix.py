@@ -138,7 +138,7 @@ class SplitForward:
         # Unfolded, the prefix is the model's own modules (its weights keep their layout; a
         # channels-last input still takes the channels-last kernels). Folded, it is a private copy.
         self.prefix = fold_batchnorm(seq, self.prefix_format) if fold else seq
-        self._modules = self.prefix  # kept apart: torch.compile may replace self.prefix
+        self._uncompiled = self.prefix  # kept apart: torch.compile may replace self.prefix
         self.folded_bytes = parameter_bytes(self.prefix) if fold else 0
         self.suffix = [n for s in stages(model_name).values() for n in s if n not in names]
         self.folded = fold
@@ -156,7 +156,9 @@ class SplitForward:
         """The prefix's output from the output of its first modules ``done`` (a shorter prefix).
 
         The modules run are this prefix's own (folded) ones, in the same layout as
-        :meth:`features`, so the result is what :meth:`features` gives for the same images.
+        :meth:`features`, so the result is what :meth:`features` gives for the same images, bit
+        for bit (tested on CPU). Under ``train.compile`` they run uncompiled, so the last bits
+        may differ from the compiled prefix's.
 
         Raises:
             ValueError: If ``done`` is not the start of this prefix.
@@ -167,7 +169,7 @@ class SplitForward:
             if self.prefix_format is not None:
                 h = h.contiguous(memory_format=self.prefix_format)
             for name in self.names[len(done):]:
-                h = getattr(self._modules, name)(h)
+                h = getattr(self._uncompiled, name)(h)
             return h if self.prefix_format is None else h.contiguous(memory_format=self.suffix_format)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -544,7 +544,7 @@ class Recipe:
         if extend_cache(before, self.engine, self.config.data.batch_size):
             self.reporter.message(f"feature cache of {', '.join(self.execution.frozen_prefix)} filled from the "
                                   "cached output of the shorter prefix: this epoch trains from it")
-        del before  # the old cache's memory goes now, not at the next epoch
+        del before  # our last reference to the old engine: its cache is not kept to the next epoch
         for event in events:
             self.reporter.message(event.line)
             self.tensorboard_text(event.line)
