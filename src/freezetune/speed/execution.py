@@ -155,6 +155,10 @@ def _cache_choice(facts: ExecutionFacts, mode: str, augment: bool) -> Choice:
         or ("BatchNorm in the frozen prefix updates its statistics (freeze.batchnorm: train)"
             if not facts.prefix_batchnorm_frozen else None)
         or ("data.augment is on: random transforms change the prefix output every epoch" if augment else None)
+        # Each rank keeps its own cache but is dealt other samples every epoch (EpochSampler),
+        # so no rank's cache would ever be complete: it would be filled and never read.
+        or ("torchrun runs several processes, and each rank sees other samples every epoch"
+            if facts.distributed else None)
     )
     if why_not and mode == "on":
         raise ConfigError(f"train.feature_cache: on is not possible: {why_not}")
