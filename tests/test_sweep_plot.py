@@ -5,6 +5,7 @@ import statistics
 import struct
 
 import pytest
+from matplotlib.text import Text
 
 from freezetune.render.sweep_plot import (
     arm_colors,
@@ -12,6 +13,7 @@ from freezetune.render.sweep_plot import (
     arm_point,
     footer,
     needs_log,
+    stack_labels,
     sweep_figure,
     sweep_plot,
     sweep_title,
@@ -153,3 +155,24 @@ def test_needs_log():
     assert not needs_log([30.0, 8.0, None])
     assert needs_log([30.0, 1.0])
     assert not needs_log([30.0, 0.0])
+
+
+def test_stack_labels_moves_only_overlapping_labels_and_keeps_them_under_the_top():
+    # Two labels on one spot and one far away: the upper of the pair goes just above the other.
+    assert stack_labels([(0, 10, 30, 8), (5, 12, 30, 8), (100, 10, 30, 8)], gap=1) == [0, 7, 0]
+    # Above would cross the top: it goes just below instead.
+    assert stack_labels([(0, 10, 30, 8), (5, 12, 30, 8)], top=25, gap=1) == [0, -11]
+    assert stack_labels([]) == []
+
+
+def test_clustered_arms_get_labels_that_do_not_overlap():
+    result = two_seed_result()
+    for name in ("full", "stem"):  # put both arms on one point
+        result["arms"][name]["wall_s"] = stat([10.0, 10.0])
+        result["arms"][name]["val_accuracy"] = stat([0.8, 0.8])
+    fig = sweep_figure(result)
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in fig.axes[0].texts if t.get_gid() == "arm-label"]
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the names alone, not their leader lines
+    assert len(boxes) >= 2
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

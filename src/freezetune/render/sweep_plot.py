@@ -15,6 +15,7 @@ from itertools import accumulate
 from pathlib import Path
 
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
@@ -28,6 +29,7 @@ INK = "#222222"  # Pareto front, recommendation ring, target line
 FOOTER_WIDTH = 170  # characters per line of the recommendation's reason under the figure
 # The time axes switch to a log scale when the slowest arm takes this many times the fastest.
 LOG_RATIO = 20.0
+ARM_LABEL = "arm-label"  # the gid of the cost panel's arm names, which are kept from overlapping
 
 
 def sweep_plot(result: dict, path: str | Path) -> Path:
@@ -50,6 +52,7 @@ def sweep_figure(result: dict) -> Figure:
     """The sweep figure: cost against accuracy per arm (left), accuracy curves over training time (right)."""
     colors = arm_colors(result["arms"])
     fig = Figure(figsize=FIGSIZE, layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer, to measure the labels with (see _separate_labels)
     ax_cost, ax_curve = fig.subplots(1, 2)
     _cost_panel(ax_cost, result, colors)
     _curve_panel(ax_curve, result, colors)
@@ -71,7 +74,61 @@ def sweep_figure(result: dict) -> Figure:
     ax_curve.set_xlabel(f"training time so far, s (mean over seeds{scale})")
     fig.suptitle(sweep_title(result), fontsize=12)
     fig.supxlabel(footer(result), fontsize=9, color=INK)
+    _separate_labels(fig, [t for t in ax_cost.texts if t.get_gid() == ARM_LABEL])
     return fig
+
+
+def stack_labels(boxes: list[tuple[float, float, float, float]], top: float | None = None,
+                 gap: float = 1.0) -> list[float]:
+    """How far to move each label up (or down) so that no two overlap. Pure.
+
+    Arms whose points sit close together (full fine-tuning, frozen ..stem and adaptive freezing
+    often do) would print their names over each other. Labels are taken bottom first; each stays
+    where it is if it is free, and otherwise goes just above the labels it would overlap, or just
+    below them where above would cross ``top``.
+
+    Args:
+        boxes: Each label's ``(x0, y0, width, height)``, in one unit (display pixels).
+        top: The highest a label may reach (the panel's top edge), or None for no limit.
+        gap: Space left between stacked labels, in that unit.
+
+    Returns:
+        The vertical shift of each label, in the order given (0.0 for a label that stays).
+    """
+    placed: list[tuple[float, float, float, float]] = []
+    shifts = [0.0] * len(boxes)
+    for i in sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0])):
+        x0, y0, w, h = boxes[i]
+        y = _free_y(boxes[i], placed, gap, up=True)
+        if top is not None and y + h > top:
+            y = _free_y(boxes[i], placed, gap, up=False)
+        placed.append((x0, y, w, h))
+        shifts[i] = y - y0
+    return shifts
+
+
+def _free_y(box: tuple[float, float, float, float], placed: list, gap: float, up: bool) -> float:
+    """The nearest free height for ``box`` among the ``placed`` boxes, searching up or down."""
+    x0, y, w, h = box
+    while hits := [b for b in placed if x0 < b[0] + b[2] and b[0] < x0 + w and y < b[1] + b[3] and b[1] < y + h]:
+        y = max(b[1] + b[3] for b in hits) + gap if up else min(b[1] for b in hits) - h - gap
+    return y
+
+
+def _separate_labels(fig: Figure, labels: list) -> None:
+    """Moves overlapping arm labels apart (see :func:`stack_labels`); a moved one gets a leader line."""
+    if len(labels) < 2:
+        return
+    fig.draw_without_rendering()  # the layout, and so every label's place, is final only now
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    top = labels[0].axes.get_window_extent(renderer).y1
+    shifts = stack_labels([(b.x0, b.y0, b.width, b.height) for b in boxes], top=top)
+    for label, dy in zip(labels, shifts, strict=True):
+        if dy:
+            dx, y = label.xyann
+            label.xyann = (dx, y + dy * 72 / fig.dpi)  # display pixels to offset points
+            label.arrow_patch.set_visible(True)
 
 
 def sweep_title(result: dict) -> str:
@@ -151,8 +208,10 @@ def _arm_point(ax, name: str, arm: dict, xy: tuple[float, float], color) -> None
     ax.errorbar(*xy, xerr=arm["wall_s"].get("sd"), yerr=arm["val_accuracy"].get("sd"), fmt="o", ms=8,
                 color=color, mfc="white" if pruned else color, mec=color, mew=1.8,
                 ecolor=MUTED if pruned else color, elinewidth=1, capsize=3, zorder=3)
-    ax.annotate(f"{name} (pruned)" if pruned else name, xy, xytext=(9, 7), textcoords="offset points",
-                fontsize=8.5, color=MUTED if pruned else INK)
+    label = ax.annotate(f"{name} (pruned)" if pruned else name, xy, xytext=(9, 7), textcoords="offset points",
+                        fontsize=8.5, color=MUTED if pruned else INK, gid=ARM_LABEL,
+                        arrowprops={"arrowstyle": "-", "color": color, "lw": 0.8, "shrinkA": 0, "shrinkB": 5})
+    label.arrow_patch.set_visible(False)  # shown only if the label has to move off a neighbour's
 
 
 def _curve_panel(ax, result: dict, colors: dict) -> None:
