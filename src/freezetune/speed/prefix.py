@@ -152,6 +152,10 @@ class SplitForward:
             h = self.prefix(x.contiguous(memory_format=self.prefix_format))
             return h.contiguous(memory_format=self.suffix_format)
 
+    def continues(self, done: list[str]) -> bool:
+        """Whether the modules ``done`` (a shorter prefix's) are the start of this prefix."""
+        return self.names[: len(done)] == list(done)
+
     def features_after(self, h: torch.Tensor, done: list[str]) -> torch.Tensor:
         """The prefix's output from the output of its first modules ``done`` (a shorter prefix).
 
@@ -163,7 +167,7 @@ class SplitForward:
         Raises:
             ValueError: If ``done`` is not the start of this prefix.
         """
-        if self.names[: len(done)] != list(done):
+        if not self.continues(done):
             raise ValueError(f"{', '.join(done)} is not the start of the prefix {', '.join(self.names)}")
         with torch.no_grad():
             if self.prefix_format is not None:

@@ -216,14 +216,13 @@ def extend_cache(old: Engine, new: Engine, batch_size: int) -> bool:
     if src is None or dst is None or src.on_disk or not src.complete or old.split is None or new.split is None:
         return False
     done = old.split.names
-    if new.split.names[: len(done)] != done or len(new.split.names) == len(done):
+    if not new.split.continues(done) or len(new.split.names) == len(done):
         return False
-    synchronize(new.device)
+    # Not timed here: the epoch it starts times it, synchronized (Recipe._epoch).
     for chunk in torch.arange(src.size).split(batch_size):
         h, labels = src.get(chunk)
         with autocast(new.precision, new.device):
             dst.put(chunk, new.split.features_after(h.to(new.device), done), labels)
-    synchronize(new.device)
     return True
 
 
