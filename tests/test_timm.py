@@ -17,7 +17,9 @@ timm = pytest.importorskip("timm")
 from freezetune.config import FreezeConfig, ModelConfig, OptimConfig  # noqa: E402
 from freezetune.errors import ConfigError, WeightsError  # noqa: E402
 from freezetune.freezing.plan import apply_freeze  # noqa: E402
-from freezetune.models import catalog  # noqa: E402
+from freezetune.models import catalog, timm_models  # noqa: E402
+from freezetune.models.listing import describe  # noqa: E402
+from freezetune.models.structure import stage_members_cover  # noqa: E402
 from freezetune.models.weights import build_model, imagenet_state_dict  # noqa: E402
 from freezetune.speed.prefix import frozen_prefix, supports_prefix  # noqa: E402
 from freezetune.training.optim import build_optimizer  # noqa: E402
@@ -57,9 +59,9 @@ def test_stages_come_from_timm_group_matcher():
         order = catalog.stages(name)
         assert len(order) == len(groups)
         for (stage, members), gid in zip(order.items(), sorted(groups), strict=True):
-            covered = [n for n, _ in model.named_parameters() if catalog.stage_members_cover(n, members)]
+            covered = [n for n, _ in model.named_parameters() if stage_members_cover(n, members)]
             assert covered == groups[gid], stage
-        assert catalog.describe(name).fast_path is False
+        assert describe(name).fast_path is False
 
 
 def test_feature_info_is_the_fallback_without_group_matcher():
@@ -69,7 +71,7 @@ def test_feature_info_is_the_fallback_without_group_matcher():
         raise NotImplementedError
 
     model.group_matcher = no_matcher
-    assert catalog.timm_stages(model) == RESNET_STAGES  # feature_info: act1, layer1..layer4
+    assert timm_models.timm_stages(model) == RESNET_STAGES  # feature_info: act1, layer1..layer4
 
 
 def test_models_command_lists_freeze_points(cli):

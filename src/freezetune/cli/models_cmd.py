@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import typer
 
@@ -31,11 +30,11 @@ def models(
 
     Parameter counts come from models built on the meta device: no weights, no memory.
     """
-    from freezetune.models.catalog import catalog
+    from freezetune.models.listing import catalog
     from freezetune.render.models import model_detail, models_list
 
     infos = catalog(pattern, num_classes)
-    rows = [{**asdict(i), "freeze_points": i.freeze_points} for i in infos]
+    rows = [i.to_row() for i in infos]
     if as_json:
         typer.echo(json.dumps({"num_classes": num_classes, "models": rows}, indent=2))
     elif len(infos) == 1 and pattern == infos[0].name:

@@ -25,7 +25,8 @@ from freezetune.config import AutoFreezeConfig
 from freezetune.errors import FreezeError
 from freezetune.freezing.integrity import combined_sha256, fingerprint
 from freezetune.freezing.plan import FreezePlan
-from freezetune.models.catalog import stage_members_cover, stages
+from freezetune.models.catalog import stages
+from freezetune.models.structure import stage_members_cover
 
 HEAD = "head"
 

@@ -11,27 +11,26 @@ structure (built on the meta device: no memory, no initialisation cost), so each
 family (``efficientnet_b0`` or ``_v2_l``, ``vit_b_16`` or ``vit_h_14``) gets exactly its own
 blocks. Families without a curated rule fall back to their top-level modules, in forward order.
 
-``timm/<name>`` (the optional ``timm`` extra) names a timm model. Its freeze points come from timm's
-own stage grouping (``model.group_matcher(coarse=True)``, else ``model.feature_info``), read off a
-model built on the meta device, and its head is ``model.get_classifier()``. timm is imported only
-inside the functions that need it.
+``timm/<name>`` (the optional ``timm`` extra) names a timm model. The functions here accept those
+names, and timm models, too, and hand them to :mod:`freezetune.models.timm_models`, the one module
+with timm code in it. Generic module-tree helpers (meta-device building, stage membership, the
+last layer) are in :mod:`freezetune.models.structure`; what ``freezetune models`` lists is in
+:mod:`freezetune.models.listing`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import fnmatch
 import functools
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-import torch
 import torchvision
 from torch import nn
 
 from freezetune.errors import ConfigError
+from freezetune.models import timm_models
+from freezetune.models.structure import last_layer_path, on_meta
+from freezetune.models.timm_models import is_timm_name
 
 DEFAULT_MODEL = "resnet18"
 
@@ -62,13 +61,6 @@ FAMILY_RULES: dict[str, str] = {
     "encoder_ln (encoder.ln), head (heads)",
     "regnet": "stem, block1..block4 (trunk_output.blockN), head (avgpool fc)",
 }
-TIMM_PREFIX = "timm/"
-TIMM_INSTALL_HINT = "pip install 'freezetune[timm]'"
-TIMM_RULE = (
-    "timm's own stage grouping (group_matcher(coarse=True), else feature_info): stem, then one "
-    "freeze point per stage named after its module (layer1, stages_0, blocks_3), head: "
-    "get_classifier() and the layers after the last stage"
-)
 GENERIC_RULE = (
     "the model's own module names in forward order (a norm or parameter-free layer joins the "
     "stage before it), head: the classifier"
@@ -102,7 +94,7 @@ def check_model_name(name: str) -> None:
     the error says how to install it.
     """
     if is_timm_name(name):
-        _check_timm_name(name)
+        timm_models.check_name(name)
         return
     if name in model_names():
         return
@@ -143,42 +135,16 @@ def build(name: str) -> nn.Module:
     """
     check_model_name(name)
     if is_timm_name(name):
-        return import_timm().create_model(timm_arch(name), pretrained=False)
+        return timm_models.build(name)
     return torchvision.models.get_model(name, weights=None, **_BUILD_KWARGS.get(name, {}))
 
 
 def meta_model(name: str) -> nn.Module:
     """The model with every tensor on the meta device: its structure, with no memory or init cost."""
     if is_timm_name(name):
-        check_model_name(name)
-        try:
-            with torch.device("meta"):
-                return build(name)
-        except Exception:  # noqa: BLE001 - a builder computing with tensor values; the patch below copes
-            pass
-    with _parameters_on_meta():
-        model = build(name)
-    return model.to("meta")
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    # Not thread-safe (it patches nn.Module for the duration); build from one thread.
-    # Not `with torch.device("meta")`: RegNet's builder computes its widths with tensors and
-    # needs their values. Moving each parameter as it is registered keeps builders working, and
-    # the initialisers that run afterwards touch only meta tensors.
-    register = nn.Module.register_parameter
-
-    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = to_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+        return timm_models.meta_model(name)
+    # Not `with torch.device("meta")`: RegNet's builder computes its widths with tensors.
+    return on_meta(lambda: build(name))
 
 
 def stages(name: str) -> dict[str, tuple[str, ...]]:
@@ -204,7 +170,7 @@ def _stages(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 def derive_stages(name: str, model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Reads the freeze points of a (meta or real) model of this name off its structure."""
     if is_timm_name(name):
-        return timm_stages(model)
+        return timm_models.timm_stages(model) or _generic(model)
     rule = {
         "resnet": lambda m: dict(RESNET_STAGES),
         "mobilenet_v2": _mobilenet,
@@ -223,18 +189,13 @@ def head_path(model: nn.Module) -> str:
 
     For a timm model, the module ``model.get_classifier()`` returns.
     """
-    timm_head = _timm_classifier_path(model)
-    if timm_head is not None:
-        return timm_head
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return (linears or convs)[-1]
+    return timm_models.classifier_path(model) or last_layer_path(model)
 
 
 def input_size_rule(name: str) -> tuple[int | None, int | None]:
     """``(exact, minimum)`` input size a model needs (None: no constraint)."""
     if is_timm_name(name):
-        return _timm_input_rule(name)
+        return timm_models.input_size_rule(name)
     fam = family(name)
     return _EXACT_SIZE.get(fam), _MIN_SIZE.get(fam)
 
@@ -271,15 +232,9 @@ def replace_head(model: nn.Module, num_classes: int) -> bool:
     Returns:
         Whether the head was replaced.
     """
+    if timm_models.owns_head(model):
+        return timm_models.replace_head(model, num_classes)
     name, layer = head_layer(model)
-    if _timm_classifier_path(model) is not None and hasattr(model, "reset_classifier"):
-        size = getattr(layer, "out_features", getattr(layer, "out_channels", None))
-        if size == num_classes:
-            return False
-        with torch.device(layer.weight.device):
-            model.reset_classifier(num_classes)
-        model.get_classifier().to(layer.weight.dtype)
-        return True
     if isinstance(layer, nn.Conv2d):  # SqueezeNet classifies with a 1x1 convolution
         if layer.out_channels == num_classes:
             return False
@@ -290,11 +245,6 @@ def replace_head(model: nn.Module, num_classes: int) -> bool:
         new = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
     model.set_submodule(name, new.to(layer.weight.device, layer.weight.dtype))
     return True
-
-
-def stage_members_cover(param: str, members: tuple[str, ...] | list[str]) -> bool:
-    """Whether a parameter name falls under one of a stage's members."""
-    return any(param == m or param.startswith(m + ".") for m in members)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,305 +347,3 @@ def _expand(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
-
-
-# --------------------------------------------------------------------------------------------
-# timm models (``timm/<name>``). Here, not in freezetune.models.timm_models, because the catalog
-# (layer 1) needs their stages and heads; building with weights lives in timm_models.
-
-
-def is_timm_name(name: str) -> bool:
-    """Whether ``name`` names a timm model (``timm/<name>``)."""
-    return name.startswith(TIMM_PREFIX)
-
-
-def timm_arch(name: str) -> str:
-    """The timm model name in ``timm/<name>`` (e.g. ``resnet50`` or ``resnet50.a1_in1k``)."""
-    return name[len(TIMM_PREFIX):]
-
-
-def import_timm():
-    """Imports timm (the optional ``timm`` extra).
-
-    Raises:
-        ConfigError: One line with the install command if timm cannot be imported.
-    """
-    try:
-        import timm
-    except ImportError as e:
-        why = "is not installed" if isinstance(e, ModuleNotFoundError) or "None in sys.modules" in str(e) else (
-            f"cannot be imported ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
-        raise ConfigError(f"timm/<name> models need timm, which {why}: {TIMM_INSTALL_HINT}") from None
-    return timm
-
-
-def _check_timm_name(name: str) -> None:
-    timm = import_timm()
-    arch = timm_arch(name)
-    if not arch:
-        raise ConfigError(f"{name!r} names no timm model; use timm/<name>, e.g. timm/resnet50")
-    if timm.is_model(arch):
-        return
-    known = timm.list_models()
-    close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(repr(TIMM_PREFIX + c) for c in close)}? " if close else ""
-    raise ConfigError(f"unknown timm model {name!r}; {hint}timm.list_models() lists the {len(known)} timm models")
-
-
-def _is_timm_model(model: nn.Module) -> bool:
-    return hasattr(model, "pretrained_cfg") and callable(getattr(model, "get_classifier", None))
-
-
-def _timm_classifier_path(model: nn.Module) -> str | None:
-    """Dotted name of a timm model's ``get_classifier()`` layer, or None (not timm, or no such layer)."""
-    if not _is_timm_model(model):
-        return None
-    classifier = model.get_classifier()
-    if isinstance(classifier, (tuple, list)) and classifier:  # distilled models: (head, head_dist)
-        classifier = classifier[0]
-    if not isinstance(classifier, nn.Module) or getattr(classifier, "weight", None) is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is classifier and n), None)
-
-
-@functools.cache
-def _timm_input_rule(name: str) -> tuple[int | None, int | None]:
-    cfg = getattr(meta_model(name), "pretrained_cfg", None) or {}
-    if cfg.get("fixed_input_size") and cfg.get("input_size"):
-        return int(cfg["input_size"][-1]), None
-    return None, None
-
-
-def timm_stages(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """A timm model's freeze points, from timm's own stage grouping.
-
-    The groups are those of ``model.group_matcher(coarse=True)`` (what timm uses for layer-wise
-    learning-rate decay), or, for a model without one, one group per ``model.feature_info`` module.
-    A group timm names once (``stem``) keeps that name; the numbered groups (timm's ``blocks``) are
-    named after their first module (``layer1``, ``stages_0``, ``blocks_3``). Parameters timm leaves
-    unmatched (the neck and classifier) and ``get_classifier()`` form ``head``. Members are the
-    outermost modules (or loose parameters) lying wholly inside one group.
-    """
-    params = [n for n, _ in model.named_parameters()]
-    head = head_path(model)
-    matcher = None
-    with contextlib.suppress(AttributeError, NotImplementedError, TypeError):
-        matcher = model.group_matcher(coarse=True)
-    groups = _matcher_groups(model, matcher) if matcher else _feature_info_groups(model, params, head)
-    if not groups:
-        return _generic(model)
-    # Everything from the group holding the classifier on is the head.
-    gid_of: dict[str, int] = {}
-    labels: list[str | None] = []
-    head_gid = None
-    for label, names in groups:
-        if head_gid is None and any(stage_members_cover(n, (head,)) for n in names):
-            head_gid = len(labels)
-            labels.append("head")
-        elif head_gid is None:
-            labels.append(label)
-        gid = head_gid if head_gid is not None else len(labels) - 1
-        for n in names:
-            gid_of[n] = gid
-    for n in params:
-        if stage_members_cover(n, (head,)) or n not in gid_of:
-            if head_gid is None:
-                head_gid = len(labels)
-                labels.append("head")
-            gid_of[n] = head_gid
-    members = _collapse({n: gid_of[n] for n in params})
-    out: dict[str, tuple[str, ...]] = {}
-    counts = {label: labels.count(label) for label in labels}
-    for gid, label in enumerate(labels):
-        if gid == head_gid or not members.get(gid):
-            continue
-        name = label if label and counts[label] == 1 else members[gid][0].replace(".", "_")
-        if name in out or name == "head":
-            name = f"{label or 'group'}{gid}"
-        out[name] = tuple(members[gid])
-    out["head"] = tuple(members.get(head_gid, (head,)))
-    return out
-
-
-def _matcher_groups(model: nn.Module, matcher) -> list[tuple[str | None, list[str]]]:
-    """The coarse parameter groups of timm in order, each with the matcher key that made it (None: unmatched)."""
-    from timm.models import group_parameters
-
-    grouped = group_parameters(model, matcher)
-    out = []
-    for gid in sorted(grouped):
-        names = list(grouped[gid])
-        out.append((_matcher_label(matcher, names[0]) if names else None, names))
-    return out
-
-
-def _matcher_label(matcher, param: str) -> str | None:
-    if not isinstance(matcher, dict):
-        return None
-    for label, spec in matcher.items():
-        if spec is None:
-            continue
-        specs = [s[0] for s in spec] if isinstance(spec, (list, tuple)) else [spec]
-        if any(re.match(s, param) for s in specs):
-            return label
-    return None
-
-
-def _feature_info_groups(model: nn.Module, params: list[str], head: str) -> list[tuple[str | None, list[str]]]:
-    """One group per ``feature_info`` module; parameters before the first go to ``stem``.
-
-    Parameters between two feature modules join the group before them; the classifier is left
-    out (it becomes ``head``).
-    """
-    info = getattr(model, "feature_info", None)
-    modules = [f["module"] for f in info] if info else []
-    if not modules:
-        return []
-    groups: dict[str, list[str]] = {"stem": []}
-    current = "stem"
-    for n in params:
-        if stage_members_cover(n, (head,)):
-            continue
-        owner = next((m for m in modules if stage_members_cover(n, (m,))), None)
-        if owner is not None:
-            current = owner
-        groups.setdefault(current, []).append(n)
-    return [(k if k == "stem" else None, v) for k, v in groups.items() if v]
-
-
-def _collapse(gid_of: dict[str, int]) -> dict[int, list[str]]:
-    """Each group's outermost module paths (or loose parameter names) whose parameters are all in it."""
-    under: dict[str, set[int]] = {}
-    for p, g in gid_of.items():
-        parts = p.split(".")
-        for i in range(1, len(parts)):
-            under.setdefault(".".join(parts[:i]), set()).add(g)
-    out: dict[int, list[str]] = {}
-    for p, g in gid_of.items():
-        parts = p.split(".")
-        member = next((".".join(parts[:i]) for i in range(1, len(parts)) if under[".".join(parts[:i])] == {g}), p)
-        if member not in out.setdefault(g, []):
-            out[g].append(member)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The catalog behind `freezetune models`
-
-
-@dataclass
-class ModelInfo:
-    """One model of the catalog.
-
-    Attributes:
-        name: torchvision name.
-        family: Architecture family (see :func:`family`).
-        rule: How the family's freeze points are named.
-        default: Whether this is freezetune's default model.
-        head: Dotted name of the classifier layer that is replaced for ``num_classes``.
-        stages: Freeze point -> the modules (or loose parameters) it covers.
-        params: Parameters with a ``num_classes`` head.
-        stage_params: Parameters inside each stage.
-        trainable_until: Parameters still training with ``freeze.until: STAGE``, per stage.
-        fast_path: Whether frozen-prefix execution (no-autograd prefix, BatchNorm folding, the
-            feature cache) is available.
-    """
-
-    name: str
-    family: str
-    rule: str
-    default: bool
-    head: str
-    stages: dict[str, list[str]]
-    params: int
-    stage_params: dict[str, int] = field(default_factory=dict)
-    trainable_until: dict[str, int] = field(default_factory=dict)
-    fast_path: bool = False
-
-    @property
-    def freeze_points(self) -> list[str]:
-        """Stages usable as ``freeze.until`` (all but ``head``)."""
-        return [s for s in self.stages if s != "head"]
-
-
-def select_models(pattern: str | None = None) -> list[str]:
-    """Model names matching an fnmatch pattern (a plain name matches itself), sorted.
-
-    Raises:
-        ConfigError: If nothing matches; the message suggests close names.
-    """
-    if not pattern:
-        return list(model_names())
-    if is_timm_name(pattern):
-        arch = timm_arch(pattern)
-        if not any(c in arch for c in "*?["):
-            check_model_name(pattern)
-            return [pattern]
-        hits = [TIMM_PREFIX + n for n in import_timm().list_models(arch)]
-        if not hits:
-            raise ConfigError(f"no timm model matches {pattern!r}")
-        return hits
-    hits = [n for n in model_names() if fnmatch.fnmatchcase(n, pattern)]
-    if not hits:
-        check_model_name(pattern)  # raises with "did you mean"
-    return hits
-
-
-def describe(name: str, num_classes: int = 1000) -> ModelInfo:
-    """Builds a model on the meta device and describes its freeze points and parameter counts."""
-    model = meta_model(name)
-    order = derive_stages(name, model)  # not stages(): that would build the model again
-    replace_head(model, num_classes)
-    params = dict(model.named_parameters())
-    per_stage = {
-        stage: sum(p.numel() for n, p in params.items() if stage_members_cover(n, members))
-        for stage, members in order.items()
-    }
-    total = sum(p.numel() for p in params.values())
-    trainable, frozen = {}, 0
-    for stage in order:
-        if stage == "head":
-            break
-        frozen += per_stage[stage]
-        trainable[stage] = total - frozen
-    return ModelInfo(
-        name=name,
-        family=family(name),
-        rule=TIMM_RULE if is_timm_name(name) else FAMILY_RULES.get(family(name), GENERIC_RULE),
-        default=name == DEFAULT_MODEL,
-        head=head_path(model),
-        stages={s: list(m) for s, m in order.items()},
-        params=total,
-        stage_params=per_stage,
-        trainable_until=trainable,
-        fast_path=is_resnet(name),
-    )
-
-
-def catalog(pattern: str | None = None, num_classes: int = 1000) -> list[ModelInfo]:
-    """Describes every model matching ``pattern``, grouped by family (default family first)."""
-    infos = [describe(n, num_classes) for n in select_models(pattern)]
-    order = list(FAMILY_RULES)
-    return sorted(infos, key=lambda i: (
-        order.index(i.family) if i.family in order else len(order), i.family, _natural(i.name)
-    ))
-
-
-def _natural(name: str) -> list:
-    # resnet18 before resnet101
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def compact_points(points: list[str]) -> str:
-    """``a, b, encoder_layer_0..encoder_layer_11, c``: runs of numbered names shortened."""
-    out: list[str] = []
-    i = 0
-    while i < len(points):
-        m = re.fullmatch(r"(.*?)(\d+)", points[i])
-        j = i
-        while m and j + 1 < len(points) and points[j + 1] == f"{m.group(1)}{int(m.group(2)) + j + 1 - i}":
-            j += 1
-        out.append(points[i] if j - i < 2 else f"{points[i]}..{points[j]}")
-        i = j + 1
-    return ", ".join(out)
-

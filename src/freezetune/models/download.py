@@ -1,7 +1,8 @@
 """Downloading weights without hanging an offline machine: a socket timeout, silence, one error line.
 
 Shared by torchvision's weights (:mod:`freezetune.models.weights`) and timm's
-(:mod:`freezetune.models.timm_models`).
+(:mod:`freezetune.models.timm_models`); it imports nothing but the error types, so it sits in
+layer 1 with the timm module, below config.
 """
 
 from __future__ import annotations

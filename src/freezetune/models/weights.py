@@ -8,8 +8,8 @@ Any torchvision classification model can be built (see :mod:`freezetune.models.c
 points); its classifier layer (ResNet ``fc``, MobileNet/EfficientNet/ConvNeXt ``classifier[-1]``,
 ViT ``heads.head``) is replaced to give ``num_classes`` outputs.
 
-``timm/<name>`` models are built by :mod:`freezetune.models.timm_models` through
-``timm.create_model``, with the same weights keywords and the same offline behaviour.
+``timm/<name>`` models are built by :mod:`freezetune.models.timm_models` (all of freezetune's timm
+code) through ``timm.create_model``, with the same weights keywords and the same offline behaviour.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from freezetune.config import ModelConfig
 from freezetune.errors import WeightsError, first_line
+from freezetune.models import timm_models
 from freezetune.models.catalog import (
     AUX_PREFIXES,
     build,
@@ -32,10 +33,10 @@ from freezetune.models.catalog import (
     check_model_name,
     head_layer,
     input_size_rule,
-    is_timm_name,
     replace_head,
 )
 from freezetune.models.download import download_within
+from freezetune.models.timm_models import is_timm_name
 
 # How long ``weights: auto`` may spend trying to download before giving up on ImageNet.
 AUTO_DOWNLOAD_TIMEOUT_S = 10.0
@@ -107,8 +108,6 @@ def _random_init_notice(e: WeightsError) -> str:
 
 def _build_timm(cfg: ModelConfig) -> LoadedModel:
     """``build_model`` for ``timm/<name>``: every path goes through ``timm.create_model``."""
-    from freezetune.models import timm_models
-
     check_model_name(cfg.name)
     notice = None
     if cfg.weights == "none":
@@ -195,8 +194,6 @@ def imagenet_state_dict(name: str, allow_download: bool, timeout: float | None =
         WeightsError: With instructions for placing the file by hand when it cannot be had.
     """
     if is_timm_name(name):
-        from freezetune.models import timm_models
-
         return timm_models.load_file(timm_models.imagenet_file(name, allow_download, timeout, quiet))
     weights = torchvision.models.get_model_weights(name).DEFAULT
     filename = os.path.basename(weights.url)

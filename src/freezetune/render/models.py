@@ -1,15 +1,17 @@
 """Rich rendering of ``freezetune models``: the catalog as a table, one model's freeze points in detail.
 
-Both read the plain dicts ``freezetune models --json`` prints (``ModelInfo`` fields plus
-``freeze_points``) and return what to print, in order.
+Both read the plain dicts ``freezetune models --json`` prints (``ModelInfo.to_row`` in
+:mod:`freezetune.models.listing`: the fields plus ``freeze_points``) and return what to print, in
+order. Plain data in, text out: nothing of freezetune's is imported but ``render.format``.
 """
 
 from __future__ import annotations
 
+import re
+
 from rich.console import RenderableType
 from rich.table import Table
 
-from freezetune.models.catalog import compact_points
 from freezetune.render.format import fmt_int, fmt_millions, fmt_percent
 
 
@@ -59,3 +61,17 @@ def model_detail(m: dict, num_classes: int) -> list[RenderableType]:
     points = m["freeze_points"]
     parts.append(f"e.g. freezetune train -c CONFIG model.name={m['name']} freeze.until={points[len(points) // 2]}")
     return parts
+
+
+def compact_points(points: list[str]) -> str:
+    """``a, b, encoder_layer_0..encoder_layer_11, c``: runs of numbered names shortened."""
+    out: list[str] = []
+    i = 0
+    while i < len(points):
+        m = re.fullmatch(r"(.*?)(\d+)", points[i])
+        j = i
+        while m and j + 1 < len(points) and points[j + 1] == f"{m.group(1)}{int(m.group(2)) + j + 1 - i}":
+            j += 1
+        out.append(points[i] if j - i < 2 else f"{points[i]}..{points[j]}")
+        i = j + 1
+    return ", ".join(out)
