@@ -13,70 +13,208 @@ from typing import Any, Literal
 
 import torch
 import torchvision
-from pydantic import BaseModel, ConfigDict
 
 from freezetune import __version__
 from freezetune.compare.arms import BASELINE, ArmSpec
+from freezetune.records import (
+    Execution,
+    LossEnds,
+    ParamCounts,
+    Record,
+    TimingStats,
+    Versions,
+    WeightsOrigin,
+)
 
 COMPARE_SCHEMA_VERSION = 1
 
 
-class _Record(BaseModel):
-    # Every key is declared: a result that grows an undeclared key fails here, not in a reader.
-    model_config = ConfigDict(extra="forbid")
+class CompareVersions(Versions):
+    """The library versions a comparison ran with, freezetune's included."""
+
+    freezetune: str
 
 
-class ArmResult(_Record):
+class ModuleFlops(Record):
+    """One top-level module's FLOPs of a training step."""
+
+    forward: int
+    backward: int
+
+
+class FlopCounts(Record):
+    """FLOPs of one training step (``measure.flops.step_flops``; a cached arm's without its prefix)."""
+
+    forward: int
+    backward: int
+    total: int
+    by_module: dict[str, ModuleFlops]  # keyed by top-level module name (``layer3``)
+
+
+class ArmTiming(TimingStats):
+    """An arm's timed steps: their summary, the warm-up steps left out, and every timed step."""
+
+    warmup_steps: int
+    step_times_s: list[float]
+
+
+class ArmMemory(Record):
+    """An arm's peak memory; which keys are present depends on where and whether it was measured.
+
+    Not measured (arms sharing one process): ``peak_bytes`` null and ``kind`` only. CUDA:
+    ``allocated_before_bytes`` too. CPU: ``peak_rss_bytes``, ``rss_before_bytes`` and ``peak_reset``.
+    """
+
+    peak_bytes: int | None
+    kind: str  # cuda_max_allocated | cpu_peak_rss_growth | not measured (...)
+    peak_rss_bytes: int | None = None
+    allocated_before_bytes: int | None = None
+    rss_before_bytes: int | None = None
+    peak_reset: bool | None = None
+
+
+class BatchNormDrift(Record):
+    """How many frozen layers' BatchNorm statistics changed while the arm trained."""
+
+    layers_checked: int
+    layers_changed: int
+    changed: list[str]  # the first five changed layers
+
+
+class ArmIntegrity(Record):
+    """An arm's freeze-integrity check: every frozen tensor's hash before and after training."""
+
+    ok: bool
+    tensors_checked: int
+    changed: list[str]
+    sha256_before: str
+    sha256_after: str
+
+
+class DepthsIntegrity(Record):
+    """``compare depths``' freeze integrity: true only if no arm's frozen tensors changed."""
+
+    ok: bool
+    arms: dict[str, bool]  # per arm, its own ``freeze_integrity.ok``
+
+
+class CacheFill(Record):
+    """A cached arm's feature-cache fill, timed alone before its steps."""
+
+    cache_fill_s: float
+    cache_bytes: int
+
+
+class Speedup(Record):
+    """Speedups against the ``full`` arm (``vs_plain``: against the same spec's plain arm, where there is one)."""
+
+    measured: float | None
+    flop_predicted: float | None
+    vs_plain: float | None = None
+
+
+class CompareData(Record):
+    """The data every arm trained on."""
+
+    source: str
+    image_size: int
+    batch_size: int
+
+
+class CompareSteps(Record):
+    """Steps per arm: timed, untimed warm-up, and per round-robin turn."""
+
+    timed: int
+    warmup: int
+    block: int
+
+
+class SkippedArm(Record):
+    """An arm left out, and why (a cached arm whose cache would not be correct)."""
+
+    arm: str
+    reason: str
+
+
+class Fairness(Record):
+    """Whether every arm started alike, and how they took turns."""
+
+    same_initial_weights: bool
+    same_batches: bool
+    same_steps: bool
+    order: str
+    isolation: str
+
+
+class MemoryPass(Record):
+    """The process-isolated pass that measured each arm's memory, and its own fairness checks."""
+
+    steps: int
+    warmup: int
+    fairness: Fairness
+
+
+class MemorySaved(Record):
+    """The frozen arm's memory saved against ``full`` (null when either was not measured)."""
+
+    bytes: int | None
+    fraction: float | None
+
+
+class ArmResult(Record):
     """One arm of a comparison."""
 
     label: str
     mode: str
     depth: str | None
+    # The arm's ``freeze`` config section as plain data (``config.FreezeConfig`` without unset keys):
+    # its shape is the config's, so it is left open here rather than declared a second time.
     freeze: dict[str, Any]
-    params: dict[str, int | float]
+    params: ParamCounts
     trainable_share: float
     flops_per_step: int
-    flops: dict[str, Any]
+    flops: FlopCounts
     frozen_batchnorm_layers: int
-    execution: dict[str, Any]
+    execution: Execution
     initial_weights_sha256: str
-    timing: dict[str, Any]
-    memory: dict[str, Any]
+    timing: ArmTiming
+    memory: ArmMemory
     optimizer_state_bytes: int
-    loss: dict[str, float | None]
+    loss: LossEnds
     losses: list[float]
-    frozen_batchnorm_drift: dict[str, Any]
+    frozen_batchnorm_drift: BatchNormDrift
     steps: int
     batches_sha256: str
-    freeze_integrity: dict[str, Any]
-    speedup: dict[str, float | None]
+    freeze_integrity: ArmIntegrity
+    speedup: Speedup
     memory_saved_bytes: int | None
-    cache: dict[str, Any] | None = None
+    cache: CacheFill | None = None
     loss_max_abs_diff_vs_optimized: float | None = None
 
 
-class CompareResult(_Record):
+class CompareResult(Record):
     """What ``compare frozen-vs-full`` (``kind: frozen-vs-full``) or ``compare depths`` writes."""
 
     schema_version: int = COMPARE_SCHEMA_VERSION
     kind: Literal["frozen-vs-full", "depths"]
     freezetune_version: str
     device: str | list[str]
-    versions: dict[str, str]
+    versions: CompareVersions
     model: str
-    weights: dict[str, Any]
-    data: dict[str, Any]
-    steps: dict[str, int]
+    weights: WeightsOrigin
+    data: CompareData
+    steps: CompareSteps
     isolation: str
-    skipped: list[dict[str, str]]
-    fairness: dict[str, Any]
+    skipped: list[SkippedArm]
+    fairness: Fairness
     arms: dict[str, ArmResult]
-    memory_pass: dict[str, Any] | None = None
-    speedup: dict[str, float | None] | None = None  # frozen-vs-full: the frozen arm's headline
-    memory_saved: dict[str, Any] | None = None
-    freeze_integrity: dict[str, Any] | None = None
+    memory_pass: MemoryPass | None = None
+    speedup: Speedup | None = None  # frozen-vs-full: the frozen arm's headline
+    memory_saved: MemorySaved | None = None
+    # frozen-vs-full: the frozen arm's check; depths: every arm's ``ok``
+    freeze_integrity: ArmIntegrity | DepthsIntegrity | None = None
     out_dir: str | None = None
-    files: dict[str, str] | None = None
+    files: dict[str, str] | None = None  # by extension: json, csv, png
 
     @classmethod
     def from_dict(cls, data: dict) -> CompareResult:

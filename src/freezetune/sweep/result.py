@@ -12,8 +12,7 @@ import csv
 import io
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from freezetune.records import Record, Versions
 from freezetune.sweep.analysis import (
     DEFAULT_TOLERANCE,
     Candidate,
@@ -29,11 +28,7 @@ SWEEP_SCHEMA_VERSION = 1
 FINISHED = ("completed", "pruned", "nonfinite")
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StatRecord(_Record):
+class StatRecord(Record):
     """Mean ± sample standard deviation over seeds (``sd`` is null for one seed)."""
 
     mean: float | None
@@ -41,7 +36,7 @@ class StatRecord(_Record):
     n: int
 
 
-class SeedRun(_Record):
+class SeedRun(Record):
     """One (arm, seed): a run folder, read back."""
 
     seed: int
@@ -64,11 +59,13 @@ class SeedRun(_Record):
     error: str | None = None
 
 
-class ArmRecord(_Record):
+class ArmRecord(Record):
     """One arm over its seeds."""
 
     name: str
     label: str
+    # Dotted config keys and the values the arm sets them to (``freeze.until: layer3``): any key of
+    # the config schema, so the values are as open as the config's.
     overrides: dict[str, Any]
     status: str
     pruned_at_epoch: int | None
@@ -90,30 +87,58 @@ class ArmRecord(_Record):
     seeds: list[SeedRun]
 
 
-class SweepResult(_Record):
+class SweepData(Record):
+    """The base config's data section, as every arm trained on it."""
+
+    source: str
+    root: str | None
+    image_size: int
+    batch_size: int
+    train_size: int
+    val_size: int
+
+
+class PruningRule(Record):
+    """The pruning rule in words, and the epochs after which it is applied."""
+
+    rule: str
+    rungs: list[int]
+
+
+class RecommendationRecord(Record):
+    """The arm to use and why (``sweep.analysis.Recommendation``)."""
+
+    arm: str | None
+    reason: str
+    best: str | None
+    eligible: list[str]
+    indistinguishable: list[str]
+
+
+class SweepResult(Record):
     """What ``sweep.json`` holds."""
 
     schema_version: int = SWEEP_SCHEMA_VERSION
     kind: str = "sweep"
     freezetune_version: str
     model: str
-    data: dict[str, Any]
+    data: SweepData
     epochs: int
     seeds: list[int]
     target_accuracy: float | None
     target_source: str
     tolerance: float
     prune: bool
-    pruning: dict[str, Any]
+    pruning: PruningRule
     arms: dict[str, ArmRecord]
     pareto: list[str]
-    recommendation: dict[str, Any]
+    recommendation: RecommendationRecord
     mode: str  # in-process | collected
     wall_s: float | None
     device: str | None
-    versions: dict[str, str]
+    versions: Versions
     out_dir: str
-    files: dict[str, str]
+    files: dict[str, str]  # by extension: json, csv, png
 
     def to_dict(self) -> dict:
         """Plain data for JSON."""
