@@ -4,9 +4,14 @@ The layers, lowest first (a module belongs to the layer of its longest matching 
 
  0. errors, atomic, lock, the package ``__init__``: exception types, atomic file writes, the
     one-writer folder lock, ``__version__``.
- 1. measure, models.catalog: plain torch facts (timing, memory, FLOPs) and the static model catalog.
+ 1. measure, models.catalog, models.timm_models, models.structure, models.download: plain torch
+    facts (timing, memory, FLOPs) and the static model catalog, with the timm models it covers
+    (timm_models is the one module with timm code), the family-agnostic module-tree helpers
+    both stand on, and the download guard timm's weights share with torchvision's.
  2. config: the schema and YAML loading; it checks model names against the catalog (lazily).
- 3. models: building a model and loading its weights, driven by the model config.
+ 3. models (weights, listing): building a model and loading its weights, driven by the model
+    config; the ``freezetune models`` listing. models/ spans layers 1 and 3 because config needs
+    the catalog's name check while building a model needs config.
  4. freezing: every ``requires_grad`` decision, made on a built model.
  5. speed: how a frozen model runs fast (frozen prefix, feature cache, precision).
  6. training: the engine that puts model, freezing and speed together into a run (the recipe).
@@ -16,8 +21,9 @@ The layers, lowest first (a module belongs to the layer of its longest matching 
 
 Why: a module may only lean on what is below it, so each layer can be understood, tested and
 reused without the ones above, and no import cycle can form. Imports are read with ``ast`` (no
-module is imported), top level and inside functions alike; only ``if TYPE_CHECKING:`` blocks are
-exempt. A new module must be given a layer here on purpose: the test fails for any that has none.
+module is imported), top level, inside functions and inside ``if TYPE_CHECKING:`` blocks alike: a
+type-only import still ties the two modules together (a reader of one needs the other). A new
+module must be given a layer here on purpose: the test fails for any that has none.
 """
 
 from __future__ import annotations
@@ -37,10 +43,14 @@ PACKAGE = "freezetune"
 # Lowest first. Each entry is a list of module prefixes; "freezetune" itself means the package
 # __init__ only (it holds __version__), never "everything in the package".
 LAYERS: list[list[str]] = [
-    ["freezetune.errors", "freezetune.atomic", "freezetune.lock", "freezetune"],  # 0: errors, file writes, locks
-    ["freezetune.measure", "freezetune.models.catalog"],   # 1: timing, memory, FLOPs; the static model catalog
+    ["freezetune.errors", "freezetune.atomic", "freezetune.lock", "freezetune.records", "freezetune"],  # 0: the base
+    # 1: timing, memory, FLOPs; the static model catalog and its timm half, the generic module-tree
+    # helpers under both, the download guard timm's weights use.
+    ["freezetune.measure", "freezetune.models.catalog", "freezetune.models.timm_models",
+     "freezetune.models.structure", "freezetune.models.download"],
     ["freezetune.config"],                                 # 2: schema + YAML; checks names against the catalog
-    ["freezetune.models"],                                 # 3: building a model and loading its weights
+    # 3: building a model and loading its weights (reads config.ModelConfig); the `models` listing.
+    ["freezetune.models", "freezetune.models.weights", "freezetune.models.listing"],
     ["freezetune.freezing"],                               # 4: freeze plans, integrity, unfreezing
     ["freezetune.speed"],                                  # 5: frozen prefix, feature cache, precision
     ["freezetune.training"],                               # 6: the training engine
@@ -82,12 +92,6 @@ def is_ours(name: str) -> bool:
     return name == PACKAGE or name.startswith(PACKAGE + ".")
 
 
-def is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def resolve_relative(module: str, path: Path, level: int, name: str | None) -> str:
     """The absolute name of ``from <level dots><name> import ...`` written in ``module``."""
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
@@ -104,13 +108,6 @@ class ImportCollector(ast.NodeVisitor):
         found = Import(self.module, imported, self.path, node.lineno)
         if imported != self.module and found not in self.found:  # once per statement, not per name
             self.found.append(found)
-
-    def visit_If(self, node: ast.If) -> None:
-        if is_type_checking(node.test):
-            for stmt in node.orelse:  # the else branch runs for real
-                self.visit(stmt)
-            return
-        self.generic_visit(node)
 
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
@@ -197,6 +194,13 @@ def test_the_import_scan_sees_the_package():
     # Guards the other tests against passing vacuously (a wrong path, a broken collector).
     assert {"freezetune", "freezetune.config", "freezetune.cli"} <= set(MODULES)
     assert any(i.importer == "freezetune.cli" for i in IMPORTS)
+
+
+def test_type_checking_imports_are_counted():
+    code = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from freezetune.config import Config\n"
+    collector = ImportCollector("freezetune.errors", MODULES["freezetune.errors"])
+    collector.visit(ast.parse(code))
+    assert [i.imported for i in collector.found] == ["freezetune.config"]
 
 
 def test_every_import_names_a_module():

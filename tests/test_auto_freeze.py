@@ -122,7 +122,7 @@ def test_stages_freeze_at_the_boundary_and_are_reported(straight):
     events = summary["auto_freeze"]["events"]
     assert [(e["stage"], e["step"], e["epoch"]) for e in events] == [("stem", 8, 2), ("layer1", 8, 2)]
     assert all(e["change"] < e["cut"] and e["params"] > 0 and len(e["sha256"]) == 64 for e in events)
-    logged = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "auto_freeze"]
+    logged = [r for r in read_jsonl(out / "events.jsonl") if r.get("event") == "auto_freeze"]
     assert [r["stage"] for r in logged] == ["stem", "layer1"] and "hashes" not in logged[0]
     checks = summary["auto_freeze"]["checks"]
     assert [c["epoch"] for c in checks] == [2]  # nothing left that may freeze: no more measuring
@@ -241,7 +241,7 @@ def test_resume_across_a_freeze_event_is_bit_identical(straight, tmp_path, stop_
     result = cli("train", "--resume", out, "train.max_steps=16")
     assert result.exit_code == 0, result.output
     assert [r["loss"] for r in step_rows(out)] == [r["loss"] for r in step_rows(out_straight)]
-    events = [r for r in read_jsonl(out / "metrics.jsonl") if "event" in r]
+    events = [r for r in read_jsonl(out / "events.jsonl") if "event" in r]
     assert [r["stage"] for r in events] == ["stem", "layer1"]  # neither lost nor logged twice
     a, b = (load_checkpoint(d / "checkpoint.pt") for d in (out_straight, out))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

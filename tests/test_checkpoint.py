@@ -53,7 +53,7 @@ def stderr_lines(result) -> list[str]:
 
 
 def temps(folder: Path) -> list[Path]:
-    return list(folder.glob(".*.tmp"))
+    return list(Path(folder).glob(".*.tmp"))
 
 
 # --------------------------------------------------------------------------------------------

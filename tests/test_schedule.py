@@ -49,7 +49,7 @@ def test_batchnorm_switches_to_train_mode_only_when_its_layer_unfreezes(tmp_path
 
     set_train_mode(r.model, r.plan)
     assert not r.model.layer4[0].bn1.training
-    r.apply_phases(1)
+    r.freeze.apply_phases(1)
     set_train_mode(r.model, r.plan)
     assert r.model.layer4[0].bn1.training and not r.model.layer3[0].bn1.training
 

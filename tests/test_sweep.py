@@ -194,7 +194,8 @@ def test_the_auto_arm_freezes_during_the_sweep_and_is_a_point_of_its_own(base, t
 
 
 def test_seeds_give_mean_and_sd_and_memory_is_measured_per_arm(base, tmp_path):
-    cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1})})
+    cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1}),
+                                  "data": base.data.model_copy(update={"train_size": 8})})
     result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "layer4")), seeds=2, prune=False, memory=True)
     for arm in result["arms"].values():
         assert [s["seed"] for s in arm["seeds"]] == [cfg.seed, cfg.seed + 1]
@@ -304,6 +305,7 @@ def test_resume_or_collect_of_a_folder_that_is_no_sweep(tmp_path, cli):
 
 def test_a_new_sweep_over_an_old_one_trains_from_the_start(base, tmp_path):
     cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1}),
+                                  "data": base.data.model_copy(update={"train_size": 8, "val_size": 8}),
                                   "output": base.output.model_copy(update={"overwrite": True})})
     arms = _arms(cfg, ("full", "layer4"))
     sweep(cfg, tmp_path / "s", arms, prune=False)
@@ -319,6 +321,7 @@ def test_a_frozen_tensor_that_moved_stops_the_sweep(base, tmp_path, monkeypatch)
     original = recipe_mod.Recipe.freeze_integrity
     monkeypatch.setattr(recipe_mod.Recipe, "freeze_integrity",
                         lambda self: {**original(self), "ok": False, "changed": ["conv1.weight"]})
-    cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1})})
+    cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1}),
+                                  "data": base.data.model_copy(update={"train_size": 8})})
     with pytest.raises(FreezeIntegrityError, match=r"arm layer[34] seed 0: frozen tensors changed: conv1.weight"):
         sweep(cfg, tmp_path / "s", _arms(cfg, ("layer4", "layer3")), prune=False)

@@ -21,7 +21,7 @@ from torch import nn
 
 from freezetune.config import Config, DataConfig, FreezeConfig, ModelConfig, OutputConfig, TrainConfig
 from freezetune.errors import DemoInputError
-from freezetune.freezing.integrity import fingerprint, tensor_sha256
+from freezetune.freezing.integrity import tensor_sha256
 from freezetune.training.recipe import Recipe, StepRecord
 
 # The frozen-layer demo: train layer4 and fc, freeze everything up to layer3.
@@ -284,13 +284,14 @@ def _frozen_arm(batchnorm: str, steps: int, seed: int, batch_size: int, image_si
             output=OutputConfig(dir=tmp, overwrite=True),
         )
         recipe = Recipe(config).setup()
-        model, plan = recipe.model, recipe.plan
+        model = recipe.model
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         before = {name: tensors[name].detach().clone() for name, _ in FROZEN_DEMO_TENSORS}
         frozen_bn = _frozen_region_bn(model)
         bn_before = {n: _bn_stats(m) for n, m in frozen_bn.items()}
         watched = {name: tensors[name] for name, _ in FROZEN_DEMO_TENSORS}
         losses, grad_seen = _train(recipe, watched)
+        ended = recipe.finish(summary=False)
     rows = [
         _change(name, role, before[name], tensors[name], grad_seen[name])
         for name, role in FROZEN_DEMO_TENSORS
@@ -299,8 +300,8 @@ def _frozen_arm(batchnorm: str, steps: int, seed: int, batch_size: int, image_si
         batchnorm=batchnorm,
         bn_mode="train" if frozen_bn["layer1.0.bn1"].training else "eval",
         tensors=rows,
-        fingerprint_tensors=len(recipe.frozen_before),
-        fingerprint_identical=sum(recipe.frozen_before[k] == v for k, v in fingerprint(model, plan).items()),
+        fingerprint_tensors=ended.integrity["tensors_checked"],
+        fingerprint_identical=ended.integrity["tensors_checked"] - len(ended.integrity["changed"]),
         frozen_bn_layers=len(frozen_bn),
         frozen_bn_drifted=sum(bn_before[n] != _bn_stats(m) for n, m in frozen_bn.items()),
         losses=losses,

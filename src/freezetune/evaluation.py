@@ -21,23 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from freezetune import __version__
 from freezetune.atomic import write_json
-from freezetune.config import Config, load_config
+from freezetune.config import Config
 from freezetune.errors import DataError, FreezetuneError, RunDirError, WeightsError, first_line
 from freezetune.export import merged_model
 from freezetune.lock import hold
 from freezetune.measure.device import device_description, resolve_device
 from freezetune.models.weights import build_model, read_weights_file, safe_torch_load
+from freezetune.records import Record
 from freezetune.speed.precision import autocast
 from freezetune.training.checkpoint import CHECKPOINT_NAME
 from freezetune.training.data import CheckedImageFolder, build_data, make_loader
 from freezetune.training.data import _transform as data_transform  # the run's own eval transform, not a copy
+from freezetune.training.run_dir import RunDir
 from freezetune.training.trainable import FORMAT, META_KEY, TRAINABLE_NAME
 
 EVAL_SCHEMA_VERSION = 1
@@ -56,11 +58,7 @@ class MissingExtraError(FreezetuneError):
 # The record
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TopK(_Record):
+class TopK(Record):
     """Samples whose true class is among the model's ``k`` highest logits."""
 
     k: int
@@ -68,7 +66,7 @@ class TopK(_Record):
     accuracy: float
 
 
-class ClassRow(_Record):
+class ClassRow(Record):
     """One class: its samples, how many were predicted right, and their mean loss (None without samples)."""
 
     name: str
@@ -78,7 +76,7 @@ class ClassRow(_Record):
     loss: float | None
 
 
-class DataRecord(_Record):
+class DataRecord(Record):
     """What was evaluated: the run's own split, or a folder."""
 
     kind: str  # split | folder
@@ -88,7 +86,7 @@ class DataRecord(_Record):
     classes_checked: str  # names | count: whether the run's class names were known to compare
 
 
-class SummaryCheck(_Record):
+class SummaryCheck(Record):
     """``summary.json``'s validation figures, kept when the run's own val split is evaluated at its step."""
 
     step: int
@@ -96,7 +94,7 @@ class SummaryCheck(_Record):
     val_loss: float | None
 
 
-class EvalResult(_Record):
+class EvalResult(Record):
     """What ``eval.json`` holds."""
 
     run_dir: str
@@ -118,7 +116,8 @@ class EvalResult(_Record):
     confusion: list[list[int]]  # rows: true class, columns: predicted class
     summary: SummaryCheck | None = None
     notes: list[str] = []
-    freezetune_version: str = __version__
+    # A factory, not a default, so that the committed JSON Schema does not name a version.
+    freezetune_version: str = Field(default_factory=lambda: __version__)
     schema_version: int = EVAL_SCHEMA_VERSION
 
 
@@ -207,9 +206,7 @@ def run_config(run_dir: Path) -> Config:
     """
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: run folder not found")
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"{run_dir}: no config.yaml (is this a freezetune run folder?)")
-    return load_config(run_dir / "config.yaml")
+    return RunDir(run_dir).config()
 
 
 def _torchmetrics():
@@ -485,11 +482,11 @@ def _summary_check(run_dir: Path, record: DataRecord, step: int | None) -> Summa
     if record.kind != "split" or record.split != "val":
         return None
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = RunDir(run_dir).summary()
         val = summary["val"]
         if step is None or summary["steps"] != step:
             return None
         return SummaryCheck(step=step, val_accuracy=val["accuracy"], val_loss=val["loss"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (RunDirError, KeyError, TypeError):
         return None
 

@@ -22,10 +22,10 @@ from torch import nn
 
 from freezetune import __version__
 from freezetune.atomic import TEMP_SUFFIX, atomic_write, write_error
-from freezetune.config import load_config
 from freezetune.errors import FreezetuneError, RunDirError, WeightsError, first_line
 from freezetune.lock import hold
 from freezetune.models.weights import LoadedModel, build_model
+from freezetune.training.run_dir import RunDir
 from freezetune.training.trainable import META_KEY, Trainable, load_trainable, merge
 
 
@@ -42,10 +42,7 @@ def rebuild_base(run_dir: str | Path, trainable: Trainable, base: str | Path | N
         RunDirError: If the run folder has no config.yaml.
         WeightsError: If the weights cannot be had or do not fit.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"{run_dir}: no config.yaml (is this a freezetune run folder?)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = RunDir(run_dir).config()
     if base is not None:
         weights = str(base)
         if not weights.endswith((".pth", ".pt", ".safetensors")):
@@ -167,7 +164,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, base: str | Path | None = 
     _check_out(out, ".onnx", overwrite, data_file)
     require_onnx()
     model, meta = merged_model(run_dir, base)
-    size = load_config(Path(run_dir) / "config.yaml").data.image_size
+    size = RunDir(run_dir).config().data.image_size
     inputs = check_inputs(size)
     with torch.no_grad():
         expected = [model(x).numpy() for x in inputs]  # the unfolded eval-mode model is the reference

@@ -44,7 +44,8 @@ def train(
     """
     from freezetune.errors import ConfigError
     from freezetune.render.console import ConsoleReporter, summary_table
-    from freezetune.training.recipe import resume_config, run
+    from freezetune.training.recipe import run
+    from freezetune.training.resume import resume_config
 
     if resume is not None:
         if config is not None:

@@ -33,9 +33,7 @@ from freezetune.compare.arms import ArmSpec
 from freezetune.config import Config
 from freezetune.freezing.integrity import (
     batchnorm_drift,
-    changed_tensors,
     combined_sha256,
-    fingerprint,
     frozen_layer_batchnorm_state,
     tensor_sha256,
 )
@@ -139,7 +137,7 @@ class ArmRunner:
                 return event
         # extend_to() gave the loop every step the comparison asks for, so only a non-finite loss ends it.
         reason = self.recipe.stop_reason
-        why = self.recipe.nonfinite if reason is StopReason.NONFINITE else reason
+        why = self.recipe.progress.nonfinite if reason is StopReason.NONFINITE else reason
         raise errors.NonFiniteLossError(f"arm {self.spec.name}: training stopped early ({why})")
 
     def _hash_batch(self, record: StepRecord) -> None:
@@ -156,10 +154,9 @@ class ArmRunner:
     def finish(self) -> dict:
         """Checks freeze integrity and summarises timing, memory, optimizer state and loss."""
         recipe = self.recipe
-        after = fingerprint(recipe.model, recipe.plan)
-        changed = changed_tensors(recipe.frozen_before, after)
+        ended = recipe.finish(summary=False)  # the arm writes no summary: the comparison's record is its own
+        integrity = ended.integrity
         timing = timing_stats(self.timed, self.config.data.batch_size)
-        recipe.release_run_dir()  # the arm writes nothing more
         return {
             "timing": {**timing, "warmup_steps": self.warmup_steps, "step_times_s": list(self.timed)},
             "memory": self._memory(),
@@ -171,11 +168,11 @@ class ArmRunner:
             "steps": len(self.losses),
             "batches_sha256": self._batch_hash.hexdigest(),
             "freeze_integrity": {
-                "ok": not changed,
-                "tensors_checked": len(after),
-                "changed": changed,
-                "sha256_before": combined_sha256(recipe.frozen_before),
-                "sha256_after": combined_sha256(after),
+                "ok": integrity["ok"],
+                "tensors_checked": integrity["tensors_checked"],
+                "changed": integrity["changed"],
+                "sha256_before": ended.frozen_sha256_before,
+                "sha256_after": integrity["sha256"],
             },
         }
 

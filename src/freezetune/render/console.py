@@ -83,8 +83,8 @@ class ConsoleReporter(Reporter):
             c.print(Panel(run.loaded.notice, title="NOTICE: random init", border_style="red"))
         else:
             c.print(f"weights: {run.loaded.weights_source}")
-        if run.resumed_from_step is not None:
-            c.print(f"resuming from step {run.resumed_from_step}")
+        if run.progress.resumed_from_step is not None:
+            c.print(f"resuming from step {run.progress.resumed_from_step}")
         c.print(params_table(run.params))
         c.print(trainable_line(run.params))
         bn = run.plan.frozen_bn

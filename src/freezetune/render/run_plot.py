@@ -25,8 +25,8 @@ from matplotlib.ticker import PercentFormatter
 
 from freezetune.atomic import atomic_write
 from freezetune.errors import RunDirError
-from freezetune.training.run_dir import read_jsonl
-from freezetune.training.summary import EPOCHS_NAME, EpochRecord
+from freezetune.training.run_dir import RunDir
+from freezetune.training.summary import EpochRecord
 
 PLOT_NAME = "training.png"
 FIGSIZE = (13, 8.5)
@@ -47,18 +47,15 @@ def read_run(run_dir: str | Path) -> dict:
     Raises:
         RunDirError: If the folder has no metrics.jsonl or no step logged yet.
     """
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise RunDirError(f"{run_dir}: no metrics.jsonl (is this a freezetune run folder?)")
-    rows = read_jsonl(metrics)
-    steps = [r for r in rows if "event" not in r and "step" in r]
+    folder = RunDir(run_dir)
+    if not folder.metrics.is_file():
+        raise RunDirError(f"{folder}: no metrics.jsonl (is this a freezetune run folder?)")
+    steps = [r for r in folder.step_rows() if "step" in r]
     if not steps:
-        raise RunDirError(f"{run_dir}: no training step logged yet")
-    epochs_path = run_dir / EPOCHS_NAME
-    epochs = [EpochRecord.from_dict(r).as_dict() for r in read_jsonl(epochs_path)] if epochs_path.is_file() else []
+        raise RunDirError(f"{folder}: no training step logged yet")
+    epochs = [EpochRecord.from_dict(r).as_dict() for r in folder.epoch_rows()]
     return {
-        "run_dir": str(run_dir),
+        "run_dir": str(folder),
         "step": [r["step"] for r in steps],
         "epoch": [r["epoch"] for r in steps],
         "loss": [r["loss"] for r in steps],
@@ -67,7 +64,7 @@ def read_run(run_dir: str | Path) -> dict:
         "warmup": [bool(r.get("warmup")) for r in steps],
         "cached": [bool(r.get("cached")) for r in steps],
         "val": [(e["step"], e["val_accuracy"]) for e in epochs if e["val_accuracy"] is not None],
-        "freeze_events": [(r["step"], r["stage"]) for r in rows if r.get("event") == "auto_freeze"
+        "freeze_events": [(r["step"], r["stage"]) for r in folder.event_rows() if r.get("event") == "auto_freeze"
                           and "step" in r and "stage" in r],
     }
 

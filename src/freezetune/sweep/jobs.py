@@ -24,8 +24,7 @@ from freezetune.atomic import write_json, write_text
 from freezetune.config import Config, dump_config
 from freezetune.errors import RunDirError
 from freezetune.sweep.arms import SweepArm, arm_config
-from freezetune.training.run_dir import read_jsonl
-from freezetune.training.summary import EPOCHS_NAME
+from freezetune.training.run_dir import RunDir
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -119,17 +118,10 @@ def read_manifest(out: Path) -> Manifest:
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict | None]:
-    """A job's epoch rows and its summary (None while it has not finished)."""
-    epochs_path, summary_path = run_dir / EPOCHS_NAME, run_dir / "summary.json"
-    epochs = read_jsonl(epochs_path) if epochs_path.is_file() else []
-    summary = None
-    if summary_path.is_file():
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise RunDirError(f"{summary_path}: not readable JSON (was the run killed while writing it?)") from None
-    # A run continued after a checkpoint may have logged epochs twice; the last word counts.
-    last = {}
-    for row in epochs:
-        last[row["epoch"]] = row
-    return [last[k] for k in sorted(last)], summary
+    """A job's epoch rows (the last word per epoch) and its summary (None while it has not finished).
+
+    Raises:
+        RunDirError: If the summary is there but not readable JSON.
+    """
+    folder = RunDir(run_dir)
+    return folder.epoch_rows(), folder.summary()

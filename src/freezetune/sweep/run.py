@@ -36,7 +36,7 @@ from freezetune.atomic import atomic_write, write_json
 from freezetune.compare.arms import BASELINE, ArmSpec
 from freezetune.compare.worker import ProcessArm
 from freezetune.config import Config, load_config
-from freezetune.errors import ConfigError, FreezeIntegrityError, RunDirError, WriteError
+from freezetune.errors import ConfigError, RunDirError, WriteError
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import preview
 from freezetune.lock import hold
@@ -50,7 +50,7 @@ from freezetune.sweep.jobs import Manifest, read_manifest, read_run, write_jobs
 from freezetune.sweep.result import FINISHED, assemble, seed_run, to_csv
 from freezetune.training.checkpoint import rng_state, set_rng_state
 from freezetune.training.recipe import Recipe, StopFlag
-from freezetune.training.run_dir import claim_run_dir
+from freezetune.training.run_dir import RunDir, claim_run_dir
 from freezetune.training.state import StopReason
 from freezetune.training.summary import EpochRecord
 
@@ -114,25 +114,20 @@ class Slot:
 
     def finish(self, pruned_after: int | None = None) -> None:
         """Ends the run (pruned, or after its loop ended), writes its summary and frees it."""
-        recipe = self.recipe
-        if pruned_after is not None:
-            recipe.stop(StopReason.PRUNED, f"pruned by the sweep after epoch {pruned_after}: {PRUNING_RULE}")
-        recipe.end_training()
-        summary = recipe.summarize(recipe.outcome())
-        recipe.cleanup()
-        if not summary["freeze_integrity"]["ok"]:  # a bug, never expected: stop the sweep loudly
-            changed = ", ".join(summary["freeze_integrity"]["changed"][:5])
-            raise FreezeIntegrityError(f"arm {self.arm} seed {self.seed}: frozen tensors changed: {changed}")
-        self.status = recipe.stop_reason.value
-        self.recipe, self.done = None, self.status != StopReason.INTERRUPTED.value
+        recipe, self.recipe = self.recipe, None
+        if pruned_after is None:
+            result = recipe.finish()
+        else:
+            result = recipe.finish(StopReason.PRUNED, f"pruned by the sweep after epoch {pruned_after}: {PRUNING_RULE}")
+        result.raise_if_moved(f"arm {self.arm} seed {self.seed}: ")  # a bug, never expected: stop the sweep loudly
+        self.status = result.status
+        self.done = self.status != StopReason.INTERRUPTED.value
 
     def park(self) -> None:
         """Releases a run left at an epoch boundary (its checkpoint is saved) when the sweep stops."""
         if self.recipe is not None:
-            if self.rng is not None:  # training had started
-                self.recipe.end_training()
-            self.recipe.cleanup()
-            self.recipe = None
+            recipe, self.recipe = self.recipe, None
+            recipe.finish(summary=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +289,7 @@ def _slots(out: Path, manifest: Manifest, configs: dict, resumed: bool) -> list[
             continue
         epochs, summary = read_run(run_dir)
         status = (summary or {}).get("status")
-        slot = Slot(job.arm, job.seed, configs[(job.arm, job.seed)], resume=(run_dir / "checkpoint.pt").is_file())
+        slot = Slot(job.arm, job.seed, configs[(job.arm, job.seed)], resume=RunDir(run_dir).has_checkpoint())
         if status in FINISHED:
             slot.done, slot.status = True, status
             slot.history = [EpochRecord.from_dict(e) for e in epochs]

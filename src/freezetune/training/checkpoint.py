@@ -15,9 +15,8 @@ from torch import nn
 from freezetune.atomic import atomic_write
 from freezetune.errors import WeightsError
 from freezetune.models.weights import safe_torch_load
+from freezetune.training.run_dir import CHECKPOINT_NAME
 from freezetune.training.state import RunState
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def rng_state() -> dict:

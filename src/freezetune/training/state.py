@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -50,3 +51,34 @@ class StopReason(enum.Enum):
     INTERRUPTED = "interrupted"  # SIGINT/SIGTERM (on any rank) with work left
     NONFINITE = "nonfinite"  # the loss became NaN or infinite (train.stop_on_nonfinite)
     PRUNED = "pruned"  # a sweep stopped the run: it could not come within the tolerance of the best arm
+
+
+@dataclass
+class Budget:
+    """How long the run trains: steps per epoch, the planned total, and the epoch limit.
+
+    Attributes:
+        per_epoch: Optimizer steps in one epoch (of this rank's share of the data).
+        total: Steps the run will take (epochs x batches, capped by ``train.max_steps``).
+        max_epochs: Epochs the run may start.
+    """
+
+    per_epoch: int
+    total: int
+    max_epochs: int
+
+    @classmethod
+    def of(cls, epochs: int, max_steps: int | None, per_epoch: int) -> Budget:
+        """The budget of ``epochs`` epochs of ``per_epoch`` steps, capped by ``max_steps`` (0/None: no cap)."""
+        total = epochs * per_epoch
+        return cls(per_epoch, min(total, max_steps) if max_steps else total, epochs)
+
+    def extend_to(self, steps: int) -> None:
+        """Lets the run take at least ``steps`` steps, adding the epochs they need."""
+        if steps > self.total:
+            self.total = steps
+            self.max_epochs = max(self.max_epochs, math.ceil(steps / max(1, self.per_epoch)))
+
+    def work_left(self, state: RunState) -> bool:
+        """Whether a run at ``state`` has steps left to train."""
+        return state.step < self.total and state.epoch < self.max_epochs

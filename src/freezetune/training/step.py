@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from freezetune.freezing.plan import FreezePlan, set_train_mode
 from freezetune.measure.timing import synchronize
+from freezetune.speed.execution import ExecutionPlan
 from freezetune.speed.feature_cache import FeatureCache
 from freezetune.speed.precision import autocast
 from freezetune.speed.prefix import SplitForward
@@ -77,6 +78,14 @@ class Engine:
     val_features_max_bytes: int = 0
     # Called after every update (freeze.auto's gradient-norm meter); part of the timed step.
     grad_probe: Callable[[], None] | None = None
+    # The decision this engine was built from (speed.execution.plan_execution).
+    execution: ExecutionPlan | None = None
+
+    def speed(self) -> dict:
+        """The execution path as the ``speed`` section of ``summary.json``, with the folded copy's bytes."""
+        if self.execution is None:
+            return {}
+        return {**self.execution.as_dict(), "folded_prefix_bytes": self.split.folded_bytes if self.split else 0}
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -6,69 +6,248 @@ Every key that existed before this record did is kept (tools outside the project
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torchvision
 
 from freezetune import __version__
+from freezetune.config import Config
 from freezetune.measure.device import device_description
 from freezetune.measure.memory import peak_memory
 from freezetune.measure.timing import timing_stats
+from freezetune.records import (
+    CacheChoice,
+    Execution,
+    LossEnds,
+    ParamCounts,
+    Record,
+    TimingStats,
+    Versions,
+    WeightsOrigin,
+)
 from freezetune.training import distributed as dist
+from freezetune.training.events import Outcome
 from freezetune.training.optim import optimizer_state_bytes
-from freezetune.training.run_dir import read_jsonl
+from freezetune.training.run_dir import EPOCHS_NAME, RunDir
 from freezetune.training.trainable import checkpoint_sizes
-
-if TYPE_CHECKING:
-    from freezetune.training.recipe import Outcome, Recipe
 
 SUMMARY_SCHEMA_VERSION = 1
 EPOCHS_SCHEMA_VERSION = 1
-EPOCHS_NAME = "epochs.jsonl"
+__all__ = ["EPOCHS_NAME", "EpochRecord", "RunFacts", "RunSummary", "build_summary"]
 _TIMED_WHAT = "forward+loss+backward+SGD step incl. host-to-device copy, synchronized"
 
 
-@dataclass
-class RunSummary:
+class RunWeights(WeightsOrigin):
+    """Where the run's starting weights came from, and whether the classifier was replaced."""
+
+    head_replaced: bool
+
+
+class ModuleParams(Record):
+    """One top-level module's parameters by ``requires_grad``."""
+
+    total: int
+    trainable: int
+    frozen: int
+
+
+class RunParams(ParamCounts):
+    """Parameter counts as the run started (``freezing.params.count_params``)."""
+
+    by_module: dict[str, ModuleParams]  # keyed by top-level module name (``layer3``)
+
+
+class RunFreeze(Record):
+    """The BatchNorm policy, and how many BatchNorm layers it keeps in eval mode."""
+
+    batchnorm: str
+    frozen_batchnorm_layers: int
+
+
+class RunTiming(TimingStats):
+    """Every timed step of the run (warm-up excluded), and what one step's time covers."""
+
+    warmup_steps: int
+    what: str
+
+
+class TimingByPath(Record):
+    """The timed steps split by whether they read cached features."""
+
+    uncached: TimingStats
+    cached: TimingStats
+
+
+class EpochTime(Record):
+    """One pass over an epoch's batches in this process (``training.recipe.EpochEnd``)."""
+
+    epoch: int
+    seconds: float  # this process's pass
+    steps: int
+    cached: bool
+    epoch_seconds: float  # the whole epoch's, earlier processes' share included
+
+
+class CacheUse(CacheChoice):
+    """The feature-cache choice, with the cache's size and whether it is memory-mapped from the run folder."""
+
+    bytes: int
+    on_disk: bool
+
+
+class Speed(Execution):
+    """The execution path the run took (``summary.json``'s ``speed``)."""
+
+    feature_cache: CacheUse
+
+
+class PeakMemory(Record):
+    """Peak memory (``measure.memory.peak_memory``)."""
+
+    peak_bytes: int
+    kind: str  # cuda_max_allocated | process_peak_rss
+
+
+class CheckpointSizes(Record):
+    """Sizes of the full and the trainable-only checkpoint (null when absent), and the newest's step."""
+
+    full_bytes: int | None
+    trainable_bytes: int | None
+    step: int | None
+
+
+class ValFigures(Record):
+    """The last validation's top-1 accuracy and mean loss (null without validation data)."""
+
+    accuracy: float | None
+    loss: float | None
+
+
+class RunIntegrity(Record):
+    """The run's freeze-integrity check: every still-frozen tensor against its hash from the start."""
+
+    ok: bool
+    tensors_checked: int
+    changed: list[str]
+    sha256: str
+    checked_when_unfrozen: int  # tensors a freeze.schedule phase unfroze, checked when it did
+    frozen_mid_run: int  # tensors freeze.auto froze
+    ranks_ok: list[bool]  # per rank
+
+
+class SchedulePhase(Record):
+    """One applied ``freeze.schedule`` phase (``freezing.schedule.PhaseRecord``)."""
+
+    epoch: int
+    unfreeze: list[str]
+    tensors: int
+    params: int
+    lr_mult: float
+    groups: list[str]
+    unchanged_while_frozen: bool
+
+
+class AutoFreezeEvent(Record):
+    """One stage ``freeze.auto`` froze (``freezing.auto.FreezeEvent`` without its per-tensor hashes)."""
+
+    step: int
+    epoch: int
+    stage: str
+    change: float
+    cut: float
+    criterion: str
+    grad_norm: float
+    tensors: int
+    params: int
+    sha256: str
+    optimizer_bytes_freed: int
+
+
+class AutoFreezeCheck(Record):
+    """One interval boundary's criterion values, whether a stage froze or not."""
+
+    epoch: int
+    step: int
+    changes: dict[str, float]  # per trainable stage, its relative change of mean gradient norm
+    cut: float
+    candidates: list[str]
+    froze: list[str]
+
+
+class AutoFreezeSummary(Record):
+    """What ``freeze.auto`` did (``freezing.auto.AutoFreezer.summary``)."""
+
+    # The ``freeze.auto`` config section as dumped (``config.AutoFreezeConfig``'s fields): its shape
+    # is the config's, declared there; here only the kinds of its values.
+    config: dict[str, int | float | str | None]
+    events: list[AutoFreezeEvent]
+    checks: list[AutoFreezeCheck]
+    stages_frozen: list[str]
+    params_frozen: int
+    optimizer_bytes_freed: int
+
+
+class OptimizerGroup(Record):
+    """One optimizer parameter group as the run ended."""
+
+    name: str | None
+    lr: float
+    lr_mult: float
+    params: int
+
+
+class OptimizerSummary(Record):
+    """The optimizer's parameter groups and the learning-rate schedule."""
+
+    groups: list[OptimizerGroup]
+    scheduler: str
+
+
+class DistributedSummary(Record):
+    """The number of processes, and each rank's own step times."""
+
+    world_size: int
+    timing_per_rank: list[TimingStats]
+
+
+class RunSummary(Record):
     """What ``summary.json`` holds; see the guide for the meaning of each section."""
 
-    status: str
+    status: str  # completed | interrupted | nonfinite | pruned
     error: str | None
     freezetune_version: str
     device: str
-    versions: dict
+    versions: Versions
     model: str
-    weights: dict
-    params: dict
-    freeze: dict
+    weights: RunWeights
+    params: RunParams
+    freeze: RunFreeze
     steps: int
     epochs_completed: int
-    timing: dict
-    timing_by_path: dict
-    epochs: list[dict]
-    speed: dict
-    memory: dict
+    timing: RunTiming
+    timing_by_path: TimingByPath
+    epochs: list[EpochTime]
+    speed: Speed
+    memory: PeakMemory
     optimizer_state_bytes: int
-    checkpoint: dict
-    loss: dict
-    val: dict
-    freeze_integrity: dict
-    schedule: list[dict]
-    auto_freeze: dict | None
-    optimizer: dict
-    distributed: dict
+    checkpoint: CheckpointSizes
+    loss: LossEnds
+    val: ValFigures
+    freeze_integrity: RunIntegrity
+    schedule: list[SchedulePhase]
+    auto_freeze: AutoFreezeSummary | None
+    optimizer: OptimizerSummary
+    distributed: DistributedSummary
     run_dir: str
     schema_version: int = SUMMARY_SCHEMA_VERSION
 
     def as_dict(self) -> dict:
-        """Plain data for JSON."""
-        return asdict(self)
+        """Plain data for JSON: every key, in declaration order."""
+        return self.model_dump()
 
 
-@dataclass
-class EpochRecord:
+class EpochRecord(Record):
     """One line of ``epochs.jsonl``: an epoch's training time and its validation, written at its end.
 
     Attributes:
@@ -97,66 +276,116 @@ class EpochRecord:
 
     def as_dict(self) -> dict:
         """Plain data for JSON."""
-        return asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: dict) -> EpochRecord:
-        """Reads one line back; keys written by newer versions are ignored."""
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        """Reads one line back; keys written by newer versions are ignored (the record itself forbids them)."""
+        return cls(**{k: data[k] for k in cls.model_fields if k in data})
 
 
-def build_summary(recipe: Recipe, outcome: Outcome, integrity: dict) -> dict:
+@dataclass
+class RunFacts:
+    """What an ended run hands to :func:`build_summary`: the facts, not the live recipe.
+
+    Attributes:
+        config: The run's config.
+        info: The distributed setup.
+        device: Where it trained.
+        run_dir: The run folder (its ``metrics.jsonl`` holds every step of the run).
+        outcome: How training went.
+        integrity: The freeze-integrity check.
+        step_times: This process's step times, warm-up included (for the per-rank timing).
+        epochs: This process's epoch ends (``EpochEnd`` dicts).
+        steps: Optimizer steps taken in the whole run.
+        epochs_completed: Completed epochs.
+        weights: ``source``, ``notice`` and ``head_replaced`` of the loaded weights.
+        params: Parameter counts as the run started.
+        batchnorm: The BatchNorm policy.
+        frozen_batchnorm_layers: BatchNorm layers kept in eval mode.
+        speed: The execution path (``summary.json``'s ``speed`` without the cache's size).
+        cache_bytes: Bytes of the feature cache (0 without one).
+        cache_on_disk: Whether the cache is memory-mapped from the run folder.
+        optimizer: The optimizer as it ended.
+        saved_step: The newest checkpoint's step, else None.
+        schedule: The applied unfreeze phases (``PhaseRecord`` dicts).
+        auto_freeze: ``freeze.auto``'s summary, else None.
+    """
+
+    config: Config
+    info: dist.DistInfo
+    device: torch.device
+    run_dir: RunDir
+    outcome: Outcome
+    integrity: dict
+    step_times: list[float]
+    epochs: list[dict]
+    steps: int
+    epochs_completed: int
+    weights: dict
+    params: dict
+    batchnorm: str
+    frozen_batchnorm_layers: int
+    speed: dict
+    cache_bytes: int
+    cache_on_disk: bool
+    optimizer: torch.optim.Optimizer
+    saved_step: int | None
+    schedule: list[dict]
+    auto_freeze: dict | None
+
+
+def build_summary(facts: RunFacts) -> dict:
     """The summary of a finished (or stopped) run; on ranks other than 0, only rank and integrity.
 
     Per-step records come from ``metrics.jsonl``, so a resumed run's summary covers every step
     of the run, not only those of the last process.
     """
-    cfg, bs = recipe.config, recipe.config.data.batch_size
-    per_rank = dist.gather(timing_stats(recipe.step_times[cfg.train.warmup_steps:], bs), recipe.dist)
-    if not recipe.dist.is_main:
-        return {"rank": recipe.dist.rank, "freeze_integrity": integrity}
-    records = [r for r in read_jsonl(recipe.run_dir / "metrics.jsonl") if "event" not in r]  # steps only
+    cfg, bs = facts.config, facts.config.data.batch_size
+    per_rank = dist.gather(timing_stats(facts.step_times[cfg.train.warmup_steps:], bs), facts.info)
+    if not facts.info.is_main:
+        return {"rank": facts.info.rank, "freeze_integrity": facts.integrity}
+    records = facts.run_dir.step_rows()
     timed = [r for r in records if not r.get("warmup")]
     losses = [r["loss"] for r in records]
-    cache = recipe.engine.cache
+    outcome = facts.outcome
     return RunSummary(
         status=outcome.status,
         error=outcome.error,
         freezetune_version=__version__,
-        device=device_description(recipe.device),
+        device=device_description(facts.device),
         versions={"torch": torch.__version__, "torchvision": torchvision.__version__},
         model=cfg.model.name,
-        weights={"source": recipe.loaded.weights_source, "notice": recipe.loaded.notice,
-                 "head_replaced": recipe.loaded.head_replaced},
-        params=recipe.params,
-        freeze={"batchnorm": recipe.plan.batchnorm, "frozen_batchnorm_layers": len(recipe.plan.frozen_bn)},
-        steps=recipe.state.step,
-        epochs_completed=recipe.state.epoch,
+        weights=facts.weights,
+        params=facts.params,
+        freeze={"batchnorm": facts.batchnorm, "frozen_batchnorm_layers": facts.frozen_batchnorm_layers},
+        steps=facts.steps,
+        epochs_completed=facts.epochs_completed,
         timing={**timing_stats([r["step_time_s"] for r in timed], bs),
                 "warmup_steps": cfg.train.warmup_steps, "what": _TIMED_WHAT},
         timing_by_path={
             "uncached": timing_stats([r["step_time_s"] for r in timed if not r.get("cached")], bs),
             "cached": timing_stats([r["step_time_s"] for r in timed if r.get("cached")], bs),
         },
-        epochs=recipe.epoch_times,
-        speed={**recipe.speed, "feature_cache": {
-            **recipe.speed.get("feature_cache", {}),
-            "bytes": cache.nbytes if cache else 0,
-            "on_disk": bool(cache and cache.on_disk),
+        epochs=facts.epochs,
+        speed={**facts.speed, "feature_cache": {
+            **facts.speed.get("feature_cache", {}),
+            "bytes": facts.cache_bytes,
+            "on_disk": facts.cache_on_disk,
         }},
-        memory=peak_memory(recipe.device),
-        optimizer_state_bytes=optimizer_state_bytes(recipe.optimizer),
-        checkpoint={**checkpoint_sizes(recipe.run_dir), "step": recipe.saved_step},
+        memory=peak_memory(facts.device),
+        optimizer_state_bytes=optimizer_state_bytes(facts.optimizer),
+        checkpoint={**checkpoint_sizes(facts.run_dir.path), "step": facts.saved_step},
         loss={"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
         val={"accuracy": outcome.val["accuracy"] if outcome.val else None,
              "loss": outcome.val["loss"] if outcome.val else None},
-        freeze_integrity=integrity,
-        schedule=[p.as_dict() for p in recipe.phases],
-        auto_freeze=recipe.auto.summary() if recipe.auto is not None else None,
+        freeze_integrity=facts.integrity,
+        schedule=facts.schedule,
+        auto_freeze=facts.auto_freeze,
         optimizer={"groups": [{"name": g.get("name"), "lr": g["lr"], "lr_mult": g.get("lr_mult", 1.0),
                                "params": sum(p.numel() for p in g["params"])}
-                              for g in recipe.optimizer.param_groups],
+                              for g in facts.optimizer.param_groups],
                    "scheduler": cfg.optim.scheduler},
-        distributed={"world_size": recipe.dist.world_size, "timing_per_rank": per_rank},
-        run_dir=str(recipe.run_dir),
+        distributed={"world_size": facts.info.world_size, "timing_per_rank": per_rank},
+        run_dir=str(facts.run_dir),
     ).as_dict()

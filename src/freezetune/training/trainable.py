@@ -24,10 +24,9 @@ from freezetune.atomic import atomic_write, write_json
 from freezetune.errors import WeightsError, first_line
 from freezetune.freezing.integrity import combined_sha256, frozen_state, tensor_sha256
 from freezetune.freezing.plan import FreezePlan
-from freezetune.training.checkpoint import CHECKPOINT_NAME
+from freezetune.training.run_dir import CHECKPOINT_NAME, TRAINABLE_NAME
+from freezetune.training.run_dir import TRAINABLE_MANIFEST_NAME as MANIFEST_NAME
 
-TRAINABLE_NAME = "checkpoint.trainable.safetensors"
-MANIFEST_NAME = "checkpoint.trainable.json"
 FORMAT = "freezetune-trainable/1"
 META_KEY = "freezetune"
 
