@@ -185,9 +185,9 @@ def test_a_grown_prefix_fills_its_cache_from_the_old_one_and_trains_from_it_at_o
     epochs = read_jsonl(out / "epochs.jsonl")
     assert [e["cached"] for e in epochs] == [False, True, True, True]  # epoch 2 needed no image
     # The same run filling layer1's cache from images instead: the same losses, bit for bit.
-    import freezetune.training.recipe as recipe_module
+    import freezetune.training.loop as loop_module
 
-    monkeypatch.setattr(recipe_module, "extend_cache", lambda old, new, batch_size: False)
+    monkeypatch.setattr(loop_module, "extend_cache", lambda old, new, batch_size: False)
     slow = tmp_path / "from-images"
     run(load_config(None, overrides(slow, **GROWING)))
     assert [e["cached"] for e in read_jsonl(slow / "epochs.jsonl")] == [False, True, False, True]

@@ -195,7 +195,7 @@ def test_resume_from_a_folder_without_checkpoint(tmp_path):
 def test_ctrl_c_stops_after_the_step_and_resume_matches(uninterrupted, tmp_path, monkeypatch):
     """SIGINT arrives in the middle of step 3: the step completes, is checkpointed and logged, the
     summary is written, exit 130 with the resume command; resuming then matches the straight run."""
-    import freezetune.training.recipe as train_module
+    import freezetune.training.loop as train_module  # the loop calls train_step
 
     real_step, calls = train_module.train_step, []
 

@@ -17,6 +17,7 @@ REASONS = dict.fromkeys(["prefix_without_autograd", "fold_batchnorm", "prefix_ch
 SPEED = {"frozen_prefix": ["conv1"], "prefix_without_autograd": True, "folded_batchnorm": False,
          "prefix_channels_last": False, "feature_cache": {"enabled": True, "reason": "why"}, "precision": "fp32",
          "channels_last": False, "compile": False, "ddp": False, "reasons": REASONS, "folded_prefix_bytes": 0}
+EPOCHS = [{"epoch": 0, "seconds": 1.0, "steps": 2, "cached": False, "epoch_seconds": 1.0}]
 INTEGRITY = {"ok": True, "tensors_checked": 2, "changed": [], "sha256": "0" * 64, "checked_when_unfrozen": 0,
              "frozen_mid_run": 0, "ranks_ok": [True]}
 
@@ -33,7 +34,7 @@ def _facts(tmp_path, tiny, info=DistInfo(), **extra) -> RunFacts:
     values = dict(
         config=tiny(), info=info, device=torch.device("cpu"), run_dir=RunDir(tmp_path),
         outcome=Outcome(status="completed", val={"accuracy": 0.75, "loss": 0.5}),
-        integrity=INTEGRITY, step_times=[9.0, 0.2, 0.1], epochs=[{"epoch": 0, "seconds": 1.0, "steps": 2, "cached": False, "epoch_seconds": 1.0}], steps=3, epochs_completed=2,
+        integrity=INTEGRITY, step_times=[9.0, 0.2, 0.1], epochs=EPOCHS, steps=3, epochs_completed=2,
         weights={"source": "random-init", "notice": None, "head_replaced": False},
         params={"total": 3, "trainable": 3, "frozen": 0, "trainable_pct": 100.0,
                 "by_module": {"fc": {"total": 3, "trainable": 3, "frozen": 0}}},

@@ -130,11 +130,11 @@ class _Epochs:
 
 def test_ctrl_c_mid_epoch_then_resume_finishes_without_retraining(base, swept, tmp_path, monkeypatch):
     """Ctrl-C during full's second epoch: it saves mid-epoch; --resume trains only what is left."""
-    from freezetune.training import recipe as recipe_mod
+    from freezetune.training import loop as loop_mod
 
     out = tmp_path / "sweep"
     calls = {"n": 0}
-    original = recipe_mod.Recipe._step
+    original = loop_mod.TrainingLoop._step
 
     def step(self, *args, **kwargs):
         calls["n"] += 1
@@ -142,10 +142,10 @@ def test_ctrl_c_mid_epoch_then_resume_finishes_without_retraining(base, swept, t
             signal.raise_signal(signal.SIGINT)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(recipe_mod.Recipe, "_step", step)
+    monkeypatch.setattr(loop_mod.TrainingLoop, "_step", step)
     first = _Epochs()
     assert sweep(base, out, _arms(base), prune=False, memory=False, reporter=first)["status"] == "interrupted"
-    monkeypatch.setattr(recipe_mod.Recipe, "_step", original)
+    monkeypatch.setattr(loop_mod.TrainingLoop, "_step", original)
     assert first.epochs == [("full", 0), ("layer3", 0), ("layer4", 0)]
     assert json.loads((out / "runs/full/seed-0/summary.json").read_text())["status"] == "interrupted"
 

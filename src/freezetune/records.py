@@ -96,7 +96,7 @@ class ExecutionReasons(Record):
 
 
 class Execution(Record):
-    """How every training step runs (``Recipe.speed``: ``ExecutionPlan.as_dict`` and the folded copy's bytes)."""
+    """How every training step runs (``Engine.speed()``: ``ExecutionPlan.as_dict`` and the folded copy's bytes)."""
 
     frozen_prefix: list[str]
     prefix_without_autograd: bool

@@ -97,19 +97,19 @@ class ArmRunner:
         cfg = self.config
         flops = step_flops(recipe.model, cfg.data.batch_size, cfg.data.image_size, cfg.model.num_classes)
         if recipe.engine.cache is not None:
-            flops = without_prefix(flops, prefix_modules(cfg.model.name, list(recipe.execution.frozen_prefix)))
+            flops = without_prefix(flops, prefix_modules(cfg.model.name, list(recipe.engine.execution.frozen_prefix)))
         state = {name: tensor_sha256(t) for name, t in recipe.model.state_dict().items()}
         self._bn_before = frozen_layer_batchnorm_state(recipe.model)
         self._events = recipe.loop()
         self._memory_start = self._start_memory_window()
         return {
-            "params": {k: recipe.params[k] for k in ("total", "trainable", "frozen", "trainable_pct")},
+            "params": {k: recipe.freeze.initial_params[k] for k in ("total", "trainable", "frozen", "trainable_pct")},
             "flops": flops,
             "initial_weights_sha256": combined_sha256(state),
             "device": device_description(recipe.device),
             "frozen_batchnorm_layers": len(recipe.plan.frozen_bn),
             "weights_source": recipe.loaded.weights_source,
-            "execution": recipe.speed,
+            "execution": recipe.engine.speed(),
         }
 
     def fill(self) -> dict:

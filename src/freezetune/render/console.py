@@ -85,8 +85,8 @@ class ConsoleReporter(Reporter):
             c.print(f"weights: {run.loaded.weights_source}")
         if run.progress.resumed_from_step is not None:
             c.print(f"resuming from step {run.progress.resumed_from_step}")
-        c.print(params_table(run.params))
-        c.print(trainable_line(run.params))
+        c.print(params_table(run.freeze.initial_params))
+        c.print(trainable_line(run.freeze.initial_params))
         bn = run.plan.frozen_bn
         c.print(f"batchnorm: {run.plan.batchnorm} ({len(bn)} BatchNorm layers kept in eval mode)")
 

@@ -25,7 +25,7 @@ from torch import nn
 from freezetune.config import Config
 from freezetune.errors import WeightsError
 from freezetune.freezing.auto import AutoFreezer, FreezeEvent
-from freezetune.freezing.integrity import changed_tensors, combined_sha256, fingerprint
+from freezetune.freezing.integrity import changed_tensors, combined_sha256, fingerprint, frozen_state
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import FreezePlan
 from freezetune.freezing.schedule import PhaseRecord, phases_due, unfreeze_phase
@@ -214,6 +214,11 @@ class FreezeController:
                           frozen=[n for n in plan.frozen if n not in mid_run],
                           frozen_bn=[n for n in plan.frozen_bn if not any(k.startswith(n + ".") for k in mid_run)],
                           batchnorm=plan.batchnorm)
+
+    def base_sha256(self) -> str:
+        """The combined hash of the trainable checkpoint's base: what :meth:`base_plan` freezes, as it froze."""
+        frozen_now = set(frozen_state(self.model, self.base_plan()))
+        return combined_sha256({k: h for k, h in self.frozen_before.items() if k in frozen_now})
 
     def logged_event_kept(self, row: dict) -> bool:
         """Whether an event row of an interrupted process is one the checkpoint holds (else it recurs)."""

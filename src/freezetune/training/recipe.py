@@ -27,56 +27,35 @@ from torch import nn
 
 from freezetune.atomic import remove_stale_temps
 from freezetune.config import Config
-from freezetune.errors import NonFiniteLossError, WeightsError, WriteError, first_line
-from freezetune.freezing.integrity import combined_sha256, frozen_state
-from freezetune.freezing.plan import apply_freeze, set_train_mode
+from freezetune.errors import NonFiniteLossError, WriteError
+from freezetune.freezing.integrity import combined_sha256
+from freezetune.freezing.plan import apply_freeze
 from freezetune.measure.device import resolve_device
 from freezetune.measure.memory import reset_peak_memory
 from freezetune.measure.timing import synchronize
 from freezetune.models.weights import build_model
 from freezetune.speed.precision import grad_scaler
 from freezetune.training import distributed as dist
-from freezetune.training.batches import epoch_batches
-from freezetune.training.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from freezetune.training.checkpoint import save_checkpoint
 from freezetune.training.data import build_data
 from freezetune.training.engine_build import build_engine
 from freezetune.training.events import EpochEnd, Outcome, Progress, RunResult, StepRecord
-from freezetune.training.freeze_controller import FreezeChange, FreezeController
+from freezetune.training.freeze_controller import FreezeController
 from freezetune.training.logs import RunLogs
-from freezetune.training.optim import build_optimizer, plain_optimizer, set_lr
-from freezetune.training.resume import check_work_left, resume_config
+from freezetune.training.loop import TrainingLoop
+from freezetune.training.optim import build_optimizer, plain_optimizer
+from freezetune.training.reporter import Reporter
+from freezetune.training.resume import check_work_left, restore, resume_config
 from freezetune.training.run_dir import RunDir
 from freezetune.training.signals import StopFlag
 from freezetune.training.state import Budget, RunState, StopReason
-from freezetune.training.step import Batch, evaluate, extend_cache, fill_cache, train_step
+from freezetune.training.step import Engine, evaluate
 from freezetune.training.summary import EpochRecord, RunFacts, build_summary
 from freezetune.training.tensorboard import summary_writer_class
 from freezetune.training.trainable import save_trainable
 
 __all__ = ["EpochEnd", "Outcome", "Recipe", "Reporter", "RunResult", "StepRecord", "StopFlag", "planned_steps",
            "resume_config", "run", "verdict"]
-
-
-class Reporter:
-    """Receives progress events; subclass it to print. Every method is optional."""
-
-    def setup_done(self, run: Recipe) -> None:  # noqa: D102
-        pass
-
-    def train_start(self, total_steps: int, start_step: int) -> None:  # noqa: D102
-        pass
-
-    def step(self, record: dict) -> None:  # noqa: D102
-        pass
-
-    def validation(self, epoch: int, result: dict) -> None:  # noqa: D102
-        pass
-
-    def message(self, text: str) -> None:  # noqa: D102
-        pass
-
-    def train_end(self) -> None:  # noqa: D102
-        pass
 
 
 class Recipe:
@@ -94,15 +73,11 @@ class Recipe:
                  plain_baseline: bool = False):
         self.config, self.reporter = config, reporter or Reporter()
         self.resume, self.plain_baseline = resume, plain_baseline
-        self.state = RunState()
-        self.progress = Progress()
-        self.loss_fn = nn.CrossEntropyLoss()
         self.run_dir = RunDir(config.output.dir)
-        self.engine = None
         self.scaler: torch.amp.GradScaler | None = None
+        self.training: TrainingLoop | None = None  # the engine, built by setup()
         self.logs: RunLogs | None = None  # opened by start_training, closed by end_training
         self._events: Iterator | None = None  # the running loop
-        self._stop: StopFlag | None = None
 
     # ----------------------------------------------------------------------------------------
     # setup
@@ -122,7 +97,7 @@ class Recipe:
             self._setup_run_dir()
             self._setup_optimizer()
             self._setup_state()
-            self._setup_execution()
+            self.training.engine = self._build_engine()
         except BaseException:
             self.run_dir.release()  # a run that never started must not keep its folder locked
             raise
@@ -162,13 +137,16 @@ class Recipe:
 
     def _setup_state(self) -> None:
         self.scaler = grad_scaler(self.config.train.precision, self.device)
+        self.training = TrainingLoop(self.config, self.dist, self.device, self.freeze, self.optimizer, RunState(),
+                                     self.budget, None, self._build_engine, self._say, self.data.train)
         if self.resume:
-            self._restore()
-            check_work_left(self.run_dir, self.budget.work_left(self.state), self.state.step)
+            state = self.training.state = restore(self.run_dir, self.freeze, self.model, self.optimizer, self.scaler)
+            self.progress.resumed_from_step = self.progress.saved_step = state.step
+            check_work_left(self.run_dir, self.budget.work_left(state), state.step)
             if self.dist.is_main:
                 remove_stale_temps(self.run_dir.path)  # left by a process killed while saving
                 # Steps, events and epochs logged after the checkpoint will be redone.
-                self.run_dir.truncate_logs(self.state.step, self.freeze.logged_event_kept)
+                self.run_dir.truncate_logs(state.step, self.freeze.logged_event_kept)
                 # Record the train.* overrides, so that resuming again continues with them.
                 self.run_dir.write_config(self.config)
         else:
@@ -178,32 +156,20 @@ class Recipe:
                 self.run_dir.write_config(self.config)
         dist.barrier(self.dist)
 
-    def _restore(self) -> None:
-        path = self.run_dir.checkpoint
-        ckpt = load_checkpoint(path)
-        try:
-            # Replay the freeze changes the run had reached first, so the freeze state and the
-            # optimizer's param groups are exactly those the checkpoint was saved with.
-            state = RunState.from_checkpoint(ckpt)
-            replayed = self.freeze.load_state_dict(state.as_dict(), self.optimizer, self.run_dir.fingerprints())
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first_line(e)})") from None
-        self.state = state
-        self.freeze.check_replayed(replayed, path)
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-        if self.scaler is not None and ckpt.get("scaler"):
-            # A resumed fp16 run continues with the loss scale it had reached, instead of
-            # re-learning it from 65536 through a burst of skipped (overflowing) steps.
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.progress.resumed_from_step = self.progress.saved_step = state.step
+    def _build_engine(self) -> Engine:
+        """The execution path that ``plan_execution`` chooses for the current freeze state."""
+        return build_engine(self.model, self.plan, self.config, self.optimizer, self.device, self.dist,
+                            self.data.train, self.run_dir.path, self.scaler, self.freeze.grad_probe())
 
-    def _setup_execution(self) -> None:
-        """Builds the execution path that ``plan_execution`` chose, for the current freeze state."""
-        self.engine = build_engine(self.model, self.plan, self.config, self.optimizer, self.device, self.dist,
-                                   self.data.train, self.run_dir.path, self.scaler, self.freeze.grad_probe())
+    def _say(self, line: str, event: dict | None, log: bool) -> None:
+        """Reports a freeze change's line, and logs it (as a text, or with its event row)."""
+        self.reporter.message(line)
+        if self.logs is None or not log:  # a comparison arm logs nothing
+            return
+        if event is None:
+            self.logs.text(line, self.state.step)
+        else:
+            self.logs.event(event, line, self.state.step)
 
     # ----------------------------------------------------------------------------------------
     # what the run is (read by the console, compare, the demo and tests)
@@ -219,32 +185,29 @@ class Recipe:
         return self.freeze.plan
 
     @property
-    def params(self) -> dict:
-        """Parameter counts as the run started."""
-        return self.freeze.initial_params
-
-    @property
     def auto(self):
         """``freeze.auto``'s state, or None."""
         return self.freeze.auto
 
     @property
-    def frozen_before(self) -> dict[str, str]:
-        """The frozen tensors' hashes from when they froze."""
-        return self.freeze.frozen_before
+    def engine(self) -> Engine | None:
+        """The execution path every step runs through (rebuilt at each freeze change)."""
+        return self.training.engine if self.training is not None else None
 
     @property
-    def execution(self):
-        """The execution decision the current engine was built from."""
-        return self.engine.execution if self.engine is not None else None
+    def state(self) -> RunState:
+        """Where the run stands: step, epoch, position in the epoch."""
+        return self.training.state
 
     @property
-    def speed(self) -> dict:
-        """The execution path as the ``speed`` section of ``summary.json``, with the folded copy's bytes."""
-        if self.execution is None:
-            return {}
-        split = self.engine.split
-        return {**self.execution.as_dict(), "folded_prefix_bytes": split.folded_bytes if split else 0}
+    def progress(self) -> Progress:
+        """What this process has done so far."""
+        return self.training.progress
+
+    @property
+    def loss_fn(self) -> nn.Module:
+        """The training loss."""
+        return self.training.loss_fn
 
     @property
     def stop_reason(self) -> StopReason | None:
@@ -252,19 +215,9 @@ class Recipe:
         return self.progress.stop_reason
 
     @property
-    def nonfinite(self) -> str | None:
-        """What the loss became, and at which step, if that stopped the run."""
-        return self.progress.nonfinite
-
-    @property
-    def resumed_from_step(self) -> int | None:
-        """The checkpoint's step when resumed, else None."""
-        return self.progress.resumed_from_step
-
-    @property
     def finished(self) -> bool:
         """Whether the run has trained every step it planned."""
-        return not self.budget.work_left(self.state)
+        return self.training.finished
 
     def extend_to(self, steps: int) -> None:
         """Lets the loop run at least ``steps`` steps in total, past the config's own length if need be.
@@ -274,123 +227,13 @@ class Recipe:
         """
         self.budget.extend_to(steps)
 
-    # ----------------------------------------------------------------------------------------
-    # the training loop
-
     def loop(self) -> Iterator[StepRecord | EpochEnd]:
-        """The training loop: yields every step, and the end of every epoch, until the run stops.
-
-        Sets :attr:`stop_reason` when it ends. :meth:`train` logs, validates and checkpoints on
-        the events; a comparison arm takes steps a block at a time and ignores epoch ends.
-        """
-        self.progress.warmup_left = self.config.train.warmup_steps  # untimed steps of this process
-        while self.budget.work_left(self.state):
-            if self._signalled():  # arrived during validation or a checkpoint save
-                self.progress.stop_reason = StopReason.INTERRUPTED
-                return
-            end = yield from self._epoch(self.state.epoch)
-            if end is None:
-                return  # _epoch set the stop reason
-            yield end
-        self.progress.stop_reason = StopReason.COMPLETED
-
-    def _epoch(self, epoch: int) -> Iterator[StepRecord]:
-        """One pass over the epoch's remaining batches; returns its EpochEnd, or None if the run stops."""
-        # Timed from before the epoch-start hook: re-planning after a freeze change and filling a
-        # feature cache from the old one are part of what the epoch cost.
-        synchronize(self.device)
-        start, steps, stopping, progress = time.perf_counter(), 0, False, self.progress
-        self._apply(self.freeze.on_epoch_start(epoch, self.state.step))
-        set_train_mode(self.model, self.plan, True)
-        cached = self.engine.cache is not None and self.engine.cache.complete
-        for batch in self.epoch_batches(epoch):
-            record = self._step(batch, epoch, cached, warmup=progress.warmup_left > 0)
-            if record is None:
-                progress.stop_reason = StopReason.NONFINITE
-                return None
-            progress.warmup_left, steps = max(0, progress.warmup_left - 1), steps + 1
-            yield record
-            self._apply(self.freeze.on_step(self.state.step))
-            stopping = self._stop_now()
-            if stopping or self.state.step >= self.budget.total:
-                break
-        synchronize(self.device)
-        seconds = time.perf_counter() - start
-        end = EpochEnd(epoch, seconds, steps, cached, self.state.epoch_seconds + seconds)
-        progress.epoch_times.append(end.as_dict())
-        self.state.epoch_seconds = end.epoch_seconds
-        if stopping and self.state.step < self.budget.total:
-            progress.stop_reason = StopReason.INTERRUPTED
-            return None  # a signal during the final step lets the run complete instead
-        if self.state.batch_in_epoch >= self.budget.per_epoch:
-            self.state.epoch, self.state.batch_in_epoch, self.state.epoch_seconds = self.state.epoch + 1, 0, 0.0
-        return end
-
-    def _apply(self, change: FreezeChange | None) -> None:
-        """Rebuilds the execution path once for a freeze change, and says what changed.
-
-        When the frozen prefix grew, the new feature cache is filled at once from the old one where
-        there was a complete one in memory (see :func:`extend_cache`), and otherwise this epoch.
-        """
-        if change is None:
-            return
-        self.state.phases = len(self.freeze.phases)
-        before = self.engine
-        self._setup_execution()
-        if change.froze and extend_cache(before, self.engine, self.config.data.batch_size):
-            self.reporter.message(f"feature cache of {', '.join(self.execution.frozen_prefix)} filled from the "
-                                  "cached output of the shorter prefix: this epoch trains from it")
-        del before  # our last reference to the old engine: its cache is not kept to the next epoch
-        for line in change.lines:
-            self.reporter.message(line)
-            if self.logs is not None:  # None for a comparison arm, which logs nothing
-                self.logs.text(line, self.state.step)
-        for event in change.events:
-            self.reporter.message(event.line)
-            if self.logs is not None:
-                self.logs.event({"event": "auto_freeze", **event.as_dict()}, event.line, self.state.step)
-
-    def _step(self, batch: Batch, epoch: int, cached: bool, warmup: bool) -> StepRecord | None:
-        """Trains one batch at this step's learning rate; None if the loss was not finite."""
-        set_lr(self.optimizer, self.config.optim, self.state.step, self.budget.total)
-        loss, seconds = train_step(self.engine, batch, self.loss_fn)
-        self.progress.step_times.append(seconds)
-        loss = dist.mean(loss, self.dist, self.device)  # what a single process would see
-        if not math.isfinite(loss) and self.config.train.stop_on_nonfinite:
-            # train_step skipped the update: the step did not happen.
-            self.progress.nonfinite = f"loss became {loss} at step {self.state.step + 1}"
-            return None
-        self.state.step += 1
-        self.state.batch_in_epoch += 1
-        return StepRecord(self.state.step, epoch, loss, seconds, self.optimizer.param_groups[0]["lr"],
-                          batch.size, warmup, cached, batch)
-
-    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
-        """The epoch's remaining batches, in the run's seeded order, from the cache once it is full."""
-        return epoch_batches(self.config, self.data.train, epoch, self.state.batch_in_epoch, self.dist,
-                             self.device, self.engine.cache)
+        """The training loop (:meth:`TrainingLoop.run`): every step and epoch end, until the run stops."""
+        return self.training.run()
 
     def fill_cache(self) -> float:
-        """Fills the feature cache from the current epoch's batches without training; returns seconds.
-
-        Training fills the cache during its first epoch. A comparison fills it up front instead,
-        so that each of its timed steps is a later-epoch step.
-
-        Raises:
-            ValueError: If this run has no feature cache.
-        """
-        return fill_cache(self.engine, self.epoch_batches(self.state.epoch) if self.engine.cache else ())
-
-    def _signalled(self) -> bool:
-        return self._stop is not None and self._stop.requested is not None
-
-    def _stop_now(self) -> bool:
-        """Whether any rank was asked to stop (a collective: every rank calls it every step)."""
-        requested = self._signalled()
-        stop_now = dist.any_true(requested, self.dist, self.device)
-        if stop_now and not requested and self._stop is not None:
-            self._stop.requested = "another rank's signal"
-        return stop_now
+        """Fills the feature cache up front, so that a comparison times only later-epoch steps; returns seconds."""
+        return self.training.fill_cache()
 
     # ----------------------------------------------------------------------------------------
     # training: logs, validation and checkpoints around the loop
@@ -426,11 +269,11 @@ class Recipe:
         if self.logs.tensorboard is not None:
             tb = self.logs.tensorboard.dir
             self.reporter.message(f"TensorBoard events in {tb} (tensorboard --logdir {tb})")
-        self._stop = stop
+        self.training.stop_flag = stop
         reset_peak_memory(self.device)
         self.reporter.train_start(self.budget.total, self.state.step)
         if self.config.train.feature_cache != "off":
-            self.reporter.message(self.execution.feature_cache.reason)
+            self.reporter.message(self.engine.execution.feature_cache.reason)
         self._events = self.loop()
 
     def train_epoch(self) -> EpochRecord | None:
@@ -487,8 +330,8 @@ class Recipe:
         """Closes the logs; call it once the loop has ended or raised (:meth:`finish` does)."""
         if self.logs is None or self.logs.closed:
             return
-        self.progress.stop_requested = self._stop.requested if self._stop is not None else None
-        self._stop = None
+        flag, self.training.stop_flag = self.training.stop_flag, None
+        self.progress.stop_requested = flag.requested if flag is not None else None
         self.logs.close()  # summarize() still adds the TensorBoard hyperparameters, in a file of their own
         self.reporter.train_end()
 
@@ -507,15 +350,12 @@ class Recipe:
         """
         if not self.dist.is_main:
             return  # every rank holds the same weights; rank 0 writes them
-        # The base is what is frozen now, hashed as it was before training (a layer unfrozen
-        # mid-run is saved with the trainable tensors instead).
-        plan, cfg = self.freeze.base_plan(), self.config
-        frozen_now = set(frozen_state(self.model, plan))
-        controller = self.freeze.state_dict()
+        # The base is what is frozen now, hashed as it was before training (a layer unfrozen or
+        # frozen mid-run is saved with the trainable tensors instead).
+        cfg, controller = self.config, self.freeze.state_dict()
         self.state.phases, self.state.auto_freeze = controller["phases"], controller["auto_freeze"]
         save_trainable(
-            self.run_dir.path, self.model, plan,
-            base=combined_sha256({k: h for k, h in self.frozen_before.items() if k in frozen_now}),
+            self.run_dir.path, self.model, self.freeze.base_plan(), base=self.freeze.base_sha256(),
             step=self.state.step, model_name=cfg.model.name, num_classes=cfg.model.num_classes,
             weights_source=self.loaded.weights_source, seed=cfg.seed,
         )
@@ -551,7 +391,7 @@ class Recipe:
             written = self.summarize(outcome) if summary else None
             integrity = written["freeze_integrity"] if written else self.freeze_integrity()
             return RunResult(status=outcome.status, error=outcome.error, integrity=integrity,
-                             frozen_sha256_before=combined_sha256(self.frozen_before), summary=written,
+                             frozen_sha256_before=combined_sha256(self.freeze.frozen_before), summary=written,
                              saved_step=self.progress.saved_step, run_dir=str(self.run_dir),
                              nonfinite=self.progress.nonfinite)
         finally:
@@ -599,9 +439,9 @@ class Recipe:
             integrity=integrity, step_times=self.progress.step_times, epochs=self.progress.epoch_times,
             steps=self.state.step, epochs_completed=self.state.epoch,
             weights={"source": loaded.weights_source, "notice": loaded.notice, "head_replaced": loaded.head_replaced},
-            params=self.params, batchnorm=plan.batchnorm, frozen_batchnorm_layers=len(plan.frozen_bn),
-            speed=self.speed, cache_bytes=cache.nbytes if cache else 0, cache_on_disk=bool(cache and cache.on_disk),
-            optimizer=self.optimizer, saved_step=self.progress.saved_step,
+            params=self.freeze.initial_params, batchnorm=plan.batchnorm, frozen_batchnorm_layers=len(plan.frozen_bn),
+            speed=self.engine.speed(), cache_bytes=cache.nbytes if cache else 0,
+            cache_on_disk=bool(cache and cache.on_disk), optimizer=self.optimizer, saved_step=self.progress.saved_step,
             schedule=[p.as_dict() for p in self.freeze.phases],
             auto_freeze=self.auto.summary() if self.auto is not None else None,
         )
