@@ -118,23 +118,7 @@ def run_comparison(
         if len(arms) < 2:
             raise ConfigError(f"nothing to compare: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")
         configs = [arm_config(config, arm, weights_path, out_dir / "arms" / arm_folder(arm.name)) for arm in arms]
-        runners = _start(configs, arms, isolate)
-        fills = {}
-        try:
-            infos = _call_all(runners, "setup", warmup + steps)
-            for name, phase, n in _plan(arms, steps, warmup, block):
-                if phase == "fill":
-                    runners[name].submit("fill")
-                    fills[name] = runners[name].wait()
-                else:
-                    runners[name].submit("steps", n, phase == "warmup")
-                    runners[name].wait()
-                if progress:
-                    progress(name, phase, n, steps + warmup)
-            finals = _call_all(runners, "finish")
-        finally:
-            for runner in runners.values():
-                runner.close()
+        infos, finals, fills = run_arms(configs, arms, steps, warmup, block, isolate, progress)
     for name, info in fills.items():
         finals[name]["cache"] = info
     meta = {
@@ -147,6 +131,46 @@ def run_comparison(
         "skipped": [{"arm": k, "reason": v} for k, v in skipped.items()],
     }
     return assemble(arms, infos, finals, meta)
+
+
+def run_arms(configs: list[Config], arms: list[ArmSpec], steps: int, warmup: int, block: int, isolate: bool,
+             progress: Progress | None = None) -> tuple[dict, dict, dict]:
+    """Trains each arm's own config: set up together, then warm-up and timed steps in turns.
+
+    Returns:
+        Per arm name: what setup knew, what finish measured, and (cached arms) the cache fill.
+    """
+    runners = _start(configs, arms, isolate)
+    fills = {}
+    try:
+        infos = _call_all(runners, "setup", warmup + steps)
+        for name, phase, n in _plan(arms, steps, warmup, block):
+            if phase == "fill":
+                runners[name].submit("fill")
+                fills[name] = runners[name].wait()
+            else:
+                runners[name].submit("steps", n, phase == "warmup")
+                runners[name].wait()
+            if progress:
+                progress(name, phase, n, steps + warmup)
+        finals = _call_all(runners, "finish")
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return infos, finals, fills
+
+
+def memory_pass(configs: list[Config], arms: list[ArmSpec]) -> dict[str, dict]:
+    """Each arm in a worker process of its own for a few steps, so that its peak memory is its own.
+
+    The sweep's memory pass; a comparison's is :func:`run_comparison` with ``isolate`` on, which
+    runs through the same :func:`run_arms` with the same step counts.
+
+    Returns:
+        Each arm's ``memory`` record (see ``compare.result.ArmMemory``), by arm name.
+    """
+    _, finals, _ = run_arms(configs, arms, MEMORY_STEPS, MEMORY_WARMUP, default_block(MEMORY_STEPS), isolate=True)
+    return {name: final["memory"] for name, final in finals.items()}
 
 
 def measure(

@@ -38,10 +38,9 @@ from freezetune.freezing.integrity import (
     tensor_sha256,
 )
 from freezetune.measure.device import device_description
-from freezetune.measure.flops import step_flops, without_prefix
 from freezetune.measure.memory import current_rss_bytes, high_water_rss_bytes, reset_peak_memory, reset_peak_rss
 from freezetune.measure.timing import timing_stats
-from freezetune.speed.prefix import prefix_modules
+from freezetune.speed.prefix import training_step_flops
 from freezetune.training.optim import optimizer_state_bytes
 from freezetune.training.recipe import Recipe, StepRecord
 from freezetune.training.state import StopReason
@@ -95,9 +94,8 @@ class ArmRunner:
         recipe = self.recipe = Recipe(self.config, plain_baseline=self.spec.mode == "plain").setup()
         recipe.extend_to(total_steps)
         cfg = self.config
-        flops = step_flops(recipe.model, cfg.data.batch_size, cfg.data.image_size, cfg.model.num_classes)
-        if recipe.engine.cache is not None:
-            flops = without_prefix(flops, prefix_modules(cfg.model.name, list(recipe.engine.execution.frozen_prefix)))
+        cached = recipe.engine.execution.frozen_prefix if recipe.engine.cache is not None else None
+        flops = training_step_flops(recipe.model, cfg, cached)
         state = {name: tensor_sha256(t) for name, t in recipe.model.state_dict().items()}
         self._bn_before = frozen_layer_batchnorm_state(recipe.model)
         self._events = recipe.loop()

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from freezetune.config import Config
 from freezetune.freezing.plan import FreezePlan
+from freezetune.measure.flops import step_flops, without_prefix
 from freezetune.models.catalog import is_resnet, stages
 
 _CONV_BN = re.compile(r"^conv(\d+)$")
@@ -193,3 +195,19 @@ def prefix_modules(model_name: str, prefix: list[str]) -> list[str]:
     """The top-level module names (``conv1``, ``bn1`` ... ``layer3``) of the prefix stages."""
     order = stages(model_name)
     return [n for s in prefix for n in order[s]]
+
+
+def training_step_flops(model: nn.Module, config: Config, cached_prefix: list[str] | None) -> dict:
+    """FLOPs of one training step of ``config``'s batch; with a feature cache, of a step reading it.
+
+    Args:
+        model: The model (its weights do not matter).
+        config: The run's config (model name, batch and image size, classes).
+        cached_prefix: The frozen-prefix stages whose output the feature cache holds, or None
+            without a cache: a later-epoch step then skips their forward pass.
+    """
+    data = config.data
+    flops = step_flops(model, data.batch_size, data.image_size, config.model.num_classes)
+    if cached_prefix is None:
+        return flops
+    return without_prefix(flops, prefix_modules(config.model.name, list(cached_prefix)))

@@ -34,16 +34,15 @@ import torchvision
 from freezetune import __version__
 from freezetune.atomic import atomic_write, write_json
 from freezetune.compare.arms import BASELINE, ArmSpec
-from freezetune.compare.worker import ProcessArm
+from freezetune.compare.run import memory_pass
 from freezetune.config import Config, load_config
 from freezetune.errors import ConfigError, RunDirError, WriteError
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import preview
 from freezetune.lock import hold
 from freezetune.measure.device import device_description, resolve_device
-from freezetune.measure.flops import step_flops, without_prefix
 from freezetune.render.sweep_plot import sweep_plot
-from freezetune.speed.prefix import prefix_modules
+from freezetune.speed.prefix import training_step_flops
 from freezetune.sweep.analysis import DEFAULT_TOLERANCE, mean_curve, prune_at, rungs
 from freezetune.sweep.arms import SweepArm
 from freezetune.sweep.jobs import Manifest, read_manifest, read_run, write_jobs
@@ -54,7 +53,6 @@ from freezetune.training.run_dir import RunDir, claim_run_dir
 from freezetune.training.state import StopReason
 from freezetune.training.summary import EpochRecord
 
-MEMORY_WARMUP, MEMORY_STEPS = 1, 2
 PRUNING_RULE = (
     "at half and three quarters of the epochs, stop an arm if its best accuracy so far plus its "
     "recent gain per epoch for every epoch left stays more than the tolerance below the best arm"
@@ -377,10 +375,7 @@ def arm_facts(config: Config, summary: dict) -> dict:
     params = count_params(model)
     speed = summary.get("speed", {})
     cached = bool(speed.get("feature_cache", {}).get("enabled", False))
-    data = config.data
-    flops = step_flops(model, data.batch_size, data.image_size, config.model.num_classes)
-    if cached:
-        flops = without_prefix(flops, prefix_modules(config.model.name, list(speed.get("frozen_prefix", []))))
+    flops = training_step_flops(model, config, speed.get("frozen_prefix", []) if cached else None)
     return {"trainable_params": int(params["trainable"]), "trainable_pct": float(params["trainable_pct"]),
             "flops_per_step": int(flops["total"]), "feature_cache": cached}
 
@@ -443,28 +438,14 @@ def _check_options(seeds: int, target: float | None, tolerance: float) -> None:
 
 def _measure_memory(out: Path, manifest: Manifest, configs: dict) -> dict:
     seed = manifest.seeds[0]
-    runners = {}
     with tempfile.TemporaryDirectory(prefix="freezetune-sweep-memory-") as tmp:
-        try:
-            for arm in manifest.arm_list():
-                cfg = configs[(arm.name, seed)]
-                cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": f"{tmp}/{arm.name}"})})
-                spec = ArmSpec(arm.name, arm.label, cfg.freeze.model_dump(mode="json"),
-                               "full" if arm.name == BASELINE else "optimized")
-                runners[arm.name] = ProcessArm(cfg, spec)
-            for runner in runners.values():
-                runner.submit("setup", MEMORY_WARMUP + MEMORY_STEPS)
-            for runner in runners.values():
-                runner.wait()
-            peaks = {}
-            for name, runner in runners.items():
-                runner.submit("steps", MEMORY_WARMUP + MEMORY_STEPS, False)
-                runner.wait()
-                runner.submit("finish")
-                peaks[name] = runner.wait()["memory"]
-        finally:
-            for runner in runners.values():
-                runner.close()
+        cfgs, specs = [], []
+        for arm in manifest.arm_list():
+            cfg = configs[(arm.name, seed)]
+            cfgs.append(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": f"{tmp}/{arm.name}"})}))
+            specs.append(ArmSpec(arm.name, arm.label, cfg.freeze.model_dump(mode="json"),
+                                 "full" if arm.name == BASELINE else "optimized"))
+        peaks = memory_pass(cfgs, specs)
     return {name: {"peak_bytes": m.get("peak_bytes"), "kind": m.get("kind")} for name, m in peaks.items()}
 
 
