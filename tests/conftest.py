@@ -209,3 +209,37 @@ def full_disk(monkeypatch):
         return budgets[-1]
 
     return fill
+
+
+@pytest.fixture
+def raw_checkpoint():
+    """Returns ``read(run_dir)``: a run's ``checkpoint.pt`` exactly as on disk (no base merged in)."""
+    import torch
+
+    def read(run_dir):
+        return torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+
+    return read
+
+
+@pytest.fixture
+def old_format_checkpoint():
+    """Returns ``rewrite(run_dir)``: turns the run's checkpoint into the first format and removes its base.
+
+    The first format (before ``base.safetensors``) had no ``format`` or ``base`` key and held the
+    full state dict under ``model``.
+    """
+    import torch
+
+    from freezetune.training.checkpoint import load_checkpoint
+    from freezetune.training.run_dir import RunDir
+
+    def rewrite(run_dir):
+        folder = RunDir(run_dir)
+        ckpt = load_checkpoint(folder.checkpoint)
+        old = {k: v for k, v in ckpt.items() if k not in ("format", "base")}
+        torch.save(old, folder.checkpoint)
+        folder.base.unlink(missing_ok=True)
+        return old
+
+    return rewrite

@@ -20,10 +20,12 @@ from freezetune.atomic import remove_stale_temps
 from freezetune.cli import app
 from freezetune.config import dump_config, load_config
 from freezetune.errors import WeightsError
+from freezetune.freezing.integrity import tensor_sha256
 from freezetune.models.weights import read_weights_file
-from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from freezetune.training.recipe import Recipe
-from freezetune.training.run_dir import read_jsonl
+from freezetune.training import recipe as recipe_module
+from freezetune.training.checkpoint import CHECKPOINT_NAME, FORMAT, load_checkpoint, save_checkpoint
+from freezetune.training.recipe import Recipe, run
+from freezetune.training.run_dir import BASE_NAME, read_jsonl
 from freezetune.training.state import RunState
 from freezetune.training.trainable import TRAINABLE_NAME, load_trainable
 
@@ -81,6 +83,34 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, Linear(2.0), opt, RunState(step=2, epoch=0, batch_in_epoch=2))
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 1
+    assert temps(tmp_path) == []
+
+
+class HalfFrozen(torch.nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.frozen = torch.nn.Parameter(torch.full((64, 64), 7.0), requires_grad=False)
+        self.w = torch.nn.Parameter(torch.full((64, 64), value))
+
+
+def test_failed_save_keeps_the_previous_checkpoint_and_its_base(tmp_path, monkeypatch):
+    model = HalfFrozen(1.0)
+    base = {"frozen": tensor_sha256(model.frozen)}
+    opt = torch.optim.SGD([model.w], lr=0.1)
+    save_checkpoint(tmp_path, model, opt, RunState(step=1), base=base)
+    before = {p.name: p.read_bytes() for p in (tmp_path / CHECKPOINT_NAME, tmp_path / BASE_NAME)}
+
+    def torn_save(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, HalfFrozen(2.0), opt, RunState(step=2), base=base)
+    assert {p.name: p.read_bytes() for p in (tmp_path / CHECKPOINT_NAME, tmp_path / BASE_NAME)} == before
+    full = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert full["step"] == 1 and set(full["model"]) == {"frozen", "w"}
+    assert torch.equal(full["model"]["frozen"], model.frozen) and torch.equal(full["model"]["w"], model.w)
     assert temps(tmp_path) == []
 
 
@@ -279,3 +309,127 @@ def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path):
     (line,) = stderr_lines(result)
     assert "at step 2" in line and "no checkpoint had been saved yet" in line
     assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint.pt holds what can change; the frozen base is written once
+
+
+def _watch_base(monkeypatch) -> list[tuple[int, int]]:
+    """Records base.safetensors' (inode, mtime) after every save of a run: a rewrite changes both."""
+    seen = []
+    real = recipe_module.save_checkpoint
+
+    def save_and_look(run_dir, *args, **kwargs):
+        path = real(run_dir, *args, **kwargs)
+        st = (Path(run_dir) / BASE_NAME).stat()
+        seen.append((st.st_ino, st.st_mtime_ns))
+        return path
+
+    monkeypatch.setattr(recipe_module, "save_checkpoint", save_and_look)
+    return seen
+
+
+def _bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+UNFREEZE = {"freeze__schedule": "[{epoch: 1, unfreeze: [layer4]}]", "train__epochs": 2}
+
+
+@pytest.mark.parametrize("extra", [{}, UNFREEZE], ids=["fc-only", "unfreeze-phase"])
+def test_a_frozen_runs_checkpoint_leaves_its_base_to_a_file_written_once(tiny, monkeypatch, raw_checkpoint, extra):
+    seen = _watch_base(monkeypatch)
+    cfg = tiny(freeze__trainable="[fc]", train__checkpoint_every=1, data__val_size=0, **extra)
+    summary = run(cfg)
+    out = Path(cfg.output.dir)
+    assert len(seen) >= 4 and len(set(seen)) == 1  # written by the first save, then left alone
+
+    raw = raw_checkpoint(out)
+    assert raw["format"] == FORMAT and raw["base"]["file"] == BASE_NAME
+    # The checkpoint's tensors are exactly trainable_state's (the trainable file of the same step).
+    assert set(raw["model"]) == set(load_trainable(out).tensors)
+    assert not [k for k in raw["model"] if k.startswith(("conv1", "bn1", "layer1", "layer2", "layer3"))]
+    from safetensors.torch import load_file
+
+    base = load_file(out / BASE_NAME)
+    full = load_checkpoint(out / CHECKPOINT_NAME)["model"]
+    assert raw["base"]["tensors"] == len(base) and set(base) == {k for k in full if not k.startswith("fc.")}
+    assert all(torch.equal(full[k], t) for k, t in raw["model"].items())
+    assert all(torch.equal(full[k], t) for k, t in base.items() if k not in raw["model"])
+    if extra:  # layer4 trains from epoch 1: its start is still in the base, overridden by the checkpoint
+        assert "layer4.0.conv1.weight" in raw["model"] and "layer4.0.conv1.weight" in base
+        assert not torch.equal(base["layer4.0.conv1.weight"], full["layer4.0.conv1.weight"])
+    else:
+        assert set(raw["model"]) == {"fc.weight", "fc.bias"}
+        assert (out / CHECKPOINT_NAME).stat().st_size * 10 < _bytes(full)
+        # The base's digest is the trainable checkpoint's and the freeze-integrity check's.
+        assert raw["base"]["sha256"] == load_trainable(out).manifest["base_sha256"]
+        assert raw["base"]["sha256"] == summary["freeze_integrity"]["sha256"]
+
+
+def test_full_fine_tuning_writes_every_tensor_and_no_base(tiny, raw_checkpoint):
+    r = Recipe(tiny(data__val_size=0)).setup()
+    try:
+        r.save()
+        raw = raw_checkpoint(r.run_dir)
+        assert raw["format"] == FORMAT and raw["base"] is None
+        assert set(raw["model"]) == set(r.model.state_dict())
+        assert not (r.run_dir / BASE_NAME).exists()
+    finally:
+        r.cleanup()
+
+
+@pytest.fixture
+def fc_saved(tiny):
+    """A run folder with one fc-only checkpoint (base file beside it), and the model it saved."""
+    r = Recipe(tiny(freeze__trainable="[fc]", data__val_size=0)).setup()
+    try:
+        r.save()
+        return r.run_dir.path, {k: v.clone() for k, v in r.model.state_dict().items()}, r.config
+    finally:
+        r.cleanup()
+
+
+def test_a_checkpoint_given_as_weights_needs_its_base_beside_it(fc_saved, tmp_path):
+    import shutil
+
+    from freezetune.config import ModelConfig
+    from freezetune.evaluation import load_weights
+    from freezetune.models.weights import build_model
+
+    out, state, cfg = fc_saved
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / CHECKPOINT_NAME, alone)
+    weights = ModelConfig(num_classes=cfg.model.num_classes, weights=str(alone / CHECKPOINT_NAME))
+    for load in (lambda: build_model(weights), lambda: load_weights(out, cfg, alone / CHECKPOINT_NAME)):
+        with pytest.raises(WeightsError) as err:
+            load()
+        message = str(err.value)
+        assert "\n" not in message and str(alone / BASE_NAME) in message and "not found" in message
+
+    shutil.copy(out / BASE_NAME, alone)
+    loaded = build_model(weights).model.state_dict()
+    evaluated = load_weights(out, cfg, alone / CHECKPOINT_NAME).model.state_dict()
+    for got in (loaded, evaluated):
+        assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_an_old_format_checkpoint_still_evaluates_and_loads_as_weights(fc_saved, old_format_checkpoint):
+    from freezetune.evaluation import load_weights
+
+    out, state, cfg = fc_saved
+    old = old_format_checkpoint(out)
+    assert "format" not in old and set(old["model"]) == set(state) and not (out / BASE_NAME).exists()
+    for got in (read_weights_file(out / CHECKPOINT_NAME), load_weights(out, cfg).model.state_dict(),
+                load_checkpoint(out / CHECKPOINT_NAME)["model"]):
+        assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_a_checkpoint_of_an_unknown_format_is_one_line(fc_saved, raw_checkpoint):
+    out = fc_saved[0]
+    raw = raw_checkpoint(out)
+    torch.save({**raw, "format": "freezetune-checkpoint/99"}, out / CHECKPOINT_NAME)
+    with pytest.raises(WeightsError, match="format 'freezetune-checkpoint/99' is not one this freezetune reads"):
+        load_checkpoint(out / CHECKPOINT_NAME)

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from freezetune.cli import app
 from freezetune.config import load_config
-from freezetune.training.checkpoint import load_checkpoint
+from freezetune.training.checkpoint import FORMAT, load_checkpoint
 from freezetune.training.recipe import resume_config, run
-from freezetune.training.run_dir import read_jsonl
+from freezetune.training.run_dir import BASE_NAME, read_jsonl
 
 # 16 images in batches of 4: 4 steps per epoch, 8 in all. One BatchNorm layer trains besides the
 # head, so running statistics and momentum buffers must survive the checkpoint too.
@@ -75,10 +75,15 @@ def test_same_config_and_seed_give_identical_losses(uninterrupted, tmp_path):
 
 
 @pytest.mark.parametrize("stop_at", [3, 4], ids=["mid-epoch", "epoch-boundary"])
-def test_resume_after_max_steps_is_bit_identical(uninterrupted, tmp_path, stop_at):
+def test_resume_after_max_steps_is_bit_identical(uninterrupted, tmp_path, stop_at, raw_checkpoint):
     out = tmp_path / "split"
     first = run(load_config(None, overrides(out, train__max_steps=stop_at)))
     assert first["status"] == "completed" and first["steps"] == stop_at
+    # What is resumed from: the trainable tensors only, the frozen rest in the base file.
+    raw = raw_checkpoint(out)
+    assert raw["format"] == FORMAT and raw["base"]["file"] == BASE_NAME and (out / BASE_NAME).is_file()
+    assert {"fc.weight", "layer4.1.bn2.weight", "layer4.1.bn2.running_mean"} <= set(raw["model"])
+    assert "conv1.weight" not in raw["model"] and "layer4.1.bn1.running_mean" not in raw["model"]
     stale = out / ".checkpoint.pt.killed.tmp"  # as left by a process killed mid-save
     stale.write_bytes(b"half a checkpoint")
 
@@ -96,6 +101,59 @@ def test_resume_after_max_steps_is_bit_identical(uninterrupted, tmp_path, stop_a
     assert not stale.exists()
     # The extension is recorded, so a later --resume continues with it.
     assert load_config(out / "config.yaml").train.max_steps == 8
+
+
+def test_resume_from_an_old_format_checkpoint_is_bit_identical(uninterrupted, tmp_path, old_format_checkpoint,
+                                                              raw_checkpoint):
+    out = tmp_path / "old"
+    run(load_config(None, overrides(out, train__max_steps=3)))
+    old_format_checkpoint(out)  # the full state dict under "model", no base file
+    result = cli("train", "--resume", out, "train.max_steps=8")
+    assert result.exit_code == 0, result.output
+    assert losses(out) == losses(uninterrupted)
+    assert raw_checkpoint(out)["format"] == FORMAT and (out / BASE_NAME).is_file()  # saved in the new one
+
+
+def _tamper(out: Path) -> None:
+    """Changes one byte of the base's tensor data, leaving its header (and the digest it declares) intact."""
+    data = bytearray((out / BASE_NAME).read_bytes())
+    assert len(data) > 8 + int.from_bytes(data[:8], "little") + 1
+    data[-1] ^= 0xFF
+    (out / BASE_NAME).write_bytes(bytes(data))
+
+
+def _foreign(out: Path) -> None:
+    """Replaces the base with a well-formed one of other weights (another seed's)."""
+    from safetensors import safe_open
+
+    from freezetune.config import ModelConfig
+    from freezetune.freezing.integrity import tensor_sha256
+    from freezetune.models.weights import build_model
+    from freezetune.training.checkpoint import write_base
+
+    with safe_open(str(out / BASE_NAME), framework="pt") as f:
+        names = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    torch.manual_seed(99)
+    other = build_model(ModelConfig(name="resnet18", num_classes=4, weights="none")).model
+    (out / BASE_NAME).unlink()
+    write_base(out, other, {n: tensor_sha256(other.state_dict()[n]) for n in names})
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda out: (out / BASE_NAME).unlink(), "not found"),
+    (_tamper, "not the base checkpoint.pt was saved with"),
+    (_foreign, "not the base checkpoint.pt was saved with"),
+], ids=["missing", "tampered", "another-runs"])
+def test_resume_refuses_a_base_that_is_not_the_checkpoints(tmp_path, damage, expect):
+    out = tmp_path / "run"
+    run(load_config(None, overrides(out, train__max_steps=2, data__val_size=0)))
+    damage(out)
+    before = folder_bytes(out)
+    result = cli("train", "--resume", out, "train.max_steps=4")
+    assert result.exit_code == 2, result.output
+    (line,) = stderr_lines(result)
+    assert f"{out / BASE_NAME}: {expect}" in line and "Traceback" not in result.output
+    assert folder_bytes(out) == before
 
 
 def test_resume_continues_with_the_saved_loss_scale(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def swept(tmp_path_factory, tiny_at):
     base = tmp_path_factory.mktemp("schemas")
     cfg = tiny_at(base / "base", train__epochs=3, data__train_size=8, data__val_size=4)
     out = base / "sweep"
-    sweep(cfg, out, merge_arms(default_arms(cfg), [], ["layer4", "auto"]), prune=False, memory=False)
+    sweep(cfg, out, merge_arms(default_arms(cfg), [], ["layer4", "auto"]), prune=False, memory=False, lr_grid=(1.0,))
     return out
 
 
@@ -106,7 +106,8 @@ def test_epochs_jsonl_lines_validate_and_dump_back_unchanged(swept):
 
 def test_epoch_record_from_dict_ignores_keys_of_newer_versions():
     data = {"epoch": 0, "step": 2, "steps": 2, "train_s": 0.5, "cached": False, "val_accuracy": None,
-            "val_loss": None, "val_s": None, "complete": True, "schema_version": 1}
+            "val_loss": None, "val_s": None, "complete": True, "train_loss": None, "val_samples": None,
+            "schema_version": 1}
     assert EpochRecord.from_dict({**data, "added_later": 1}).as_dict() == data
     with pytest.raises(ValidationError, match="added_later"):
         EpochRecord.model_validate({**data, "added_later": 1})

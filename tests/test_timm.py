@@ -22,6 +22,7 @@ from freezetune.models.listing import describe  # noqa: E402
 from freezetune.models.structure import stage_members_cover  # noqa: E402
 from freezetune.models.weights import build_model, imagenet_state_dict  # noqa: E402
 from freezetune.speed.prefix import frozen_prefix, supports_prefix  # noqa: E402
+from freezetune.training.checkpoint import load_checkpoint  # noqa: E402
 from freezetune.training.optim import build_optimizer  # noqa: E402
 
 RESNET = "timm/resnet10t"
@@ -112,7 +113,7 @@ def test_train_keeps_frozen_tensors_bit_identical(cli, tiny_yaml, tmp_path):
     assert summary["status"] == "completed" and summary["freeze_integrity"]["ok"]
     assert summary["weights"]["source"] == str(init) and summary["speed"]["frozen_prefix"] == []
     start = torch.load(init, weights_only=True)
-    trained = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    trained = load_checkpoint(out / "checkpoint.pt")["model"]  # the base merged back (checkpoint format 2)
     frozen = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")
     assert any(not torch.equal(start[k], trained[k]) for k in start if k.startswith("fc."))
     for name, tensor in start.items():

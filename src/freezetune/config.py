@@ -202,6 +202,7 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    threads: int | None = Field(None, ge=1)
 
     @field_validator("feature_cache", mode="before")
     @classmethod

@@ -1,6 +1,6 @@
 """``freezetune evaluate``: a trained run's model on its own split or any ImageFolder with its classes.
 
-The model comes from the run folder's ``checkpoint.pt`` (full weights), its trainable-only
+The model comes from the run folder's ``checkpoint.pt`` (with its base file), its trainable-only
 checkpoint merged with the rebuilt base (:mod:`freezetune.export`), or a ``.safetensors``/``.pt``
 weights file loaded into the run's architecture. It runs exactly as the run's own validation
 did (:func:`freezetune.training.step.evaluate`): every module in eval mode, the run's precision,
@@ -36,7 +36,7 @@ from freezetune.measure.device import device_description, resolve_device
 from freezetune.models.weights import build_model, read_weights_file, safe_torch_load
 from freezetune.records import Record
 from freezetune.speed.precision import autocast
-from freezetune.training.checkpoint import CHECKPOINT_NAME
+from freezetune.training.checkpoint import CHECKPOINT_NAME, full_model_state
 from freezetune.training.data import CheckedImageFolder, build_data, make_loader
 from freezetune.training.data import _transform as data_transform  # the run's own eval transform, not a copy
 from freezetune.training.run_dir import RunDir
@@ -379,11 +379,11 @@ def _check_meta(meta: dict, cfg: Config, path: Path) -> None:
 
 
 def _torch_file(path: Path) -> tuple[dict, int | None, str]:
-    """A freezetune checkpoint.pt (its model and step) or a plain state dict, loaded without code."""
+    """A freezetune checkpoint.pt (full weights, base merged in; step) or a plain state dict, loaded without code."""
     obj = safe_torch_load(path, "checkpoint")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         step = obj.get("step")
-        return obj["model"], step if isinstance(step, int) else None, "checkpoint"
+        return full_model_state(obj, path), step if isinstance(step, int) else None, "checkpoint"
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: not a checkpoint or state dict (expected a mapping of names to tensors)")
     return obj, None, "weights"

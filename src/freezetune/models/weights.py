@@ -14,8 +14,10 @@ code) through ``timm.create_model``, with the same weights keywords and the same
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,10 +232,100 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         state = safe_torch_load(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a freezetune checkpoint.pt
+        state = checkpoint_model_state(state, path)  # a freezetune checkpoint.pt (and its base file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state dict (expected a mapping of names to tensors)")
     return state
+
+
+# checkpoint.pt's formats. They are written by freezetune.training.checkpoint; they are named here
+# because a checkpoint.pt is also a weights file (model.weights), and this layer may not import
+# training. No "format" key: the first format, whose "model" is the full state dict.
+CHECKPOINT_FORMAT = "freezetune-checkpoint/2"
+BASE_FORMAT = "freezetune-base/1"
+BASE_META_KEY = "freezetune"
+
+
+def checkpoint_model_state(ckpt: dict, path: str | Path,
+                           digest: Callable[[dict], str] | None = None) -> dict[str, torch.Tensor]:
+    """The full state dict of a loaded freezetune ``checkpoint.pt``, of either format.
+
+    A checkpoint of format 2 holds only the tensors that can change; the frozen base is the file
+    its ``base`` entry names, beside ``path``, merged in under the checkpoint's own tensors.
+
+    Args:
+        ckpt: The loaded checkpoint.
+        path: The file it was loaded from (the base file is looked for beside it).
+        digest: Computes the sha256 of the base's tensors, to compare with the checkpoint's
+            reference; None compares the digest the base file declares (this layer cannot hash
+            tensors the way :mod:`freezetune.freezing.integrity` does; resume and evaluate pass it).
+
+    Raises:
+        WeightsError: If the format is unknown, or the base file is missing, unreadable, or not
+            the one the checkpoint was saved with.
+    """
+    path = Path(path)
+    fmt = ckpt.get("format")
+    if fmt not in (None, CHECKPOINT_FORMAT):
+        raise WeightsError(f"{path}: checkpoint format {fmt!r} is not one this freezetune reads "
+                           f"({CHECKPOINT_FORMAT}); upgrade freezetune")
+    ref = ckpt.get("base")
+    if fmt is None or ref is None:
+        return ckpt["model"]  # nothing left out: the checkpoint holds every tensor
+    base_path, want = _base_ref(ref, path)
+    base, declared = read_base_file(base_path, path.name)
+    got = digest(base) if digest is not None else declared
+    if got != want or declared != want:
+        bad = got if got != want else declared
+        raise WeightsError(f"{base_path}: not the base {path.name} was saved with: its frozen tensors have "
+                           f"sha256 {bad[:12]}..., the checkpoint expects {want[:12]}...")
+    return {**base, **ckpt["model"]}
+
+
+def _base_ref(ref, path: Path) -> tuple[Path, str]:
+    """The base file's path (a plain name, beside the checkpoint) and the sha256 the checkpoint expects."""
+    name, want = (ref.get("file"), ref.get("sha256")) if isinstance(ref, dict) else (None, None)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or not isinstance(want, str):
+        raise WeightsError(f"{path}: malformed base reference {ref!r} (expected a file name and a sha256)")
+    return path.parent / name, want
+
+
+def read_base_file(path: Path, needed_by: str = "the checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """Reads a checkpoint's base file: its tensors and the sha256 its header declares.
+
+    Args:
+        path: The base file.
+        needed_by: The checkpoint that needs it, for the error message.
+
+    Raises:
+        WeightsError: If the file is missing, not safetensors, or not a freezetune base.
+    """
+    if not path.is_file():
+        raise WeightsError(f"{path}: not found; {needed_by} needs it for its frozen tensors "
+                           "(keep the two files together)")
+    header = read_base_header(path)
+    if header is None:
+        raise WeightsError(f"{path}: not a readable freezetune base file (no {BASE_FORMAT} header)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path)), header["sha256"]
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
+
+
+def read_base_header(path: Path) -> dict | None:
+    """A base file's header (``format``, ``sha256``, ``hashes``: name -> sha256), or None if it has none."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {})[BASE_META_KEY])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = isinstance(header, dict) and header.get("format") == BASE_FORMAT
+    return header if ok and isinstance(header.get("sha256"), str) and isinstance(header.get("hashes"), dict) else None
 
 
 def safe_torch_load(path: Path, what: str = "weights"):

@@ -39,7 +39,8 @@ class EpochEnd:
     """The end of one pass over (what was left of) an epoch's batches.
 
     ``seconds`` is this process's pass; ``epoch_seconds`` adds what earlier processes spent on
-    the same epoch before an interruption, so it is the whole epoch's training time.
+    the same epoch before an interruption, so it is the whole epoch's training time;
+    ``train_loss`` is the mean loss of all the epoch's steps, earlier processes' included.
     """
 
     epoch: int
@@ -47,6 +48,7 @@ class EpochEnd:
     steps: int
     cached: bool
     epoch_seconds: float = 0.0
+    train_loss: float | None = None
 
     def as_dict(self) -> dict:
         """The ``summary.json`` ``epochs`` entry."""

@@ -94,6 +94,7 @@ class TrainingLoop:
                 progress.stop_reason = StopReason.NONFINITE
                 return None
             progress.warmup_left, steps = max(0, progress.warmup_left - 1), steps + 1
+            self.state.epoch_loss_sum += record.loss
             yield record
             self._apply(self.freeze.on_step(self.state.step))
             stopping = self._stop_now()
@@ -101,7 +102,8 @@ class TrainingLoop:
                 break
         synchronize(self.device)
         seconds = time.perf_counter() - start
-        end = EpochEnd(epoch, seconds, steps, cached, self.state.epoch_seconds + seconds)
+        mean_loss = self.state.epoch_loss_sum / self.state.batch_in_epoch if self.state.batch_in_epoch else None
+        end = EpochEnd(epoch, seconds, steps, cached, self.state.epoch_seconds + seconds, mean_loss)
         progress.epoch_times.append(end.as_dict())
         self.state.epoch_seconds = end.epoch_seconds
         if stopping and self.state.step < self.budget.total:
@@ -109,6 +111,7 @@ class TrainingLoop:
             return None  # a signal during the final step lets the run complete instead
         if self.state.batch_in_epoch >= self.budget.per_epoch:
             self.state.epoch, self.state.batch_in_epoch, self.state.epoch_seconds = self.state.epoch + 1, 0, 0.0
+            self.state.epoch_loss_sum = 0.0
         return end
 
     def _apply(self, change: FreezeChange | None) -> None:

@@ -52,7 +52,7 @@ from freezetune.training.state import Budget, RunState, StopReason
 from freezetune.training.step import Engine, evaluate
 from freezetune.training.summary import EpochRecord, RunFacts, build_summary
 from freezetune.training.tensorboard import summary_writer_class
-from freezetune.training.trainable import save_trainable
+from freezetune.training.trainable import base_hashes, save_trainable
 
 __all__ = ["EpochEnd", "Outcome", "Recipe", "Reporter", "RunResult", "StepRecord", "StopFlag", "planned_steps",
            "resume_config", "run", "verdict"]
@@ -78,6 +78,7 @@ class Recipe:
         self.training: TrainingLoop | None = None  # the engine, built by setup()
         self.logs: RunLogs | None = None  # opened by start_training, closed by end_training
         self._events: Iterator | None = None  # the running loop
+        self._threads_before: int | None = None  # torch's thread count before train.threads, restored by cleanup
 
     # ----------------------------------------------------------------------------------------
     # setup
@@ -104,6 +105,11 @@ class Recipe:
         return self
 
     def _setup_distributed(self) -> None:
+        if self.config.train.threads is not None:
+            # Several jobs on one machine (a sweep's emitted jobs under xargs -P, a SLURM array)
+            # would each take every core and oversubscribe them.
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.config.train.threads)
         self.dist = dist.from_env()
         self.device = dist.init(self.dist, self.config.device) if self.dist.enabled else resolve_device(
             self.config.device)
@@ -311,7 +317,9 @@ class Recipe:
             self.reporter.validation(end.epoch, val)
         record = EpochRecord(
             epoch=end.epoch, step=self.state.step, steps=end.steps, train_s=end.epoch_seconds, cached=end.cached,
+            train_loss=end.train_loss,
             val_accuracy=val["accuracy"] if val else None, val_loss=val["loss"] if val else None, val_s=val_s,
+            val_samples=val["samples"] if val else None,
             complete=self.state.epoch > end.epoch,
         )
         self.logs.epoch(record)
@@ -343,23 +351,24 @@ class Recipe:
         self.progress.outcome.error = why
 
     def save(self) -> None:
-        """Writes the trainable-only checkpoint, then ``checkpoint.pt``; each atomically.
+        """Writes the trainable-only checkpoint, then the base (first time only), then ``checkpoint.pt``.
 
-        ``checkpoint.pt`` goes last, so whenever it holds step N the trainable checkpoint holds
-        step N or (if the process died in between) N+1.
+        Each is atomic. ``checkpoint.pt`` goes last, so whenever it holds step N the trainable
+        checkpoint holds step N or (if the process died in between) N+1, and its base is there.
         """
         if not self.dist.is_main:
             return  # every rank holds the same weights; rank 0 writes them
         # The base is what is frozen now, hashed as it was before training (a layer unfrozen or
         # frozen mid-run is saved with the trainable tensors instead).
-        cfg, controller = self.config, self.freeze.state_dict()
+        cfg, controller, plan = self.config, self.freeze.state_dict(), self.freeze.base_plan()
         self.state.phases, self.state.auto_freeze = controller["phases"], controller["auto_freeze"]
         save_trainable(
-            self.run_dir.path, self.model, self.freeze.base_plan(), base=self.freeze.base_sha256(),
+            self.run_dir.path, self.model, plan, base=self.freeze.base_sha256(),
             step=self.state.step, model_name=cfg.model.name, num_classes=cfg.model.num_classes,
             weights_source=self.loaded.weights_source, seed=cfg.seed,
         )
-        save_checkpoint(self.run_dir.path, self.model, self.optimizer, self.state, self.engine.scaler)
+        base = base_hashes(self.model, plan, self.freeze.frozen_before)
+        save_checkpoint(self.run_dir.path, self.model, self.optimizer, self.state, self.engine.scaler, base)
         self.progress.saved_step = self.state.step
 
     # ----------------------------------------------------------------------------------------
@@ -455,6 +464,9 @@ class Recipe:
         gc.collect()
         dist.shutdown(self.dist)
         self.run_dir.release()
+        if self._threads_before is not None:  # a library caller's process keeps its own thread count
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 def run(config: Config, reporter: Reporter | None = None, resume: bool = False) -> dict:

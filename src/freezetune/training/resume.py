@@ -56,7 +56,10 @@ def restore(folder: RunDir, controller, model, optimizer, scaler) -> RunState:
     """Puts a run back where its checkpoint left it: freeze changes, weights, optimizer, RNG, loss scale.
 
     The controller replays the freeze changes first, so the freeze state and the optimizer's
-    param groups are exactly those the checkpoint was saved with.
+    param groups are exactly those the checkpoint was saved with. The weights are the
+    checkpoint's tensors over its base file (verified against the checkpoint's sha256 before
+    anything is loaded), or the full state dict of a first-format checkpoint; every tensor of
+    the model must be there.
 
     Args:
         folder: The run folder.
@@ -69,15 +72,16 @@ def restore(folder: RunDir, controller, model, optimizer, scaler) -> RunState:
         The run's position.
 
     Raises:
-        WeightsError: If the checkpoint does not fit this run's model, or a stage frozen mid-run
-            does not match its hash from then.
+        WeightsError: If the checkpoint does not fit this run's model, its base file is missing
+            or not the one it was saved with, or a stage frozen mid-run does not match its hash
+            from then.
     """
     path = folder.checkpoint
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # "model" is the full state dict, the base merged in and verified
     try:
         state = RunState.from_checkpoint(ckpt)
         replayed = controller.load_state_dict(state.as_dict(), optimizer, folder.fingerprints())
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise WeightsError(f"{path}: checkpoint does not fit this run's model ({first_line(e)})") from None

@@ -10,8 +10,9 @@ written down once, here:
 - ``epochs.jsonl``: one row per epoch end (training time, validation);
 - ``summary.json``: the run's record, written when it ends;
 - ``frozen_sha256.json``: the frozen tensors' hashes from the start of the run;
-- ``checkpoint.pt`` and ``checkpoint.trainable.{safetensors,json}``: the full and trainable-only
-  checkpoints;
+- ``checkpoint.pt``: the resume checkpoint (what can change, optimizer, RNG, position), with
+  ``base.safetensors``: the frozen base it leaves out, written once;
+- ``checkpoint.trainable.{safetensors,json}``: the trainable-only checkpoint (export's input);
 - ``.freezetune.lock``: the one-writer lock.
 
 Files in it are written atomically through :mod:`freezetune.atomic`.
@@ -37,6 +38,7 @@ EPOCHS_NAME = "epochs.jsonl"
 SUMMARY_NAME = "summary.json"
 FINGERPRINT_NAME = "frozen_sha256.json"
 CHECKPOINT_NAME = "checkpoint.pt"
+BASE_NAME = "base.safetensors"
 TRAINABLE_NAME = "checkpoint.trainable.safetensors"
 TRAINABLE_MANIFEST_NAME = "checkpoint.trainable.json"
 
@@ -104,11 +106,16 @@ class RunDir:
 
     @property
     def checkpoint(self) -> Path:
-        """``checkpoint.pt``: the full checkpoint."""
+        """``checkpoint.pt``: the checkpoint a run resumes from."""
         return self.path / CHECKPOINT_NAME
 
+    @property
+    def base(self) -> Path:
+        """``base.safetensors``: the frozen tensors ``checkpoint.pt`` leaves out."""
+        return self.path / BASE_NAME
+
     def has_checkpoint(self) -> bool:
-        """Whether a full checkpoint is there to resume from."""
+        """Whether a checkpoint is there to resume from."""
         return self.checkpoint.is_file()
 
     # ----------------------------------------------------------------------------------------

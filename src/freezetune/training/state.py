@@ -18,6 +18,8 @@ class RunState:
         phases: How many ``freeze.schedule`` phases (gradual unfreezing) are in effect.
         epoch_seconds: Training seconds already spent on ``epoch`` by earlier processes, so an
             epoch split by an interruption is still timed whole in ``epochs.jsonl``.
+        epoch_loss_sum: The summed loss of ``epoch``'s steps so far, earlier processes' included,
+            so an epoch's mean training loss is the same however the run was split.
         auto_freeze: :meth:`freezetune.freezing.auto.AutoFreezer.state_dict` (None without ``freeze.auto``).
     """
 
@@ -27,12 +29,13 @@ class RunState:
     phases: int = 0
     epoch_seconds: float = 0.0
     auto_freeze: dict | None = field(default=None)
+    epoch_loss_sum: float = 0.0
 
     def as_dict(self) -> dict:
         """The state as checkpoint keys.
 
-        ``step``, ``epoch``, ``batch_in_epoch``, ``phases``, ``epoch_seconds``, and ``auto_freeze``
-        (the events, last interval and gradient-norm sums of ``freeze.auto``).
+        ``step``, ``epoch``, ``batch_in_epoch``, ``phases``, ``epoch_seconds``, ``auto_freeze``
+        (the events, last interval and gradient-norm sums of ``freeze.auto``) and ``epoch_loss_sum``.
         """
         return asdict(self)
 
@@ -41,7 +44,7 @@ class RunState:
         """Reads the counters of a loaded checkpoint; older checkpoints may lack the newer ones."""
         counters = {k: int(ckpt.get(k, 0)) for k in ("step", "epoch", "batch_in_epoch", "phases")}
         return cls(**counters, epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)),
-                   auto_freeze=ckpt.get("auto_freeze"))
+                   auto_freeze=ckpt.get("auto_freeze"), epoch_loss_sum=float(ckpt.get("epoch_loss_sum", 0.0)))
 
 
 class StopReason(enum.Enum):

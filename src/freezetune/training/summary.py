@@ -87,6 +87,7 @@ class EpochTime(Record):
     steps: int
     cached: bool
     epoch_seconds: float  # the whole epoch's, earlier processes' share included
+    train_loss: float | None = None  # mean over the whole epoch's steps
 
 
 class CacheUse(CacheChoice):
@@ -110,11 +111,16 @@ class PeakMemory(Record):
 
 
 class CheckpointSizes(Record):
-    """Sizes of the full and the trainable-only checkpoint (null when absent), and the newest's step."""
+    """Sizes of checkpoint.pt, the trainable-only checkpoint and the frozen base (null if absent), and the step.
+
+    ``full_bytes`` is checkpoint.pt's size; since checkpoint format 2 the frozen base it refers to
+    is ``base.safetensors`` (``base_bytes``), written once per run.
+    """
 
     full_bytes: int | None
     trainable_bytes: int | None
     step: int | None
+    base_bytes: int | None = None
 
 
 class ValFigures(Record):
@@ -257,6 +263,8 @@ class EpochRecord(Record):
         train_s: Training seconds of the whole epoch, synchronized, cache filling included and
             validation excluded; an epoch split by an interruption is timed whole.
         cached: Whether its steps read cached features.
+        train_loss: Mean training loss over the epoch's steps (None in files from before it was kept).
+        val_samples: How many samples the validation counted (None without one, or in older files).
         val_accuracy: Top-1 accuracy on the validation set after it, or None without one.
         val_loss: Mean validation loss, or None.
         val_s: Seconds the validation pass took, or None.
@@ -272,6 +280,8 @@ class EpochRecord(Record):
     val_loss: float | None
     val_s: float | None
     complete: bool = True
+    train_loss: float | None = None
+    val_samples: int | None = None
     schema_version: int = EPOCHS_SCHEMA_VERSION
 
     def as_dict(self) -> dict:

@@ -24,7 +24,7 @@ from freezetune.atomic import atomic_write, write_json
 from freezetune.errors import WeightsError, first_line
 from freezetune.freezing.integrity import combined_sha256, frozen_state, tensor_sha256
 from freezetune.freezing.plan import FreezePlan
-from freezetune.training.run_dir import CHECKPOINT_NAME, TRAINABLE_NAME
+from freezetune.training.run_dir import BASE_NAME, CHECKPOINT_NAME, TRAINABLE_NAME
 from freezetune.training.run_dir import TRAINABLE_MANIFEST_NAME as MANIFEST_NAME
 
 FORMAT = "freezetune-trainable/1"
@@ -88,6 +88,20 @@ def base_sha256(state: dict[str, torch.Tensor], saved: set[str] | list[str]) -> 
     return combined_sha256({n: tensor_sha256(t) for n, t in state.items() if n not in saved})
 
 
+def base_hashes(model: nn.Module, plan: FreezePlan, frozen_before: dict[str, str]) -> dict[str, str]:
+    """Name -> sha256 of each tensor of the base: what ``plan`` freezes, hashed as it froze.
+
+    The base ``checkpoint.pt`` leaves to ``base.safetensors``; its combined digest is
+    :meth:`FreezeController.base_sha256` (a tensor missing from ``frozen_before`` is hashed now).
+
+    Args:
+        model: The model being trained.
+        plan: The base plan (:meth:`FreezeController.base_plan`).
+        frozen_before: The run's hashes of its frozen tensors (:attr:`FreezeController.frozen_before`).
+    """
+    return {n: frozen_before.get(n) or tensor_sha256(t) for n, t in frozen_state(model, plan).items()}
+
+
 def save_trainable(
     run_dir: str | Path,
     model: nn.Module,
@@ -144,12 +158,16 @@ def save_trainable(
 
 
 def checkpoint_sizes(run_dir: str | Path) -> dict:
-    """Sizes in bytes of the run's full and trainable-only checkpoints (None when absent)."""
+    """Sizes in bytes of the run's ``checkpoint.pt``, its frozen base and the trainable-only checkpoint.
+
+    ``full_bytes`` is checkpoint.pt's own size: since format 2 it leaves the frozen base to
+    ``base.safetensors`` (``base_bytes``), written once. None where a file is absent.
+    """
     def size(name: str) -> int | None:
         p = Path(run_dir) / name
         return p.stat().st_size if p.is_file() else None
 
-    return {"full_bytes": size(CHECKPOINT_NAME), "trainable_bytes": size(TRAINABLE_NAME)}
+    return {"full_bytes": size(CHECKPOINT_NAME), "trainable_bytes": size(TRAINABLE_NAME), "base_bytes": size(BASE_NAME)}
 
 
 # --------------------------------------------------------------------------------------------
