@@ -4,8 +4,8 @@
 
 Runs, one after another on this machine, each as its own process:
 
-1. ``freezetune sweep --no-prune`` over the default arms (1 seed);
-2. ``freezetune sweep`` with pruning (the default);
+1. ``freezetune sweep --prune off`` over the default arms (1 seed, one rate: ``--lr-grid 1``);
+2. ``freezetune sweep --prune safe`` (the rule between arms; halving needs several rates);
 3. ``freezetune train`` on each arm's config, as emitted by run 1.
 
 Prints (and writes to ``<out>/bench_sweep.json``) each one's wall time, the ratios the sweep's
@@ -36,9 +36,10 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", default=["train.epochs=6"])
     a = parser.parse_args()
-    base = ["sweep", "--config", a.config, *a.overrides]
-    rows = {"no_prune": timed([*base, "--no-prune", "--out", str(a.out / "no-prune")]),
-            "prune": timed([*base, "--out", str(a.out / "prune")])}
+    # One rate, so that each arm is one `freezetune train` run to compare with.
+    base = ["sweep", "--config", a.config, "--lr-grid", "1", *a.overrides]
+    rows = {"no_prune": timed([*base, "--prune", "off", "--out", str(a.out / "no-prune")]),
+            "prune": timed([*base, "--prune", "safe", "--out", str(a.out / "prune")])}
     plain = json.loads((a.out / "no-prune" / "sweep.json").read_text())
     pruned = json.loads((a.out / "prune" / "sweep.json").read_text())
     trains = {}

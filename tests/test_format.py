@@ -10,6 +10,11 @@ from freezetune.render import format as f
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 
 CASES = [
+    # fmt_lr: three significant digits, as short as they read.
+    (f.fmt_lr, (0.1,), "0.1"),
+    (f.fmt_lr, (0.003,), "0.003"),
+    (f.fmt_lr, (0.030000000000000002,), "0.03"),
+    (f.fmt_lr, (3e-05,), "3e-05"),
     # fmt_bytes: binary units, whole bytes, one decimal above; signs kept; TiB is the largest unit.
     (f.fmt_bytes, (None,), "-"),
     (f.fmt_bytes, (0,), "0 B"),

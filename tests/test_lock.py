@@ -120,7 +120,8 @@ def test_every_writing_command_is_refused_on_a_folder_in_use(tmp_path, tiny_args
         "export": ["export", run, "--out", target / "model.safetensors"],
         "compare": ["compare", "frozen-vs-full", "--config", tiny_yaml(), "--steps", 1, "--out", target, "--no-memory",
                     "freeze.until=layer3"],
-        "sweep": ["sweep", "--config", tiny_yaml(), "--only", "full,layer4", "--no-memory", "--out", target],
+        "sweep": ["sweep", "--config", tiny_yaml(), "--lr-grid", "1", "--only", "full,layer4", "--no-memory",
+                  "--out", target],
     }[command]
     result = cli(*args)
     assert result.exit_code == 2, result.output

@@ -14,6 +14,7 @@ from freezetune.sweep.arms import arm_config, load_arms_file
 from freezetune.training.recipe import run
 
 ARMS = ("full", "layer3", "layer4")
+ONE = (1.0,)  # the single-rate sweep: these tests are about arms, not rates
 
 
 def _accuracies(run_dir) -> list[float]:
@@ -35,7 +36,7 @@ def base(tmp_path_factory, tiny_at):
 def swept(base, tmp_path_factory):
     """One in-process sweep over full, layer3 and layer4, shared by the tests that read it."""
     out = tmp_path_factory.mktemp("sweep") / "out"
-    return out, sweep(base, out, _arms(base), prune=False, memory=False)
+    return out, sweep(base, out, _arms(base), prune=False, memory=False, lr_grid=ONE)
 
 
 def test_each_arm_equals_train_of_its_config_exactly(swept, tmp_path):
@@ -51,7 +52,7 @@ def test_sweep_json_has_the_promised_keys(swept):
     out, result = swept
     on_disk = json.loads((out / "sweep.json").read_text())
     assert on_disk == result
-    assert result["schema_version"] == 1 and result["tolerance"] == pytest.approx(0.01)
+    assert result["schema_version"] == 2 and result["tolerance"] == pytest.approx(0.01)
     for name in ARMS:
         arm = result["arms"][name]
         assert {"mean", "sd"} <= set(arm["val_accuracy"]) and arm["wall_s"]["mean"] > 0
@@ -73,8 +74,8 @@ def test_arms_do_not_share_rng(base, tmp_path):
     """With augmentation the loop draws from torch's RNG; layer3 must not notice its neighbours."""
     cfg = base.model_copy(update={"data": base.data.model_copy(update={"augment": True}),
                                   "train": base.train.model_copy(update={"epochs": 1})})
-    a = sweep(cfg, tmp_path / "a", _arms(cfg, ("full", "layer3")), prune=False, memory=False)
-    b = sweep(cfg, tmp_path / "b", _arms(cfg, ("layer3", "layer4")), prune=False, memory=False)
+    a = sweep(cfg, tmp_path / "a", _arms(cfg, ("full", "layer3")), prune=False, memory=False, lr_grid=ONE)
+    b = sweep(cfg, tmp_path / "b", _arms(cfg, ("layer3", "layer4")), prune=False, memory=False, lr_grid=ONE)
     losses = [[json.loads(x)["loss"] for x in (p / "runs/layer3/seed-0/metrics.jsonl").read_text().splitlines()]
               for p in (tmp_path / "a", tmp_path / "b")]
     assert len(losses[0]) == 6 and losses[0] == losses[1]
@@ -85,8 +86,8 @@ def test_arms_do_not_share_rng(base, tmp_path):
 def test_emit_then_train_then_collect_matches_the_in_process_sweep(base, tmp_path, cli):
     """A scheduler's view: emitted configs, each trained by `freezetune train`, then collected."""
     arms = _arms(base, ("full", "layer4"))
-    inline = sweep(base, tmp_path / "inline", arms, prune=False, memory=False, tolerance=1.0 - 1e-9)
-    manifest = emit(base, tmp_path / "jobs", arms, tolerance=1.0 - 1e-9)
+    inline = sweep(base, tmp_path / "inline", arms, prune=False, memory=False, tolerance=1.0 - 1e-9, lr_grid=ONE)
+    manifest = emit(base, tmp_path / "jobs", arms, tolerance=1.0 - 1e-9, lr_grid=ONE)
     lines = (tmp_path / "jobs" / "jobs.txt").read_text().splitlines()
     assert len(lines) == len(manifest.jobs) == 2
     for line in lines:
@@ -103,7 +104,7 @@ def test_emit_then_train_then_collect_matches_the_in_process_sweep(base, tmp_pat
 
 
 def test_collect_refuses_unfinished_jobs_naming_one(base, tmp_path, cli):
-    emit(base, tmp_path / "jobs", _arms(base, ("full", "layer4")))
+    emit(base, tmp_path / "jobs", _arms(base, ("full", "layer4")), lr_grid=ONE)
     result = cli("sweep", "--collect", tmp_path / "jobs")
     assert result.exit_code == 2
     assert "job full seed 0 is missing" in result.stderr and "freezetune train --config" in result.stderr
@@ -144,7 +145,8 @@ def test_ctrl_c_mid_epoch_then_resume_finishes_without_retraining(base, swept, t
 
     monkeypatch.setattr(loop_mod.TrainingLoop, "_step", step)
     first = _Epochs()
-    assert sweep(base, out, _arms(base), prune=False, memory=False, reporter=first)["status"] == "interrupted"
+    stopped = sweep(base, out, _arms(base), prune=False, memory=False, reporter=first, lr_grid=ONE)
+    assert stopped["status"] == "interrupted"
     monkeypatch.setattr(loop_mod.TrainingLoop, "_step", original)
     assert first.epochs == [("full", 0), ("layer3", 0), ("layer4", 0)]
     assert json.loads((out / "runs/full/seed-0/summary.json").read_text())["status"] == "interrupted"
@@ -170,7 +172,7 @@ def test_pruned_arms_stop_and_are_reported_as_pruned(base, tmp_path, monkeypatch
     cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 3}),
                                   "data": base.data.model_copy(update={"train_size": 8})})
     monkeypatch.setattr(run_mod, "prune_at", lambda curves, *a, **k: {"layer4": 2} if len(curves["full"]) >= 2 else {})
-    result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "layer4")), prune=True, memory=False)
+    result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "layer4")), prune=True, memory=False, lr_grid=ONE)
     arm = result["arms"]["layer4"]
     assert arm["status"] == "pruned" and arm["pruned_at_epoch"] == 2
     assert arm["seeds"][0]["pruned_at_epoch"] == 2 and len(arm["seeds"][0]["val_accuracy_by_epoch"]) == 2
@@ -184,7 +186,7 @@ def test_the_auto_arm_freezes_during_the_sweep_and_is_a_point_of_its_own(base, t
     cfg = load_config(None, [*tiny_overrides(tmp_path / "run"), "train.epochs=3", "data.train_size=8",
                              "freeze.auto.criterion=threshold", "freeze.auto.threshold=1e9",
                              "freeze.auto.max_stage=layer2"])
-    result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "auto")), prune=False, memory=False)
+    result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "auto")), prune=False, memory=False, lr_grid=ONE)
     summary = json.loads((tmp_path / "s/runs/auto/seed-0/summary.json").read_text())
     assert summary["auto_freeze"]["stages_frozen"] == ["stem", "layer1", "layer2"]
     assert summary["freeze_integrity"]["ok"] and summary["freeze_integrity"]["frozen_mid_run"] > 0
@@ -196,7 +198,7 @@ def test_the_auto_arm_freezes_during_the_sweep_and_is_a_point_of_its_own(base, t
 def test_seeds_give_mean_and_sd_and_memory_is_measured_per_arm(base, tmp_path):
     cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1}),
                                   "data": base.data.model_copy(update={"train_size": 8})})
-    result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "layer4")), seeds=2, prune=False, memory=True)
+    result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "layer4")), seeds=2, prune=False, memory=True, lr_grid=ONE)
     for arm in result["arms"].values():
         assert [s["seed"] for s in arm["seeds"]] == [cfg.seed, cfg.seed + 1]
         assert arm["val_accuracy"]["n"] == 2 and arm["val_accuracy"]["sd"] is not None
@@ -261,7 +263,7 @@ def test_shipped_arms_file_makes_valid_configs(tiny, tmp_path):
 def test_bad_arms_files_fail_with_one_line(tiny_yaml, tmp_path, cli, text, message):
     arms = tmp_path / "arms.yaml"
     arms.write_text(text)
-    result = cli("sweep", "--config", tiny_yaml(), "--arms", arms, "--emit", tmp_path / "e")
+    result = cli("sweep", "--config", tiny_yaml(), "--lr-grid", "1", "--arms", arms, "--emit", tmp_path / "e")
     assert result.exit_code == 2, result.stdout
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -272,7 +274,8 @@ def test_bad_arms_files_fail_with_one_line(tiny_yaml, tmp_path, cli, text, messa
 
 
 def test_cli_sweep_prints_the_table_and_the_recommendation(tiny_yaml, tmp_path, cli):
-    result = cli("sweep", "--config", tiny_yaml(), "--only", "full,layer4", "--no-memory", "--no-prune",
+    result = cli("sweep", "--config", tiny_yaml(), "--lr-grid", "1", "--only", "full,layer4", "--no-memory",
+                 "--no-prune",
                  "--out", tmp_path / "s")
     assert result.exit_code == 0, result.stderr
     assert "recommendation:" in result.stdout and "layer4" in result.stdout
@@ -292,7 +295,7 @@ def test_cli_sweep_prints_the_table_and_the_recommendation(tiny_yaml, tmp_path, 
 ])
 def test_bad_sweep_options_fail_with_one_line(tiny_yaml, tmp_path, cli, args, message):
     args = [str(tmp_path / a) if a in ("E", "C") else a for a in args]
-    result = cli("sweep", "--config", tiny_yaml(), "--no-memory", "--out", tmp_path / "s", *args)
+    result = cli("sweep", "--config", tiny_yaml(), "--lr-grid", "1", "--no-memory", "--out", tmp_path / "s", *args)
     assert result.exit_code == 2, result.stdout
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -308,9 +311,9 @@ def test_a_new_sweep_over_an_old_one_trains_from_the_start(base, tmp_path):
                                   "data": base.data.model_copy(update={"train_size": 8, "val_size": 8}),
                                   "output": base.output.model_copy(update={"overwrite": True})})
     arms = _arms(cfg, ("full", "layer4"))
-    sweep(cfg, tmp_path / "s", arms, prune=False)
+    sweep(cfg, tmp_path / "s", arms, prune=False, lr_grid=ONE)
     again = _Epochs()
-    sweep(cfg, tmp_path / "s", arms, prune=False, reporter=again)
+    sweep(cfg, tmp_path / "s", arms, prune=False, reporter=again, lr_grid=ONE)
     assert again.epochs == [("full", 0), ("layer4", 0)]  # nothing taken as already finished
 
 
@@ -324,4 +327,4 @@ def test_a_frozen_tensor_that_moved_stops_the_sweep(base, tmp_path, monkeypatch)
     cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 1}),
                                   "data": base.data.model_copy(update={"train_size": 8})})
     with pytest.raises(FreezeIntegrityError, match=r"arm layer[34] seed 0: frozen tensors changed: conv1.weight"):
-        sweep(cfg, tmp_path / "s", _arms(cfg, ("layer4", "layer3")), prune=False)
+        sweep(cfg, tmp_path / "s", _arms(cfg, ("layer4", "layer3")), prune=False, lr_grid=ONE)

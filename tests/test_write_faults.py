@@ -189,7 +189,8 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, tiny_a
 def test_a_sweep_whose_folder_fills_up_is_one_line(tmp_path, tiny_yaml, cli, full_disk):
     out = tmp_path / "s"
     budget = full_disk(out, free=20_000)  # the sweep's own files fit; a run's first checkpoint does not
-    result = cli("sweep", "--config", tiny_yaml(), "--only", "full,layer4", "--no-memory", "--no-prune", "--out", out)
+    result = cli("sweep", "--config", tiny_yaml(), "--lr-grid", "1", "--only", "full,layer4", "--no-memory",
+                 "--no-prune", "--out", out)
     assert result.exit_code == 2, result.output
     [line] = result.stderr.strip().splitlines()
     assert "cannot write (no space left on device)" in line and str(out / "runs") in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -38,8 +39,16 @@ def sweep(
     tolerance: float = typer.Option(None, "--tolerance", min=0, help="Accuracy points an arm may lose against "
                                     "the best and still be recommended (1 = 0.01) \\[default: 1].",
                                     show_default=False),
-    prune: bool = typer.Option(True, "--prune/--no-prune", help="Stop arms that cannot come within the "
-                               "tolerance of the best (see docs/sweep.md for the rule)."),
+    lr_grid: str = typer.Option("0.1,0.3,1,3,10", "--lr-grid", help="Learning rates every arm tries, as "
+                                "multipliers of the config's optim.lr (an arms file's lr_grid replaces it per arm); "
+                                "1 trains each arm at the config's rate only."),
+    prune: str = typer.Option("halving", "--prune", help="halving: each arm's rates compete at rungs and the "
+                              "best third go on, and arms that cannot come within the tolerance of the best stop; "
+                              "safe: only the latter; off: everything trains its whole budget (docs/sweep.md)."),
+    no_prune: bool = typer.Option(False, "--no-prune", help="Same as --prune off.", hidden=True),
+    job_threads: int = typer.Option(None, "--job-threads", min=1, help="With --emit: train.threads of every job "
+                                    "\\[default: half this machine's cores, for two jobs side by side].",
+                                    show_default=False),
     memory: bool = typer.Option(False, "--memory/--no-memory", help="Measure each arm's peak memory in a "
                                 "process of its own, a few steps each (about 5 s an arm on 2 CPU cores)."),
     feature_cache: str = typer.Option("auto", "--feature-cache", help="train.feature_cache for every arm: "
@@ -56,19 +65,23 @@ def sweep(
 ) -> None:
     """Train every freeze depth (and your own arms) for the config's whole budget and recommend one.
 
-    Reports validation accuracy per epoch, time to target accuracy, training time, FLOPs and
-    memory per arm, the Pareto front, and the cheapest arm within the tolerance of the best.
-    Writes sweep.json, sweep.csv and sweep.png.
+    Every arm tries each rate of --lr-grid and is reported at its best one. Reports validation
+    accuracy per epoch, time to target accuracy, training time, FLOPs and memory per arm, the
+    Pareto front, and the cheapest arm (and its rate) within the tolerance of the best. Writes
+    sweep.json, sweep.csv and sweep.png.
     """
     from freezetune import sweep as lib
     from freezetune.errors import ConfigError
     from freezetune.sweep.analysis import DEFAULT_TOLERANCE
+    from freezetune.sweep.arms import parse_lr_grid
 
     modes = [name for name, v in (("--emit", emit), ("--collect", collect), ("--resume", resume)) if v is not None]
     if len(modes) > 1:
         raise ConfigError(f"give only one of {', '.join(modes)}")
     if feature_cache not in ("auto", "on", "off"):
         raise ConfigError(f"--feature-cache {feature_cache!r}: choose auto, on or off")
+    grid = parse_lr_grid(lr_grid)
+    prune = "off" if no_prune else prune
     tol = None if tolerance is None else tolerance / 100
     if collect is not None:
         _show(lib.collect(collect, target, tol))  # the sweep's own target and tolerance unless given
@@ -80,13 +93,14 @@ def sweep(
     chosen = _arms(cfg, arms, only)
     tol = DEFAULT_TOLERANCE if tol is None else tol
     if emit is not None:
-        manifest = lib.emit(cfg, emit, chosen, seeds, target, tol, feature_cache, source)
-        console.print(f"wrote {len(manifest.jobs)} job configs, {emit / 'jobs.txt'} and {emit / 'manifest.json'}",
-                      soft_wrap=True)
+        threads = job_threads or max(1, (os.cpu_count() or 2) // 2)
+        manifest = lib.emit(cfg, emit, chosen, seeds, target, tol, feature_cache, source, grid, threads)
+        console.print(f"wrote {len(manifest.jobs)} job configs (train.threads {threads} each), "
+                      f"{emit / 'jobs.txt'} and {emit / 'manifest.json'}", soft_wrap=True)
         console.print(f"run each line of {emit / 'jobs.txt'}, then: freezetune sweep --collect {emit}", soft_wrap=True)
         return
     result = lib.sweep(cfg, out or Path(cfg.output.dir) / "sweep", chosen, seeds, target, tol, prune, memory,
-                       feature_cache, source, _Progress())
+                       feature_cache, source, _Progress(), grid)
     _finish(result)
 
 
@@ -126,15 +140,19 @@ class _Progress:
 
     def start(self, jobs: int, epochs: int, resumed: int) -> None:
         done = f" ({resumed} already finished)" if resumed else ""
-        console.print(f"sweep: {jobs} runs x {epochs} epochs{done}, arms taking turns epoch by epoch")
+        console.print(f"sweep: {jobs} runs x {epochs} epochs{done}, runs taking turns epoch by epoch")
 
     def epoch(self, arm, seed, record, epochs) -> None:
         from freezetune.render.sweep import epoch_line
 
         console.print(epoch_line(arm, seed, record, epochs))
 
-    def pruned(self, arm: str, epoch: int) -> None:
-        console.print(f"[yellow]pruned {arm} after epoch {epoch}[/]: it cannot come within the tolerance of the best")
+    def pruned(self, arm: str, epoch: int, why: str = "") -> None:
+        from freezetune.sweep.halving import HALVING_RULE
+
+        reason = ("successive halving: not among the best third of its arm's rates" if why == HALVING_RULE
+                  else "it cannot come within the tolerance of the best")
+        console.print(f"[yellow]pruned {arm} after epoch {epoch}[/]: {reason}")
 
     def message(self, text: str) -> None:
         console.print(text)

@@ -73,6 +73,18 @@ def fmt_ms(s: float | None) -> str:
     return "-" if s is None else f"{s * 1000:.1f}"
 
 
+def fmt_lr(lr: float) -> str:
+    """Formats a learning rate with three significant digits, as short as it reads.
+
+    Args:
+        lr: The learning rate.
+
+    Returns:
+        ``0.1``, ``0.003``, ``0.0001``, ``3e-05``.
+    """
+    return f"{lr:.3g}"
+
+
 # --------------------------------------------------------------------------------------------
 # Counts and FLOPs
 

@@ -28,12 +28,17 @@ class Stat:
 
 
 def stat(values: Sequence[float | None]) -> Stat:
-    """Mean ± sd of the values; the mean is None if any value is None (e.g. a seed never reached the target)."""
+    """Mean ± sd of the values; the mean is None if any value is None (e.g. a seed's run did not finish)."""
     if not values or any(v is None for v in values):
         return Stat(None, None, len(values))
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else None
     return Stat(mean, sd, len(values))
+
+
+def reached_stat(values: Sequence[float | None]) -> Stat:
+    """Mean ± sd over the seeds that have a value (time to target: those that reached it); ``n`` counts them."""
+    return stat([v for v in values if v is not None])
 
 
 def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
@@ -137,7 +142,15 @@ class Candidate:
     label: str
     accuracy: Stat  # final validation accuracy
     wall_s: float  # training seconds (validation excluded)
-    time_to_target_s: float | None
+    time_to_target_s: float | None  # mean over the seeds that reached the target
+    reached: int | None = None  # seeds that reached it (None: all of them if time_to_target_s is set, else none)
+
+    @property
+    def seeds_reached(self) -> int:
+        """How many of the seeds reached the target."""
+        if self.reached is not None:
+            return self.reached
+        return self.accuracy.n if self.time_to_target_s is not None else 0
 
 
 def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -170,8 +183,14 @@ class Recommendation:
 
 
 def cost_of(c: Candidate) -> tuple[int, float]:
-    """Sort key: arms that reached the target by their time to it, then the others by wall time."""
-    return (0, c.time_to_target_s) if c.time_to_target_s is not None else (1, c.wall_s)
+    """Sort key: fewest seeds that missed the target first, then the time to it (the training time if none reached it).
+
+    With one seed: arms that reached the target by their time to it, then the others by
+    training time. With several, an arm that reached it in every seed ranks before one that
+    reached it in some, whatever their times (a mean over the lucky seeds is no promise).
+    """
+    reached = c.seeds_reached
+    return (c.accuracy.n - reached, c.time_to_target_s if reached else c.wall_s)
 
 
 def recommend(candidates: list[Candidate], tolerance: float, baseline: str = "full") -> Recommendation:
@@ -188,6 +207,8 @@ def recommend(candidates: list[Candidate], tolerance: float, baseline: str = "fu
     pick = min(eligible, key=cost_of)
     close = _indistinguishable(pick, candidates)
     reason = _reason(pick, best, tolerance, next((c for c in candidates if c.name == baseline), None))
+    if 0 < pick.seeds_reached < pick.accuracy.n:
+        reason += f" It reached the target in {pick.seeds_reached} of its {pick.accuracy.n} seeds."
     if close:
         spread = max(c.accuracy.sd or 0.0 for c in [pick, *close])
         reason += (f" With {pick.accuracy.n} seeds, {', '.join(c.name for c in close)} cannot be told apart from it "
@@ -228,9 +249,12 @@ def _cheaper(pick: Candidate, baseline: Candidate | None) -> str:
     """How the pick's cost compares with full fine-tuning's, in the right direction."""
     if baseline is None or baseline.name == pick.name:
         return ""
-    if pick.time_to_target_s is not None and baseline.time_to_target_s is None:
+    if pick.seeds_reached and not baseline.seeds_reached:
         return ", and reaches the target, which full fine-tuning never does"
-    if pick.time_to_target_s is not None and baseline.time_to_target_s is not None:
+    if pick.seeds_reached and baseline.seeds_reached < baseline.accuracy.n:
+        return (f", and reaches the target, which full fine-tuning does in only {baseline.seeds_reached} of "
+                f"{baseline.accuracy.n} seeds")
+    if pick.seeds_reached and baseline.seeds_reached:
         return _ratio_text(baseline.time_to_target_s, pick.time_to_target_s, "reaches the target", "sooner", "later")
     return _ratio_text(baseline.wall_s, pick.wall_s, "trains", "faster", "slower")
 

@@ -42,10 +42,12 @@ class SweepArm:
     name: str
     label: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    lr_grid: tuple[float, ...] | None = None  # multipliers of the arm's rate; None: the sweep's grid
 
     def as_dict(self) -> dict:
         """Plain data for the manifest."""
-        return {"name": self.name, "label": self.label, "overrides": dict(self.overrides)}
+        return {"name": self.name, "label": self.label, "overrides": dict(self.overrides),
+                "lr_grid": None if self.lr_grid is None else list(self.lr_grid)}
 
 
 class _ArmEntry(BaseModel):
@@ -54,9 +56,49 @@ class _ArmEntry(BaseModel):
     name: str
     label: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
+    lr_grid: list[float | int] | None = None
 
 
 AUTO = "auto"
+# Multipliers of the config's learning rate: a log grid spanning 100x. A linear probe often wants
+# 10-100x the rate of full fine-tuning and one early block a rate of its own, so one rate for every
+# arm would measure which arm suits that rate, not which layers to freeze.
+DEFAULT_LR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+def check_lr_grid(grid, where: str) -> tuple[float, ...]:
+    """A learning-rate grid as sorted, distinct, positive multipliers.
+
+    Raises:
+        ConfigError: Naming ``where``, if the grid is empty or holds a value that is not a positive number.
+    """
+    values = list(grid)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf")]
+    if not values or bad:
+        raise ConfigError(f"{where}: a learning-rate grid is one or more positive multipliers of the config's rate "
+                          f"(e.g. 0.1,0.3,1,3,10), got {values if not bad else bad[0]!r}")
+    return tuple(sorted({float(v) for v in values}))
+
+
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    """``--lr-grid 0.1,0.3,1,3,10``: multipliers of the config's learning rate.
+
+    Raises:
+        ConfigError: If a value is not a positive number.
+    """
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            values.append(float(part.rstrip("xX")))
+        except ValueError:
+            raise ConfigError(f"--lr-grid {text!r}: {part!r} is not a number; give multipliers of the config's "
+                              "rate, e.g. 0.1,0.3,1,3,10") from None
+    return check_lr_grid(values, f"--lr-grid {text!r}")
+
+
+def multiplier_name(multiplier: float) -> str:
+    """``0.3`` -> ``x0.3``, ``10.0`` -> ``x10``: a rate's name in folders and tables."""
+    return f"x{multiplier:g}"
 
 
 def default_arms(config: Config) -> list[SweepArm]:
@@ -94,7 +136,8 @@ def load_arms_file(path: str | Path) -> list[SweepArm]:
             raise ConfigError(f"{path}: arm {i + 1}: {where}: {err['msg']}") from None
         if not _NAME_RE.match(entry.name):
             raise ConfigError(f"{path}: arm {i + 1}: name {entry.name!r} must be letters, digits, '_', '.', '-'")
-        arms.append(SweepArm(entry.name, entry.label or entry.name, dict(entry.overrides)))
+        grid = None if entry.lr_grid is None else check_lr_grid(entry.lr_grid, f"{path}: arm {i + 1}: lr_grid")
+        arms.append(SweepArm(entry.name, entry.label or entry.name, dict(entry.overrides), grid))
     names = [a.name for a in arms]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -122,8 +165,9 @@ def merge_arms(defaults: list[SweepArm], extra: list[SweepArm], only: list[str] 
     return arms
 
 
-def arm_config(config: Config, arm: SweepArm, seed: int, run_dir: Path, feature_cache: str = "auto") -> Config:
-    """The complete config of one (arm, seed): what ``freezetune train`` would run for it.
+def arm_config(config: Config, arm: SweepArm, seed: int, run_dir: Path, feature_cache: str = "auto",
+               lr_multiplier: float = 1.0) -> Config:
+    """The complete config of one (arm, rate, seed): what ``freezetune train`` would run for it.
 
     Args:
         config: The user's config.
@@ -132,6 +176,8 @@ def arm_config(config: Config, arm: SweepArm, seed: int, run_dir: Path, feature_
         run_dir: The run's folder.
         feature_cache: ``train.feature_cache`` for every arm (``auto``: each arm takes the cache
             wherever it is correct and pays off).
+        lr_multiplier: Multiplies ``optim.lr`` as the arm sets it (the config's, unless the arm
+            overrides it).
 
     Raises:
         ConfigError: If an override changes a key every arm must share, or makes the config invalid.
@@ -149,4 +195,7 @@ def arm_config(config: Config, arm: SweepArm, seed: int, run_dir: Path, feature_
     data["output"] = {"dir": str(run_dir), "overwrite": True}
     # JSON is YAML, so every value (a list, a schedule of mappings) goes through the override parser.
     data, _ = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in arm.overrides.items()])
+    if lr_multiplier != 1.0:
+        # Twelve significant digits: 0.01 x 3 is written 0.03, not 0.030000000000000002.
+        data["optim"]["lr"] = float(f"{data['optim']['lr'] * lr_multiplier:.12g}")
     return validate_config(data, [], source=f"arm {arm.name}")

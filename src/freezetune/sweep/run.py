@@ -1,8 +1,8 @@
-"""``freezetune sweep``: every arm trained for the whole budget, in one process, epoch by epoch.
+"""``freezetune sweep``: every arm at every rate of its grid, in one process, epoch by epoch.
 
-Each (arm, seed) is a real :class:`~freezetune.training.recipe.Recipe` with its own run folder, so
-an arm's validation accuracy after every epoch is exactly what ``freezetune train`` gives for that
-arm's config. The arms:
+Each (arm, rate, seed) is a real :class:`~freezetune.training.recipe.Recipe` with its own run folder, so
+a run's validation accuracy after every epoch is exactly what ``freezetune train`` gives for its
+config. The runs:
 
 - share this process, so torch is imported once;
 - start from the same weights and see the same batches per seed (the recipe seeds both from
@@ -44,8 +44,9 @@ from freezetune.measure.device import device_description, resolve_device
 from freezetune.render.sweep_plot import sweep_plot
 from freezetune.speed.prefix import training_step_flops
 from freezetune.sweep.analysis import DEFAULT_TOLERANCE, mean_curve, prune_at, rungs
-from freezetune.sweep.arms import SweepArm
-from freezetune.sweep.jobs import Manifest, read_manifest, read_run, write_jobs
+from freezetune.sweep.arms import DEFAULT_LR_GRID, SweepArm, check_lr_grid, multiplier_name
+from freezetune.sweep.halving import HALVING_RULE, RateCurve, envelope, halving_at, halving_rungs
+from freezetune.sweep.jobs import PRUNE_MODES, Manifest, read_manifest, read_run, write_jobs
 from freezetune.sweep.result import FINISHED, assemble, seed_run, to_csv
 from freezetune.training.checkpoint import rng_state, set_rng_state
 from freezetune.training.recipe import Recipe, StopFlag
@@ -68,7 +69,7 @@ class SweepReporter:
     def epoch(self, arm: str, seed: int, record: EpochRecord, epochs: int) -> None:  # noqa: D102
         pass
 
-    def pruned(self, arm: str, epoch: int) -> None:  # noqa: D102
+    def pruned(self, arm: str, epoch: int, why: str = "") -> None:  # noqa: D102
         pass
 
     def message(self, text: str) -> None:  # noqa: D102
@@ -77,12 +78,14 @@ class SweepReporter:
 
 @dataclass
 class Slot:
-    """One (arm, seed) trained a turn at a time, with RNG state of its own."""
+    """One (arm, rate, seed) trained a turn at a time, with RNG state of its own."""
 
     arm: str
     seed: int
     config: Config
     resume: bool
+    multiplier: float = 1.0
+    rated: bool = False  # its arm tries several rates, so its name says which
     history: list[EpochRecord] = field(default_factory=list)
     recipe: Recipe | None = None
     rng: dict | None = None
@@ -110,16 +113,25 @@ class Slot:
             self.history.append(record)
         return record
 
-    def finish(self, pruned_after: int | None = None) -> None:
-        """Ends the run (pruned, or after its loop ended), writes its summary and frees it."""
+    @property
+    def name(self) -> str:
+        """``arm layer1 x0.3 seed 1`` (``arm layer1 seed 1`` with one rate): the run, as errors name it."""
+        return f"arm {_rated(self.arm, self.multiplier, self.rated)} seed {self.seed}"
+
+    def finish(self, pruned_after: int | None = None, rule: str = PRUNING_RULE) -> None:
+        """Ends the run (pruned by ``rule``, or after its loop ended), writes its summary and frees it."""
         recipe, self.recipe = self.recipe, None
         if pruned_after is None:
             result = recipe.finish()
         else:
-            result = recipe.finish(StopReason.PRUNED, f"pruned by the sweep after epoch {pruned_after}: {PRUNING_RULE}")
-        result.raise_if_moved(f"arm {self.arm} seed {self.seed}: ")  # a bug, never expected: stop the sweep loudly
+            result = recipe.finish(StopReason.PRUNED, f"pruned by the sweep after epoch {pruned_after}: {rule}")
+        result.raise_if_moved(f"{self.name}: ")  # a bug, never expected: stop the sweep loudly
         self.status = result.status
         self.done = self.status != StopReason.INTERRUPTED.value
+
+    def revive(self) -> None:
+        """Takes a pruned run back: the decision that stopped it no longer holds (its leader diverged)."""
+        self.done, self.status, self.resume = False, None, True
 
     def park(self) -> None:
         """Releases a run left at an epoch boundary (its checkpoint is saved) when the sweep stops."""
@@ -133,34 +145,46 @@ class Slot:
 
 
 def sweep(config: Config, out: str | Path, arms: list[SweepArm] | None = None, seeds: int = 1,
-          target: float | None = None, tolerance: float = DEFAULT_TOLERANCE, prune: bool = True,
+          target: float | None = None, tolerance: float = DEFAULT_TOLERANCE, prune: bool | str = "halving",
           memory: bool = False, feature_cache: str = "auto", source: str = "<python>",
-          reporter: SweepReporter | None = None) -> dict:
+          reporter: SweepReporter | None = None, lr_grid=DEFAULT_LR_GRID) -> dict:
     """Runs a sweep in this process and writes sweep.json, sweep.csv and sweep.png.
 
     Args:
-        config: The user's config: its epochs are every arm's budget.
+        config: The user's config: its epochs are every run's budget.
         out: The sweep folder (it must be empty unless ``output.overwrite`` is set).
         arms: The arms; :func:`~freezetune.sweep.arms.default_arms` when None.
         seeds: Seeds ``config.seed``, ``config.seed + 1``, ...; statistics are mean ± sd over them.
         target: Target accuracy (a fraction); the best arm's mean final accuracy minus the
             tolerance when None.
         tolerance: Accuracy (a fraction) an arm may lose against the best and still be recommended.
-        prune: Stop arms that cannot come within the tolerance of the best (see :func:`prune_at`).
+        prune: ``halving`` (successive halving of each arm's rates, and the safe rule between
+            arms), ``safe`` (the safe rule only) or ``off``; True and False mean ``safe`` and ``off``.
         memory: Measure each arm's peak memory in a process of its own, a few steps each.
         feature_cache: ``train.feature_cache`` for every arm.
         source: Where the config came from, for the job configs' headers.
         reporter: Receives progress.
+        lr_grid: Multipliers of the config's learning rate every arm tries (an arm's own
+            ``lr_grid`` replaces it); ``(1,)`` trains each arm at the config's rate only.
 
     Returns:
         The ``sweep.json`` record; ``status`` is ``interrupted`` if Ctrl-C stopped it (resume it).
     """
-    options = {"target": target, "tolerance": tolerance, "prune": prune, "memory": memory,
-               "feature_cache": feature_cache}
+    options = _options(target, tolerance, prune, memory, feature_cache, lr_grid)
     with claim_run_dir(out, config.output.overwrite, "sweep"):
         out, manifest, configs = _start(config, out, arms, seeds, options, source, "in-process")
         (out / "memory.json").unlink(missing_ok=True)  # an earlier sweep's, in an overwritten folder
         return _run(out, manifest, configs, reporter or SweepReporter(), resumed=False)
+
+
+def _options(target, tolerance, prune, memory, feature_cache, lr_grid, job_threads=None) -> dict:
+    """The manifest's options, checked: what every run of the sweep shares."""
+    mode = {True: "safe", False: "off"}.get(prune, prune) if isinstance(prune, bool) else prune
+    if mode not in PRUNE_MODES:
+        raise ConfigError(f"--prune {prune!r}: choose {', '.join(PRUNE_MODES)}")
+    return {"target": target, "tolerance": tolerance, "prune": mode, "memory": memory,
+            "feature_cache": feature_cache, "lr_grid": list(check_lr_grid(lr_grid, "--lr-grid")),
+            "job_threads": job_threads}
 
 
 def resume(out: str | Path, reporter: SweepReporter | None = None) -> dict:
@@ -173,21 +197,34 @@ def resume(out: str | Path, reporter: SweepReporter | None = None) -> dict:
     manifest = read_manifest(out)
     if manifest.mode != "in-process":
         raise RunDirError(f"{out}: made by --emit; run its jobs with your scheduler, then use --collect")
-    configs = {(j.arm, j.seed): _job_config(out, j) for j in manifest.jobs}
+    configs = {j.key: _job_config(out, j) for j in manifest.jobs}
     with hold(out, "sweep --resume", create=False):
         return _run(out, manifest, configs, reporter or SweepReporter(), resumed=True)
 
 
 def emit(config: Config, out: str | Path, arms: list[SweepArm] | None = None, seeds: int = 1,
          target: float | None = None, tolerance: float = DEFAULT_TOLERANCE, feature_cache: str = "auto",
-         source: str = "<python>") -> Manifest:
-    """Writes one ready config per (arm, seed), ``jobs.txt`` and the manifest, and trains nothing.
+         source: str = "<python>", lr_grid=DEFAULT_LR_GRID, job_threads: int | None = None) -> Manifest:
+    """Writes one ready config per (arm, rate, seed), ``jobs.txt`` and the manifest, and trains nothing.
 
     Run each line of ``jobs.txt`` (a SLURM array, a Kubernetes job, ``torchrun`` per job), then
-    :func:`collect`. Every job trains its whole budget: pruning needs the arms side by side.
+    :func:`collect`, which picks each arm's best rate. Every job trains its whole budget: pruning
+    and halving need the runs side by side.
+
+    Args:
+        config: The user's config.
+        out: The sweep folder.
+        arms: The arms; the defaults when None.
+        seeds: How many seeds, from ``config.seed``.
+        target: Target accuracy for collect (None: the best arm's minus the tolerance).
+        tolerance: As for :func:`sweep`.
+        feature_cache: ``train.feature_cache`` for every job.
+        source: Where the config came from, for the job configs' headers.
+        lr_grid: Multipliers of the config's rate, as for :func:`sweep`.
+        job_threads: ``train.threads`` of every job (None: torch's default, every core), so that
+            jobs run side by side on one machine do not oversubscribe its cores.
     """
-    options = {"target": target, "tolerance": tolerance, "prune": False, "memory": False,
-               "feature_cache": feature_cache}
+    options = _options(target, tolerance, "off", False, feature_cache, lr_grid, job_threads)
     with claim_run_dir(out, config.output.overwrite, "sweep --emit"):
         return _start(config, out, arms, seeds, options, source, "emitted")[1]
 
@@ -210,7 +247,7 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
     """Reads a sweep folder's finished runs and writes sweep.json, sweep.csv, sweep.png.
 
     Works on an emitted sweep whose jobs ran elsewhere and on an in-process one. ``target`` and
-    ``tolerance`` default to the sweep's own.
+    ``tolerance`` default to the sweep's own. Each arm is reported at its best rate.
 
     Raises:
         RunDirError: If a job has not finished (naming it and its run folder).
@@ -218,13 +255,13 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
     out = Path(out).resolve()
     manifest = read_manifest(out)
     runs, summaries = _read_runs(out, manifest)
-    unfinished = [(j, r) for j in manifest.jobs for r in [runs[j.arm][manifest.seeds.index(j.seed)]]
-                  if r.status not in FINISHED]
+    unfinished = [j for j in manifest.jobs if runs[j.key].status not in FINISHED]
     if unfinished:
-        job, run = unfinished[0]
-        raise RunDirError(f"{out / job.run_dir}: job {job.arm} seed {job.seed} is {run.status} "
-                          f"({len(unfinished)} of {len(manifest.jobs)} jobs have not finished); "
-                          f"run: freezetune train --config {out / job.config}")
+        job = unfinished[0]
+        rated = _rated(job.arm, job.lr_multiplier, len(manifest.grid(job.arm)) > 1)
+        raise RunDirError(f"{out / job.run_dir}: job {rated} seed {job.seed} "
+                          f"is {runs[job.key].status} ({len(unfinished)} of {len(manifest.jobs)} jobs have not "
+                          f"finished); run: freezetune train --config {out / job.config}")
     options = dict(manifest.options)
     if target is not None:
         options["target"] = target
@@ -232,7 +269,7 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
         options["tolerance"] = tolerance
     _check_options(1, options["target"], options["tolerance"])
     memory = _memory_from_summaries(summaries) if manifest.mode == "emitted" else _read_memory(out)
-    configs = {(j.arm, j.seed): _job_config(out, j) for j in manifest.jobs}
+    configs = {j.key: _job_config(out, j) for j in manifest.jobs}
     with hold(out, "sweep --collect", create=False):
         return _write(out, manifest, configs, runs, summaries, options, memory, "collected", None)
 
@@ -249,8 +286,6 @@ def _run(out: Path, manifest: Manifest, configs: dict, reporter: SweepReporter, 
     interrupted = False
     with StopFlag() as stop:
         try:
-            for slot in (s for s in slots if not s.done):
-                slot.setup(stop)
             interrupted = _turns(slots, manifest, stop, reporter)
         except WriteError as e:
             if e.path is None:
@@ -283,11 +318,13 @@ def _slots(out: Path, manifest: Manifest, configs: dict, resumed: bool) -> list[
     for job in manifest.jobs:
         run_dir = out / job.run_dir
         if not resumed:
-            slots.append(Slot(job.arm, job.seed, configs[(job.arm, job.seed)], resume=False))
+            slots.append(Slot(job.arm, job.seed, configs[job.key], resume=False, multiplier=job.lr_multiplier,
+                              rated=len(manifest.grid(job.arm)) > 1))
             continue
         epochs, summary = read_run(run_dir)
         status = (summary or {}).get("status")
-        slot = Slot(job.arm, job.seed, configs[(job.arm, job.seed)], resume=RunDir(run_dir).has_checkpoint())
+        slot = Slot(job.arm, job.seed, configs[job.key], resume=RunDir(run_dir).has_checkpoint(),
+                    multiplier=job.lr_multiplier, rated=len(manifest.grid(job.arm)) > 1)
         if status in FINISHED:
             slot.done, slot.status = True, status
             slot.history = [EpochRecord.from_dict(e) for e in epochs]
@@ -299,18 +336,25 @@ def _turns(slots: list[Slot], manifest: Manifest, stop: StopFlag, reporter: Swee
     """Trains the slots epoch by epoch until every one is done; True if a signal stopped the sweep.
 
     Each round trains one epoch of every unfinished slot that is furthest behind, so after a
-    resume the slots line up again before pruning compares them.
+    resume the slots line up again before pruning compares them. A resumed sweep replays the
+    pruning decisions first, so runs it had stopped stay stopped.
     """
     epochs = manifest.base_config().train.epochs
     while True:
+        for slot in (s for s in slots if not s.done and s.recipe is None):
+            slot.setup(stop)  # a new or resumed run, or one taken back from pruning
+        if manifest.prune_mode != "off":
+            _prune(slots, manifest, epochs, reporter)  # first of all after a resume: the same decisions again
         active = [s for s in slots if not s.done]
         if not active:
             return False
+        if any(s.recipe is None for s in active):
+            continue  # taken back from pruning: set up before it trains
         low = min(len(s.history) for s in active)
         for slot in [s for s in active if len(s.history) == low]:
             record = slot.epoch()
             if record is not None:
-                reporter.epoch(slot.arm, slot.seed, record, epochs)
+                reporter.epoch(_progress_name(slot, manifest), slot.seed, record, epochs)
             if record is None or slot.recipe.finished:
                 if record is not None:
                     slot.epoch()  # lets the loop end, so that the run reports completed
@@ -319,30 +363,79 @@ def _turns(slots: list[Slot], manifest: Manifest, stop: StopFlag, reporter: Swee
                     return True  # its checkpoint is saved mid-epoch
             if stop.requested:
                 return True
-        if manifest.options["prune"]:
-            _prune(slots, manifest, epochs, reporter)
+
+
+def _progress_name(slot: Slot, manifest: Manifest) -> str:
+    return _rated(slot.arm, slot.multiplier, slot.rated)
+
+
+def _rated(arm: str, multiplier: float, rated: bool) -> str:
+    return f"{arm} {multiplier_name(multiplier)}" if rated else arm
 
 
 def _prune(slots: list[Slot], manifest: Manifest, epochs: int, reporter: SweepReporter) -> None:
-    """Replays the pruning rule over every arm's mean curve and stops the arms it prunes.
+    """Replays the pruning rules over every run's curve, stops the runs they stop, and takes back the others.
 
-    The rule reads accuracies only, so replaying it after a resume gives the same decisions.
-    Arms whose loss diverged are left out: they end early and are no candidate.
+    The rules read the curves only, so replaying them after a resume gives the same decisions.
+    Runs whose loss diverged are left out: they end early and are no candidate. A run pruned
+    earlier whose decision no longer holds (the leader that beat it diverged since) is taken back
+    and continues from the checkpoint it stopped at.
     """
-    by_arm: dict[str, list[Slot]] = {}
+    stopped = pruning_decisions(slots, manifest, epochs)
+    for (arm, multiplier), (after, rule) in stopped.items():
+        live = [s for s in slots if s.arm == arm and s.multiplier == multiplier and not s.done]
+        for slot in live:
+            slot.finish(pruned_after=after, rule=rule)
+        if live:
+            reporter.pruned(_progress_name(live[0], manifest), after, rule)
     for slot in slots:
-        by_arm.setdefault(slot.arm, []).append(slot)
-    curves = {arm: mean_curve([[r.val_accuracy for r in s.history] for s in group])
-              for arm, group in by_arm.items() if not any(s.status == "nonfinite" for s in group)}
+        if slot.status == StopReason.PRUNED.value and (slot.arm, slot.multiplier) not in stopped:
+            slot.revive()
+            reporter.message(f"{_progress_name(slot, manifest)} seed {slot.seed} continues: the run that beat it "
+                             "diverged, so the decision that stopped it no longer holds")
+
+
+def pruning_decisions(slots: list[Slot], manifest: Manifest, epochs: int) -> dict[tuple[str, float], tuple[int, str]]:
+    """``{(arm, rate): (epochs it ran, rule)}`` for every rate the rules stop, from the curves alone.
+
+    With ``halving``, each arm's rates first compete among themselves (:func:`halving_at`, mean
+    over seeds); then, in both modes, the arms compete by the safe rule (:func:`prune_at`) on
+    their best rate's curve epoch by epoch, and an arm it stops stops all of its rates.
+    """
+    if manifest.prune_mode == "off":
+        return {}
+    groups: dict[tuple[str, float], list[Slot]] = {}
+    for slot in slots:
+        groups.setdefault((slot.arm, slot.multiplier), []).append(slot)
+    live = {k: g for k, g in groups.items() if not any(s.status == "nonfinite" for s in g)}
+    curves = {k: RateCurve(mean_curve([[r.val_accuracy for r in s.history] for s in g]),
+                           mean_curve([[_nan(r.train_loss) for r in s.history] for s in g]),
+                           _val_samples(g)) for k, g in live.items()}
+    stopped: dict[tuple[str, float], tuple[int, str]] = {}
+    by_arm: dict[str, dict[float, RateCurve]] = {}
+    for (arm, m), curve in curves.items():
+        by_arm.setdefault(arm, {})[m] = curve
     protected = {a.name: max((p["epoch"] for p in a.overrides.get("freeze.schedule") or []), default=0)
                  for a in manifest.arm_list()}
-    for arm, after in prune_at(curves, epochs, manifest.options["tolerance"], protected).items():
-        live = [s for s in by_arm[arm] if not s.done]
-        for slot in live:
-            slot.finish(pruned_after=after)
-        if live:
-            reporter.pruned(arm, after)
+    if manifest.prune_mode == "halving":
+        for arm, rates in by_arm.items():
+            for m, after in halving_at(rates, epochs, protected.get(arm, 0)).items():
+                stopped[(arm, m)] = (after, HALVING_RULE)
+    arm_curves = {arm: envelope([c.accuracy for m, c in rates.items()]) for arm, rates in by_arm.items()}
+    for arm, after in prune_at(arm_curves, epochs, manifest.options["tolerance"], protected).items():
+        for m in by_arm[arm]:
+            stopped.setdefault((arm, m), (after, PRUNING_RULE))
+    return stopped
 
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _val_samples(group: list[Slot]) -> int:
+    """Validation samples behind one point of a rate's mean curve, all seeds together (0: not recorded)."""
+    counts = [r.val_samples or 0 for s in group for r in s.history[-1:]]
+    return sum(counts) if counts and all(counts) else 0
 
 # --------------------------------------------------------------------------------------------
 # Reading back and writing
@@ -353,14 +446,21 @@ def _job_config(out: Path, job) -> Config:
 
 
 def _read_runs(out: Path, manifest: Manifest) -> tuple[dict, dict]:
-    """Every job's run read once: per arm its :class:`SeedRun` list, and per (arm, seed) its summary."""
-    runs: dict[str, list] = {a["name"]: [] for a in manifest.arms}
-    summaries: dict[tuple[str, int], dict | None] = {}
+    """Every job's run read once: per (arm, rate, seed) its :class:`SeedRun` and its summary."""
+    runs, summaries = {}, {}
     for job in manifest.jobs:
         epochs, summary = read_run(out / job.run_dir)
-        runs[job.arm].append(seed_run(job.seed, job.run_dir, epochs, summary))
-        summaries[(job.arm, job.seed)] = summary
+        runs[job.key] = seed_run(job.seed, job.run_dir, epochs, summary)
+        summaries[job.key] = summary
     return runs, summaries
+
+
+def _grids(manifest: Manifest, runs: dict) -> dict[str, dict[float, list]]:
+    """Per arm, per rate, its seeds' runs, in the manifest's order."""
+    grids: dict[str, dict[float, list]] = {a["name"]: {} for a in manifest.arms}
+    for job in manifest.jobs:
+        grids[job.arm].setdefault(job.lr_multiplier, []).append(runs[job.key])
+    return grids
 
 
 def arm_facts(config: Config, summary: dict) -> dict:
@@ -383,30 +483,49 @@ def arm_facts(config: Config, summary: dict) -> dict:
 def _write(out: Path, manifest: Manifest, configs: dict, runs: dict, summaries: dict, options: dict,
            memory: dict, mode: str, wall_s: float | None) -> dict:
     base = manifest.base_config()
+    grids = _grids(manifest, runs)
     facts = {}
-    first = manifest.seeds[0]
     for arm in manifest.arms:
-        key = (arm["name"], first)
-        mem = memory.get(arm["name"], {})
-        facts[arm["name"]] = {**arm_facts(configs[key], summaries[key]),
-                              "peak_memory_bytes": mem.get("peak_bytes"),
-                              "memory_kind": mem.get("kind", "not measured (run with --memory)")}
+        name = arm["name"]
+        job = _facts_job(manifest, name, grids[name])
+        mem = memory.get(name, {})
+        facts[name] = {**arm_facts(configs[job.key], summaries[job.key] or {}),
+                       "peak_memory_bytes": mem.get("peak_bytes"),
+                       "memory_kind": mem.get("kind", "not measured (run with --memory)"),
+                       "base_lr": configs[job.key].optim.lr / job.lr_multiplier, "config": str(out / job.config)}
     device = resolve_device(base.device)
     meta = {
         "freezetune_version": __version__, "model": base.model.name,
         "data": {k: getattr(base.data, k) for k in ("source", "root", "image_size", "batch_size", "train_size",
                                                      "val_size")},
-        "epochs": base.train.epochs, "seeds": manifest.seeds, "prune": bool(options["prune"]),
-        "pruning": {"rule": PRUNING_RULE, "rungs": rungs(base.train.epochs)},
-        "mode": mode, "wall_s": wall_s, "device": device_description(device),
+        "epochs": base.train.epochs, "seeds": manifest.seeds, "prune": manifest.prune_mode != "off",
+        "pruning": {"rule": PRUNING_RULE, "rungs": rungs(base.train.epochs), "mode": manifest.prune_mode,
+                    "halving": HALVING_RULE if manifest.prune_mode == "halving" else None,
+                    "halving_rungs": halving_rungs(base.train.epochs) if manifest.prune_mode == "halving" else []},
+        "mode": mode, "wall_s": wall_s, "device": device_description(device), "base_lr": base.optim.lr,
+        **_overhead(runs, wall_s),
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         "out_dir": str(out), "files": {ext: str(out / f"sweep.{ext}") for ext in ("json", "csv", "png")},
     }
-    result = assemble(manifest.arms, runs, facts, meta, options["target"], options["tolerance"])
+    result = assemble(manifest.arms, grids, facts, meta, options["target"], options["tolerance"])
     write_json(out / "sweep.json", result)
     atomic_write(out / "sweep.csv", lambda f: f.write(to_csv(result)), mode="w")
     sweep_plot(result, out / "sweep.png")
     return result
+
+
+def _facts_job(manifest: Manifest, arm: str, grid: dict[float, list]):
+    """The job an arm's facts are read from: its first seed at its best rate (a pruned rate's run caches too)."""
+    from freezetune.sweep.result import best_rate
+
+    multiplier = best_rate(grid)
+    return next(j for j in manifest.jobs if j.arm == arm and j.lr_multiplier == multiplier)
+
+
+def _overhead(runs: dict, wall_s: float | None) -> dict:
+    """The runs' own training and validation seconds, and the sweep's wall time as a multiple of them."""
+    busy = sum(r.wall_s + r.val_s for r in runs.values())
+    return {"runs_train_s": busy, "overhead": wall_s / busy if wall_s is not None and busy > 0 else None}
 
 
 def check_validation_data(config: Config) -> None:
@@ -437,11 +556,13 @@ def _check_options(seeds: int, target: float | None, tolerance: float) -> None:
 
 
 def _measure_memory(out: Path, manifest: Manifest, configs: dict) -> dict:
-    seed = manifest.seeds[0]
+    first = {}
+    for job in manifest.jobs:  # the rate does not change an arm's memory: one job an arm
+        first.setdefault(job.arm, job.key)
     with tempfile.TemporaryDirectory(prefix="freezetune-sweep-memory-") as tmp:
         cfgs, specs = [], []
         for arm in manifest.arm_list():
-            cfg = configs[(arm.name, seed)]
+            cfg = configs[first[arm.name]]
             cfgs.append(cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": f"{tmp}/{arm.name}"})}))
             specs.append(ArmSpec(arm.name, arm.label, cfg.freeze.model_dump(mode="json"),
                                  "full" if arm.name == BASELINE else "optimized"))
@@ -457,7 +578,7 @@ def _read_memory(out: Path) -> dict:
 def _memory_from_summaries(summaries: dict) -> dict:
     """An emitted sweep's jobs each had a process of their own, so their summaries' peaks are theirs."""
     memory = {}
-    for (arm, _), summary in summaries.items():
+    for (arm, _, _), summary in summaries.items():
         peak = (summary or {}).get("memory", {})
         if peak.get("peak_bytes") is not None:
             prev = memory.get(arm, {}).get("peak_bytes") or 0
