@@ -638,3 +638,40 @@ def test_recommendation_as_dict():
                     "indistinguishable": []}
     data["eligible"].append("x")
     assert rec.eligible == ["full", "half"]  # a copy, not the record's own list
+
+
+# --------------------------------------------------------------------------------------------
+# several seeds, some of which miss the target
+
+
+def test_reached_stat_is_over_the_seeds_that_reached_it():
+    from freezetune.sweep.analysis import reached_stat
+
+    assert reached_stat([10.0, None, 14.0]).as_dict() == {"mean": 12.0, "sd": pytest.approx(math.sqrt(8)), "n": 2}
+    assert reached_stat([None, None]).as_dict() == {"mean": None, "sd": None, "n": 0}
+
+
+def _seeds(name, acc, ttt, reached, wall=100.0):
+    return Candidate(name, name.title(), Stat(acc, 0.01, 3), wall, ttt, reached)
+
+
+def test_an_arm_that_reached_the_target_in_every_seed_ranks_before_one_that_did_in_some():
+    from freezetune.sweep.analysis import cost_of
+
+    every, some = _seeds("every", 0.80, 30.0, 3), _seeds("some", 0.80, 5.0, 2)
+    none = _seeds("none", 0.80, None, 0, 1.0)
+    assert sorted([none, some, every], key=cost_of) == [every, some, none]
+    assert recommend([none, some, every], TOL).arm == "every"
+
+
+def test_the_reason_says_how_many_seeds_of_full_reached_the_target():
+    rec = recommend([_seeds("full", 0.80, 40.0, 2), _seeds("half", 0.80, 10.0, 3)], TOL)
+    assert rec.arm == "half" and "which full fine-tuning does in only 2 of 3 seeds" in rec.reason
+    assert "never does" not in rec.reason
+    rec = recommend([_seeds("full", 0.80, None, 0), _seeds("half", 0.80, 10.0, 3)], TOL)
+    assert "which full fine-tuning never does" in rec.reason
+
+
+def test_a_pick_that_reached_the_target_in_some_seeds_says_so():
+    rec = recommend([_seeds("full", 0.70, None, 0), _seeds("half", 0.80, 10.0, 2)], TOL)
+    assert rec.arm == "half" and "reached the target in 2 of its 3 seeds" in rec.reason
