@@ -47,7 +47,7 @@ from freezetune.sweep.analysis import DEFAULT_TOLERANCE, mean_curve, prune_at, r
 from freezetune.sweep.arms import DEFAULT_LR_GRID, SweepArm, check_lr_grid, multiplier_name
 from freezetune.sweep.halving import HALVING_RULE, RateCurve, envelope, halving_at, halving_rungs
 from freezetune.sweep.jobs import PRUNE_MODES, Manifest, read_manifest, read_run, write_jobs
-from freezetune.sweep.result import FINISHED, assemble, seed_run, to_csv
+from freezetune.sweep.result import FINISHED, assemble, best_rate, seed_run, to_csv
 from freezetune.training.checkpoint import rng_state, set_rng_state
 from freezetune.training.recipe import Recipe, StopFlag
 from freezetune.training.run_dir import RunDir, claim_run_dir
@@ -116,7 +116,12 @@ class Slot:
     @property
     def name(self) -> str:
         """``arm layer1 x0.3 seed 1`` (``arm layer1 seed 1`` with one rate): the run, as errors name it."""
-        return f"arm {_rated(self.arm, self.multiplier, self.rated)} seed {self.seed}"
+        return f"arm {self.label} seed {self.seed}"
+
+    @property
+    def label(self) -> str:
+        """``layer1 x0.3`` (``layer1`` when its arm has one rate): the run in progress lines."""
+        return _rated(self.arm, self.multiplier, self.rated)
 
     def finish(self, pruned_after: int | None = None, rule: str = PRUNING_RULE) -> None:
         """Ends the run (pruned by ``rule``, or after its loop ended), writes its summary and frees it."""
@@ -354,7 +359,7 @@ def _turns(slots: list[Slot], manifest: Manifest, stop: StopFlag, reporter: Swee
         for slot in [s for s in active if len(s.history) == low]:
             record = slot.epoch()
             if record is not None:
-                reporter.epoch(_progress_name(slot, manifest), slot.seed, record, epochs)
+                reporter.epoch(slot.label, slot.seed, record, epochs)
             if record is None or slot.recipe.finished:
                 if record is not None:
                     slot.epoch()  # lets the loop end, so that the run reports completed
@@ -363,10 +368,6 @@ def _turns(slots: list[Slot], manifest: Manifest, stop: StopFlag, reporter: Swee
                     return True  # its checkpoint is saved mid-epoch
             if stop.requested:
                 return True
-
-
-def _progress_name(slot: Slot, manifest: Manifest) -> str:
-    return _rated(slot.arm, slot.multiplier, slot.rated)
 
 
 def _rated(arm: str, multiplier: float, rated: bool) -> str:
@@ -387,11 +388,11 @@ def _prune(slots: list[Slot], manifest: Manifest, epochs: int, reporter: SweepRe
         for slot in live:
             slot.finish(pruned_after=after, rule=rule)
         if live:
-            reporter.pruned(_progress_name(live[0], manifest), after, rule)
+            reporter.pruned(live[0].label, after, rule)
     for slot in slots:
         if slot.status == StopReason.PRUNED.value and (slot.arm, slot.multiplier) not in stopped:
             slot.revive()
-            reporter.message(f"{_progress_name(slot, manifest)} seed {slot.seed} continues: the run that beat it "
+            reporter.message(f"{slot.label} seed {slot.seed} continues: the run that beat it "
                              "diverged, so the decision that stopped it no longer holds")
 
 
@@ -516,8 +517,6 @@ def _write(out: Path, manifest: Manifest, configs: dict, runs: dict, summaries: 
 
 def _facts_job(manifest: Manifest, arm: str, grid: dict[float, list]):
     """The job an arm's facts are read from: its first seed at its best rate (a pruned rate's run caches too)."""
-    from freezetune.sweep.result import best_rate
-
     multiplier = best_rate(grid)
     return next(j for j in manifest.jobs if j.arm == arm and j.lr_multiplier == multiplier)
 
