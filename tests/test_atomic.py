@@ -86,3 +86,53 @@ def test_write_error_is_a_user_error_an_os_error_and_survives_a_trip_through_a_w
     # compare's workers send the class name and message; pickling must round-trip too.
     assert str(WriteError(str(err))) == str(err)
     assert str(pickle.loads(pickle.dumps(err))) == str(err)
+
+
+# --------------------------------------------------------------------------------------------
+# sync="background": in place at once, on the disk a moment later
+
+
+def test_a_background_synced_file_is_in_place_at_once_and_synced_in_order(tmp_path, monkeypatch):
+    from freezetune import atomic
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    for i in range(5):
+        atomic_write(tmp_path / "c.pt", lambda f, i=i: f.write(bytes([i]) * 10), sync="background")
+        assert (tmp_path / "c.pt").read_bytes() == bytes([i]) * 10  # renamed before its fsync
+    atomic.settle()
+    files = [p for p in synced if "c.pt" in p]
+    assert len(files) == 5 and files[-1] == str(tmp_path / "c.pt")  # the last one is the file in place
+    assert temps(tmp_path) == []
+
+
+def test_a_failed_background_fsync_is_raised_by_settle_once(tmp_path, monkeypatch):
+    from freezetune import atomic
+
+    def fail(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(atomic.os, "fsync", fail)
+    atomic_write(tmp_path / "checkpoint.pt", lambda f: f.write(b"x"), sync="background")
+    with pytest.raises(WriteError, match="checkpoint.pt: cannot write \\(input/output error\\)"):
+        atomic.settle()
+    atomic.settle()  # reported once
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"x"
+
+
+def test_a_forked_child_syncs_on_a_thread_of_its_own(tmp_path):
+    from freezetune import atomic
+
+    atomic_write(tmp_path / "parent", lambda f: f.write(b"p"), sync="background")  # the parent's thread runs
+    pid = os.fork()
+    if pid == 0:
+        try:
+            atomic_write(tmp_path / "child", lambda f: f.write(b"c"), sync="background")
+            atomic.settle()
+            os._exit(0)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    atomic.settle()
+    assert os.waitstatus_to_exitcode(status) == 0 and (tmp_path / "child").read_bytes() == b"c"
