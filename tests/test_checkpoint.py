@@ -138,8 +138,8 @@ def _save_forever(run, first_step: int) -> None:
 
 
 def test_sigkill_at_random_moments_while_saving_leaves_loadable_checkpoints(tmp_path):
-    # Every parameter trains: checkpoint.pt holds weights + momentum (~90 MB), the trainable file
-    # the weights (~45 MB), so each save takes long enough to be hit mid-write.
+    # Every parameter trains: checkpoint.pt holds weights + momentum (~90 MB), so each save takes
+    # long enough to be hit mid-write. (The trainable-only file is written only when a run ends.)
     run = Recipe(load_config(None, overrides(tmp_path / "run"))).setup()
     run.save()
     rng = random.Random(0)
@@ -149,9 +149,9 @@ def test_sigkill_at_random_moments_while_saving_leaves_loadable_checkpoints(tmp_
         pid = os.fork()
         if pid == 0:
             _save_forever(run, 1000 * round_)
-        # Kill while one of the two files is being written: which file, in which of the child's
-        # first two saves, and how far into the write are drawn at random.
-        target = rng.choice([f".{TRAINABLE_NAME}.", f".{CHECKPOINT_NAME}."])
+        # Kill while the checkpoint is being written: in which of the child's first two saves, and
+        # how far into the write, are drawn at random.
+        target = f".{CHECKPOINT_NAME}."
         nth, seen = rng.choice([1, 2]), set()
         deadline = time.monotonic() + 30
         while len(seen) < nth:
@@ -163,10 +163,10 @@ def test_sigkill_at_random_moments_while_saving_leaves_loadable_checkpoints(tmp_
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         full = load_checkpoint(run.run_dir / CHECKPOINT_NAME)
-        trainable = load_trainable(run.run_dir)
+        trainable = load_trainable(run.run_dir)  # no run ended: read from the checkpoint
         assert set(trainable.tensors) == set(full["model"])
-        # checkpoint.pt is written last: the trainable file is never older than it.
-        assert trainable.manifest["step"] >= full["step"]
+        assert trainable.manifest["step"] == full["step"]
+        assert not (run.run_dir / TRAINABLE_NAME).exists()
         full_steps.add(full["step"])
     assert hit_mid_write >= 1  # otherwise the test killed only between saves
     assert len(full_steps) >= 2  # and saves did complete between kills
@@ -366,6 +366,50 @@ def test_a_frozen_runs_checkpoint_leaves_its_base_to_a_file_written_once(tiny, m
         # The base's digest is the trainable checkpoint's and the freeze-integrity check's.
         assert raw["base"]["sha256"] == load_trainable(out).manifest["base_sha256"]
         assert raw["base"]["sha256"] == summary["freeze_integrity"]["sha256"]
+
+
+def test_the_trainable_file_is_written_when_the_run_ends_and_read_from_the_checkpoint_until_then(tiny):
+    cfg = tiny(freeze__trainable="[layer4, fc]", train__epochs=2, data__val_size=0)
+    out = Path(cfg.output.dir)
+    r = Recipe(cfg).setup()
+    try:
+        r.start_training()
+        r.train_epoch()  # epoch 0 ends with a checkpoint, and nothing for export yet
+        assert (out / CHECKPOINT_NAME).is_file() and not (out / TRAINABLE_NAME).exists()
+        early = load_trainable(out)  # read from checkpoint.pt
+        assert early.path == out / CHECKPOINT_NAME and early.manifest == r._trainable()[1]
+        assert all(torch.equal(t, r.model.state_dict()[n]) for n, t in early.tensors.items())
+        while r.train_epoch() is not None:
+            pass
+        result = r.finish()
+    finally:
+        r.cleanup()
+    assert result.status == "completed"
+    final = load_trainable(out)
+    assert final.path == out / TRAINABLE_NAME
+    assert final.manifest["step"] == load_checkpoint(out / CHECKPOINT_NAME)["step"] > early.manifest["step"]
+    assert final.manifest["base_sha256"] == early.manifest["base_sha256"]
+    assert set(final.tensors) == set(early.tensors)
+    # A later checkpoint (a resumed run killed before it ended) wins over the file of the earlier end.
+    raw = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    raw["step"] += 1
+    torch.save(raw, out / CHECKPOINT_NAME)
+    assert load_trainable(out).path == out / CHECKPOINT_NAME
+
+
+def test_a_checkpoint_without_the_manifest_is_not_read_as_a_trainable_one(tiny):
+    cfg = tiny(freeze__trainable="[fc]", data__val_size=0)
+    r = Recipe(cfg).setup()
+    try:
+        r.save()
+    finally:
+        r.cleanup()
+    out = Path(cfg.output.dir)
+    raw = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    raw.pop("trainable")  # as an older freezetune wrote it
+    torch.save(raw, out / CHECKPOINT_NAME)
+    with pytest.raises(WeightsError, match="older freezetune.*--resume"):
+        load_trainable(out)
 
 
 def test_full_fine_tuning_writes_every_tensor_and_no_base(tiny, raw_checkpoint):

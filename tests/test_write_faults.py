@@ -42,7 +42,7 @@ def steps(run):
     return [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "event" not in r]
 
 
-@pytest.mark.parametrize(("free", "fails_in"), [(1000, TRAINABLE_NAME), (150, "metrics.jsonl")])
+@pytest.mark.parametrize(("free", "fails_in"), [(1000, CHECKPOINT_NAME), (150, "metrics.jsonl")])
 def test_disk_full_after_a_checkpoint_exits_2_and_resume_neither_loses_nor_repeats_a_step(
         tmp_path, tiny_args, cli, full_disk, monkeypatch, free, fails_in):
     run = tmp_path / "run"
@@ -67,6 +67,30 @@ def test_disk_full_after_a_checkpoint_exits_2_and_resume_neither_loses_nor_repea
     assert result.exit_code == 0, result.output
     assert steps(run) == [1, 2, 3, 4]
     assert temps(run) == []
+
+
+def test_disk_full_when_the_final_weights_are_written_keeps_the_checkpoint_and_resume_writes_them(
+        tmp_path, tiny_args, cli, full_disk, monkeypatch):
+    run = tmp_path / "run"
+    budget = full_disk(tmp_path, free=1 << 40)
+    fill_after_first_checkpoint(monkeypatch, budget, 1000)  # the only checkpoint is the last step's
+    args = tiny_args(train__max_steps=2, data__val_size=0)
+
+    result = cli("train", "--config", config(tmp_path), *args)
+
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert f"{run / TRAINABLE_NAME}: cannot write (no space left on device)" in line
+    assert "the checkpoint of step 2 is intact" in line and "final weights" in line
+    assert temps(run) == [] and not (run / "summary.json").exists()
+    assert load_trainable(run).manifest["step"] == 2  # export reads the checkpoint meanwhile
+
+    budget.free = 1 << 40
+    monkeypatch.undo()
+    result = cli("train", "--resume", run)
+    assert result.exit_code == 0, result.output
+    assert steps(run) == [1, 2] and (run / TRAINABLE_NAME).is_file()
+    assert load_trainable(run).path == run / TRAINABLE_NAME
 
 
 def test_disk_full_before_any_checkpoint_says_there_is_none(tmp_path, tiny_args, cli, full_disk):
@@ -150,8 +174,8 @@ def test_the_issue_60mib_filesystem_refuses_the_first_checkpoint_with_one_line(t
 
 
 def test_a_real_full_disk_at_the_second_checkpoint_then_more_space_then_resume(tmp_path, small_fs, cli, tiny_args):
-    # layer4+fc: the trainable checkpoint is ~34 MB and checkpoint.pt ~79 MB, so 128 MiB takes the
-    # first save (both files) but not the second (a new trainable file beside the old pair).
+    # layer4+fc: checkpoint.pt is ~68 MB (weights and momentum) and the frozen base ~11 MB, so
+    # 128 MiB takes the first save (both files) but not the second (a new checkpoint beside the old).
     fs = small_fs(128)
     out = fs / "run"
     args = ("freeze.trainable=[layer4,fc]", "train.checkpoint_every=2", "train.max_steps=4")

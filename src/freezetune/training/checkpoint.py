@@ -10,7 +10,10 @@ checkpoint holds their sha256 instead (the digest :func:`trainable.base_sha256` 
   when nothing is frozen);
 - ``base``: ``{"file": "base.safetensors", "sha256": ..., "tensors": n}``, or None when nothing is
   frozen;
-- ``optimizer``, ``rng``, the :class:`RunState` counters, and ``scaler`` for fp16.
+- ``optimizer``, ``rng``, the :class:`RunState` counters, and ``scaler`` for fp16;
+- ``trainable``: what the trainable-only checkpoint's manifest says of the run (model, classes,
+  base sha256, weights source, seed, BatchNorm policy), so that ``export`` reads a run killed
+  before it ended from here (that file is written only when a run ends).
 
 It holds only tensors and plain containers, so it loads with ``torch.load(..., weights_only=True)``:
 loading it never runs code. :func:`load_checkpoint` and :func:`full_model_state` give the full
@@ -66,6 +69,7 @@ def save_checkpoint(
     state: RunState,
     scaler: torch.amp.GradScaler | None = None,
     base: dict[str, str] | None = None,
+    trainable: dict | None = None,
 ) -> Path:
     """Writes ``checkpoint.pt``; the previous checkpoint survives until the new one is complete.
 
@@ -81,6 +85,9 @@ def save_checkpoint(
         base: The frozen base: name -> sha256 (as hashed when it froze) of each tensor left to
             ``base.safetensors`` (:func:`trainable.base_hashes`); None or empty when nothing is
             frozen, and the checkpoint then holds every tensor.
+        trainable: What the trainable-only checkpoint's manifest says of the run
+            (:func:`trainable.checkpoint_manifest`), so that a run killed before it ended can be
+            exported from this file.
 
     Returns:
         The checkpoint path.
@@ -101,13 +108,16 @@ def save_checkpoint(
         "base": ref,
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
+        "trainable": trainable,
         **state.as_dict(),
     }
     if scaler is not None:
         # Floats and ints only, so the checkpoint still loads with weights_only=True.
         payload["scaler"] = scaler.state_dict()
     path = Path(run_dir) / CHECKPOINT_NAME
-    atomic_write(path, lambda f: torch.save(payload, f))
+    # In place as soon as it is written, so a killed process keeps it; its fsync goes on while
+    # training does (atomic.settle waits for it, as every run's end does).
+    atomic_write(path, lambda f: torch.save(payload, f), sync="background")
     return path
 
 

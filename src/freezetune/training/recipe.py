@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from freezetune.atomic import remove_stale_temps
+from freezetune.atomic import remove_stale_temps, settle
 from freezetune.config import Config
 from freezetune.errors import NonFiniteLossError, WriteError
 from freezetune.freezing.integrity import combined_sha256
@@ -52,7 +52,7 @@ from freezetune.training.state import Budget, RunState, StopReason
 from freezetune.training.step import Engine, evaluate
 from freezetune.training.summary import EpochRecord, RunFacts, build_summary
 from freezetune.training.tensorboard import summary_writer_class
-from freezetune.training.trainable import base_hashes, save_trainable
+from freezetune.training.trainable import base_hashes, checkpoint_manifest, save_trainable, trainable_manifest
 
 __all__ = ["EpochEnd", "Outcome", "Recipe", "Reporter", "RunResult", "StepRecord", "StopFlag", "planned_steps",
            "resume_config", "run", "verdict"]
@@ -351,25 +351,38 @@ class Recipe:
         self.progress.outcome.error = why
 
     def save(self) -> None:
-        """Writes the trainable-only checkpoint, then the base (first time only), then ``checkpoint.pt``.
+        """Writes ``checkpoint.pt``: what can change, the optimizer, RNG and position; the base the first time.
 
-        Each is atomic. ``checkpoint.pt`` goes last, so whenever it holds step N the trainable
-        checkpoint holds step N or (if the process died in between) N+1, and its base is there.
+        The write is atomic and the base goes first, so a crash at any moment leaves a checkpoint
+        whose base is beside it. A frozen tensor never changes, so after the first save only what
+        trains is written again. The trainable-only file (export's input) is written once, as
+        the run ends (:meth:`save_weights`); the checkpoint records what export needs to read
+        it instead until then.
         """
         if not self.dist.is_main:
             return  # every rank holds the same weights; rank 0 writes them
+        controller = self.freeze.state_dict()
+        self.state.phases, self.state.auto_freeze = controller["phases"], controller["auto_freeze"]
         # The base is what is frozen now, hashed as it was before training (a layer unfrozen or
         # frozen mid-run is saved with the trainable tensors instead).
-        cfg, controller, plan = self.config, self.freeze.state_dict(), self.freeze.base_plan()
-        self.state.phases, self.state.auto_freeze = controller["phases"], controller["auto_freeze"]
-        save_trainable(
-            self.run_dir.path, self.model, plan, base=self.freeze.base_sha256(),
-            step=self.state.step, model_name=cfg.model.name, num_classes=cfg.model.num_classes,
+        base = base_hashes(self.model, self.freeze.base_plan(), self.freeze.frozen_before)
+        save_checkpoint(self.run_dir.path, self.model, self.optimizer, self.state, self.engine.scaler, base,
+                        checkpoint_manifest(self._trainable()[1]))
+        self.progress.saved_step = self.state.step
+
+    def save_weights(self) -> None:
+        """Writes the trainable-only checkpoint of the weights as they are now: the run's result, for export."""
+        if self.dist.is_main:
+            save_trainable(self.run_dir.path, *self._trainable())
+
+    def _trainable(self) -> tuple[dict, dict]:
+        """The trainable-only checkpoint's tensors and manifest, the base being what is frozen now."""
+        cfg = self.config
+        return trainable_manifest(
+            self.model, self.freeze.base_plan(), base=self.freeze.base_sha256(), step=self.state.step,
+            model_name=cfg.model.name, num_classes=cfg.model.num_classes,
             weights_source=self.loaded.weights_source, seed=cfg.seed,
         )
-        base = base_hashes(self.model, plan, self.freeze.frozen_before)
-        save_checkpoint(self.run_dir.path, self.model, self.optimizer, self.state, self.engine.scaler, base)
-        self.progress.saved_step = self.state.step
 
     # ----------------------------------------------------------------------------------------
     # the end of a run: one way, whoever drives it
@@ -397,6 +410,8 @@ class Recipe:
                 self.stop(stop, why or stop.value)
             self.end_training()
             outcome = self.outcome() if summary else self._unsummarized()
+            # A run the sweep stopped is a dead end: its checkpoint holds its weights for export.
+            self._write_final(weights=summary and outcome.status != StopReason.PRUNED.value)
             written = self.summarize(outcome) if summary else None
             integrity = written["freeze_integrity"] if written else self.freeze_integrity()
             return RunResult(status=outcome.status, error=outcome.error, integrity=integrity,
@@ -423,6 +438,15 @@ class Recipe:
         outcome, reason = self.progress.outcome, self.progress.stop_reason
         outcome.status = reason.value if reason is not None and self.finished else StopReason.INTERRUPTED.value
         return outcome
+
+    def _write_final(self, weights: bool) -> None:
+        """Writes the final weights (a run ending with a summary); waits until its checkpoints are on the disk."""
+        try:
+            if weights:
+                self.save_weights()
+            settle()
+        except WriteError as e:
+            raise e.with_hint(self.resume_hint() + (" (it writes the final weights)" if weights else "")) from e
 
     def freeze_integrity(self) -> dict:
         """The freeze-integrity check (on every rank); see :meth:`FreezeController.integrity`."""
@@ -461,8 +485,11 @@ class Recipe:
         # a reducer destroyed after its group can abort the process at exit.
         if self.engine is not None:
             self.engine.ddp = None
-        gc.collect()
+        if self.dist.enabled:
+            gc.collect()  # a quarter of a second with torch loaded: only where a process group goes
         dist.shutdown(self.dist)
+        with contextlib.suppress(WriteError):
+            settle()  # a failure was raised by finish(), or another error is already on its way
         self.run_dir.release()
         if self._threads_before is not None:  # a library caller's process keeps its own thread count
             torch.set_num_threads(self._threads_before)

@@ -59,12 +59,12 @@ def trainable_state(model: nn.Module, plan: FreezePlan) -> tuple[dict[str, torch
     BatchNorm layers whose affine parameters are frozen.
 
     Returns:
-        The tensors (detached, on the CPU), and the names among them that are buffers of
+        The tensors (detached, where they are), and the names among them that are buffers of
         BatchNorm layers with frozen parameters.
     """
     frozen = set(frozen_state(model, plan))
     state = model.state_dict()
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in state.items() if n not in frozen}
+    tensors = {n: t.detach() for n, t in state.items() if n not in frozen}
     frozen_params = set(plan.frozen)
     frozen_bn_buffers = []
     for name, module in model.named_modules():
@@ -102,22 +102,11 @@ def base_hashes(model: nn.Module, plan: FreezePlan, frozen_before: dict[str, str
     return {n: frozen_before.get(n) or tensor_sha256(t) for n, t in frozen_state(model, plan).items()}
 
 
-def save_trainable(
-    run_dir: str | Path,
-    model: nn.Module,
-    plan: FreezePlan,
-    *,
-    base: str,
-    step: int,
-    model_name: str,
-    num_classes: int,
-    weights_source: str,
-    seed: int,
-) -> Path:
-    """Atomically writes ``checkpoint.trainable.safetensors`` and its JSON manifest.
+def trainable_manifest(model: nn.Module, plan: FreezePlan, *, base: str, step: int, model_name: str,
+                       num_classes: int, weights_source: str, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors a trainable-only checkpoint holds, and its manifest.
 
     Args:
-        run_dir: The run folder.
         model: The model being trained.
         plan: Its freeze plan.
         base: sha256 of the frozen base, ``combined_sha256(fingerprint(model, plan))`` taken
@@ -130,10 +119,8 @@ def save_trainable(
         seed: The run seed (a random-init base is rebuilt from it).
 
     Returns:
-        The safetensors path.
+        The tensors (detached, where they are) and the manifest the file's header carries.
     """
-    from safetensors.torch import save
-
     tensors, frozen_bn_buffers = trainable_state(model, plan)
     manifest = {
         "format": FORMAT,
@@ -148,6 +135,28 @@ def save_trainable(
         "frozen_bn_buffers": frozen_bn_buffers,
         "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
+    return tensors, manifest
+
+
+def save_trainable(run_dir: str | Path, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
+    """Atomically writes ``checkpoint.trainable.safetensors`` and its JSON manifest.
+
+    A run writes it when it ends (completed, pruned, interrupted or stopped on a non-finite
+    loss): it is the run's final weights for export, while ``checkpoint.pt`` is what a run
+    resumes from, written every epoch. A run killed before it ended has only the checkpoint;
+    :func:`load_trainable` then reads the same tensors and manifest from there.
+
+    Args:
+        run_dir: The run folder.
+        tensors: The tensors, as :func:`trainable_manifest` gives them.
+        manifest: Their manifest, likewise.
+
+    Returns:
+        The safetensors path.
+    """
+    from safetensors.torch import save
+
+    tensors = {n: t.to("cpu").contiguous() for n, t in tensors.items()}
     data = save(tensors, metadata={META_KEY: json.dumps(manifest)})
     path = Path(run_dir) / TRAINABLE_NAME
     atomic_write(path, lambda f: f.write(data))
@@ -175,16 +184,67 @@ def checkpoint_sizes(run_dir: str | Path) -> dict:
 
 
 def load_trainable(path: str | Path) -> Trainable:
-    """Reads a trainable-only checkpoint (a run folder or the ``.safetensors`` file itself).
+    """Reads a trainable-only checkpoint: a run folder's latest, or a given ``.safetensors`` file.
 
-    Nothing is unpickled: safetensors holds raw tensor bytes and a JSON header.
+    A run folder gives its latest weights: ``checkpoint.trainable.safetensors`` (written when the
+    run ended) unless its ``checkpoint.pt`` holds a later step (a run killed before it ended, or
+    continued since); the same tensors and manifest are then read from the checkpoint
+    . Nothing is unpickled: safetensors holds raw tensor
+    bytes and a JSON header, and the checkpoint loads with ``weights_only=True``.
 
     Raises:
         WeightsError: If the file is missing, not safetensors, or has no freezetune manifest.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / TRAINABLE_NAME
+    if not path.is_dir():
+        return _read_file(path)
+    file, checkpoint = path / TRAINABLE_NAME, path / CHECKPOINT_NAME
+    saved = _read_file(file) if file.is_file() else None
+    if checkpoint.is_file():
+        ckpt = _load_checkpoint(checkpoint)
+        if saved is None or ckpt.get("step", -1) > saved.manifest["step"]:
+            return _from_checkpoint(ckpt, checkpoint)
+    if saved is None:
+        raise WeightsError(f"{file}: trainable checkpoint not found")
+    return saved
+
+
+# What checkpoint.pt keeps of the trainable manifest; format, step and tensors follow from the
+# checkpoint itself.
+CHECKPOINT_MANIFEST_KEYS = ("model", "num_classes", "base_sha256", "weights_source", "seed", "batchnorm",
+                            "frozen_bn_buffers")
+
+
+def checkpoint_manifest(manifest: dict) -> dict:
+    """What ``checkpoint.pt`` keeps of a trainable manifest (:data:`CHECKPOINT_MANIFEST_KEYS`)."""
+    return {k: manifest[k] for k in CHECKPOINT_MANIFEST_KEYS}
+
+
+def _load_checkpoint(path: Path) -> dict:
+    from freezetune.models.weights import safe_torch_load
+
+    if not path.is_file():
+        raise WeightsError(f"{path}: checkpoint not found")
+    # Memory-mapped: the step is read without reading the tensors, which only export touches.
+    ckpt = safe_torch_load(path, "checkpoint", mmap=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise WeightsError(f"{path}: not a freezetune checkpoint (needs model and step)")
+    return ckpt
+
+
+def _from_checkpoint(ckpt: dict, path: Path) -> Trainable:
+    known = ckpt.get("trainable")
+    if not isinstance(known, dict) or not set(CHECKPOINT_MANIFEST_KEYS) <= set(known):
+        raise WeightsError(f"{path}: written by an older freezetune, it does not record how its tensors were "
+                           f"trained; finish the run (freezetune train --resume {path.parent}) to write "
+                           f"{TRAINABLE_NAME}")
+    tensors = ckpt["model"]
+    manifest = {"format": FORMAT, **{k: known[k] for k in CHECKPOINT_MANIFEST_KEYS}, "step": int(ckpt["step"]),
+                "tensors": sorted(tensors), "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    return Trainable(tensors, manifest, path)
+
+
+def _read_file(path: Path) -> Trainable:
     if not path.is_file():
         raise WeightsError(f"{path}: trainable checkpoint not found")
     from safetensors import SafetensorError, safe_open
