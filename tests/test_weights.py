@@ -35,6 +35,25 @@ def test_matching_head_is_loaded_too(tmp_path):
     assert torch.equal(loaded.model.fc.weight, state["fc.weight"]) and not loaded.head_replaced
 
 
+@pytest.mark.parametrize("num_classes", [1000, 10], ids=["head-of-the-builder's-width", "a-new-head"])
+def test_a_file_without_a_head_loads_every_tensor_and_initialises_only_the_head(tmp_path, num_classes):
+    # The model is built without initialising what the file replaces: every tensor but the head
+    # must then come from the file, and the head (neither loaded nor new) gets its usual init.
+    state = {k: v for k, v in reference_state(1000).items() if not k.startswith("fc.")}
+    torch.save(state, tmp_path / "body.pt")
+    torch.manual_seed(0)
+    loaded = build_model(ModelConfig(num_classes=num_classes, weights=str(tmp_path / "body.pt")))
+    got = loaded.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    head = loaded.model.fc
+    assert head.out_features == num_classes and torch.isfinite(head.weight).all()
+    bound = 1 / 512**0.5  # nn.Linear's init: uniform within 1/sqrt(fan_in)
+    assert head.weight.abs().max() <= bound and head.weight.std() > bound / 4
+    torch.manual_seed(0)
+    again = build_model(ModelConfig(num_classes=num_classes, weights=str(tmp_path / "body.pt")))
+    assert torch.equal(again.model.fc.weight, head.weight)  # seeded: the same head every time
+
+
 def test_freezetune_checkpoint_is_accepted(tmp_path):
     state = reference_state(10)
     torch.save({"model": state, "optimizer": {}, "step": 3}, tmp_path / "checkpoint.pt")

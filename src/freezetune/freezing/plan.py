@@ -19,8 +19,7 @@ from torch import nn
 
 from freezetune.config import FreezeConfig, ModelConfig
 from freezetune.errors import FreezeError
-from freezetune.models.catalog import stages
-from freezetune.models.weights import build_model
+from freezetune.models.catalog import meta_model, replace_head, stages
 
 
 @dataclass
@@ -200,12 +199,15 @@ def unfreeze_all(model: nn.Module) -> FreezePlan:
 
 
 def preview(model_cfg: ModelConfig, spec: FreezeConfig) -> tuple[nn.Module, FreezePlan]:
-    """Applies a freeze spec to a randomly initialised model of the configured shape.
+    """Applies a freeze spec to a model of the configured shape, built on the meta device.
 
     The split into trainable and frozen parameters does not depend on weight values, so this
-    checks patterns and counts parameters without loading (or downloading) any weights.
+    checks patterns and counts parameters without loading (or downloading) any weights. The
+    model is built on the meta device: its shapes without memory or initialisation (count its
+    parameters and FLOPs; it cannot run on data).
     """
-    model = build_model(model_cfg.model_copy(update={"weights": "none"})).model
+    model = meta_model(model_cfg.name)
+    replace_head(model, model_cfg.num_classes)
     return model, apply_freeze(model, spec, model_cfg.name)
 
 
