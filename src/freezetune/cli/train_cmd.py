@@ -73,10 +73,10 @@ def validate(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Check a config (and overrides), including its freeze patterns, and print the resolved config."""
+    cfg = load_config(config, overrides or [])  # before torch is imported: a bad file is refused at once
     from freezetune.freezing.params import count_params, trainable_line
     from freezetune.freezing.plan import preview
 
-    cfg = load_config(config, overrides or [])
     model, _ = preview(cfg.model, cfg.freeze)
     console.print(Syntax(dump_config(cfg), "yaml", theme="ansi_dark", background_color="default"))
     console.print(trainable_line(count_params(model)))
