@@ -14,6 +14,10 @@ import os
 import pytest
 
 os.environ.setdefault("FREEZETUNE_OFFLINE", "1")  # never try the network from tests
+# The suite runs on two xdist workers (pyproject's addopts): one torch thread each, so that they
+# share two cores without oversubscribing them. Set before torch is imported, and inherited by
+# the subprocesses tests start, so a subprocess computes with the same threads as its test.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tiny_overrides(out_dir, **extra) -> list[str]:
