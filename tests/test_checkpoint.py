@@ -22,7 +22,7 @@ from freezetune.config import dump_config, load_config
 from freezetune.errors import WeightsError
 from freezetune.freezing.integrity import tensor_sha256
 from freezetune.models.weights import read_weights_file
-from freezetune.training import recipe as recipe_module
+from freezetune.training import saving as saving_module
 from freezetune.training.checkpoint import CHECKPOINT_NAME, FORMAT, load_checkpoint, save_checkpoint
 from freezetune.training.recipe import Recipe, run
 from freezetune.training.run_dir import BASE_NAME, read_jsonl
@@ -318,7 +318,7 @@ def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path):
 def _watch_base(monkeypatch) -> list[tuple[int, int]]:
     """Records base.safetensors' (inode, mtime) after every save of a run: a rewrite changes both."""
     seen = []
-    real = recipe_module.save_checkpoint
+    real = saving_module.save_checkpoint
 
     def save_and_look(run_dir, *args, **kwargs):
         path = real(run_dir, *args, **kwargs)
@@ -326,7 +326,7 @@ def _watch_base(monkeypatch) -> list[tuple[int, int]]:
         seen.append((st.st_ino, st.st_mtime_ns))
         return path
 
-    monkeypatch.setattr(recipe_module, "save_checkpoint", save_and_look)
+    monkeypatch.setattr(saving_module, "save_checkpoint", save_and_look)
     return seen
 
 
@@ -377,7 +377,7 @@ def test_the_trainable_file_is_written_when_the_run_ends_and_read_from_the_check
         r.train_epoch()  # epoch 0 ends with a checkpoint, and nothing for export yet
         assert (out / CHECKPOINT_NAME).is_file() and not (out / TRAINABLE_NAME).exists()
         early = load_trainable(out)  # read from checkpoint.pt
-        assert early.path == out / CHECKPOINT_NAME and early.manifest == r._trainable()[1]
+        assert early.path == out / CHECKPOINT_NAME and early.manifest == r.saver.trainable(r.state.step)[1]
         assert all(torch.equal(t, r.model.state_dict()[n]) for n, t in early.tensors.items())
         while r.train_epoch() is not None:
             pass

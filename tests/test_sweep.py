@@ -167,11 +167,12 @@ def test_ctrl_c_mid_epoch_then_resume_finishes_without_retraining(base, swept, t
 
 def test_pruned_arms_stop_and_are_reported_as_pruned(base, tmp_path, monkeypatch):
     """The plumbing of pruning (the rule itself is tested in test_sweep_analysis.py)."""
-    from freezetune.sweep import run as run_mod
+    from freezetune.sweep import turns as turns_mod
 
     cfg = base.model_copy(update={"train": base.train.model_copy(update={"epochs": 3}),
                                   "data": base.data.model_copy(update={"train_size": 8})})
-    monkeypatch.setattr(run_mod, "prune_at", lambda curves, *a, **k: {"layer4": 2} if len(curves["full"]) >= 2 else {})
+    monkeypatch.setattr(turns_mod, "prune_at",
+                        lambda curves, *a, **k: {"layer4": 2} if len(curves["full"]) >= 2 else {})
     result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "layer4")), prune=True, memory=False, lr_grid=ONE)
     arm = result["arms"]["layer4"]
     assert arm["status"] == "pruned" and arm["pruned_at_epoch"] == 2

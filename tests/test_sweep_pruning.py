@@ -1,6 +1,6 @@
 """The sweep's pruning plumbing on hand-made curves: no rule is monkeypatched, no run is trained.
 
-``sweep.run._prune`` replays the real rules (``halving_at`` within an arm, ``prune_at`` between
+``sweep.turns._prune`` replays the real rules (``halving_at`` within an arm, ``prune_at`` between
 arms) over slots whose histories are written by hand, and ends or takes back their runs.
 """
 
@@ -13,7 +13,7 @@ from freezetune.config import load_config
 from freezetune.sweep.arms import SweepArm
 from freezetune.sweep.halving import HALVING_RULE
 from freezetune.sweep.jobs import write_jobs
-from freezetune.sweep.run import PRUNING_RULE, Slot, _prune, pruning_decisions
+from freezetune.sweep.turns import PRUNING_RULE, Slot, _prune, pruning_decisions
 from freezetune.training.summary import EpochRecord
 
 LEADER = [0.3, 0.5, 0.7, 0.8, 0.85, 0.88, 0.9, 0.9]

@@ -12,6 +12,7 @@ import pytest
 
 from freezetune.atomic import TEMP_SUFFIX
 from freezetune.training import recipe as recipe_module
+from freezetune.training import saving as saving_module
 from freezetune.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from freezetune.training.run_dir import read_jsonl
 from freezetune.training.trainable import TRAINABLE_NAME, load_trainable
@@ -23,13 +24,13 @@ def temps(folder):
 
 def fill_after_first_checkpoint(monkeypatch, budget, free: int):
     """The disk fills right after the first checkpoint is saved, leaving ``free`` bytes."""
-    real = recipe_module.save_checkpoint
+    real = saving_module.save_checkpoint
 
     def save_then_fill(*args, **kwargs):
         real(*args, **kwargs)
         budget.free = free
 
-    monkeypatch.setattr(recipe_module, "save_checkpoint", save_then_fill)
+    monkeypatch.setattr(saving_module, "save_checkpoint", save_then_fill)
 
 
 def config(folder):

@@ -36,7 +36,6 @@ from freezetune.measure.timing import synchronize
 from freezetune.models.weights import build_model
 from freezetune.speed.precision import grad_scaler
 from freezetune.training import distributed as dist
-from freezetune.training.checkpoint import save_checkpoint
 from freezetune.training.data import build_data
 from freezetune.training.engine_build import build_engine
 from freezetune.training.events import EpochEnd, Outcome, Progress, RunResult, StepRecord
@@ -47,12 +46,12 @@ from freezetune.training.optim import build_optimizer, plain_optimizer
 from freezetune.training.reporter import Reporter
 from freezetune.training.resume import check_work_left, restore, resume_config
 from freezetune.training.run_dir import RunDir
+from freezetune.training.saving import RunSaver
 from freezetune.training.signals import StopFlag
 from freezetune.training.state import Budget, RunState, StopReason
 from freezetune.training.step import Engine, evaluate
 from freezetune.training.summary import EpochRecord, RunFacts, build_summary
 from freezetune.training.tensorboard import summary_writer_class
-from freezetune.training.trainable import base_hashes, checkpoint_manifest, save_trainable, trainable_manifest
 
 __all__ = ["EpochEnd", "Outcome", "Recipe", "Reporter", "RunResult", "StepRecord", "StopFlag", "planned_steps",
            "resume_config", "run", "verdict"]
@@ -145,6 +144,8 @@ class Recipe:
         self.scaler = grad_scaler(self.config.train.precision, self.device)
         self.training = TrainingLoop(self.config, self.dist, self.device, self.freeze, self.optimizer, RunState(),
                                      self.budget, None, self._build_engine, self._say, self.data.train)
+        self.saver = RunSaver(self.config, self.run_dir, self.freeze, self.loaded, self.optimizer, self.progress,
+                              self.dist.is_main)
         if self.resume:
             state = self.training.state = restore(self.run_dir, self.freeze, self.model, self.optimizer, self.scaler)
             self.progress.resumed_from_step = self.progress.saved_step = state.step
@@ -301,7 +302,7 @@ class Recipe:
                 if every and event.step % every == 0:
                     self.save()
         except WriteError as e:
-            raise e.with_hint(self.resume_hint()) from e
+            raise e.with_hint(self.saver.hint()) from e
         return None
 
     def _after_epoch(self, end: EpochEnd) -> EpochRecord:
@@ -326,14 +327,6 @@ class Recipe:
         self.save()
         return record
 
-    def resume_hint(self) -> str:
-        """What to do after a write fault: which checkpoint survived, and the command that continues from it."""
-        saved = self.progress.saved_step
-        if saved is None:
-            return "no checkpoint had been saved yet: start the run again (output.overwrite=true reuses this folder)"
-        return (f"the checkpoint of step {saved} is intact; once the folder can be written again, "
-                f"`freezetune train --resume {self.run_dir}` continues from it")
-
     def end_training(self) -> None:
         """Closes the logs; call it once the loop has ended or raised (:meth:`finish` does)."""
         if self.logs is None or self.logs.closed:
@@ -351,38 +344,8 @@ class Recipe:
         self.progress.outcome.error = why
 
     def save(self) -> None:
-        """Writes ``checkpoint.pt``: what can change, the optimizer, RNG and position; the base the first time.
-
-        The write is atomic and the base goes first, so a crash at any moment leaves a checkpoint
-        whose base is beside it. A frozen tensor never changes, so after the first save only what
-        trains is written again. The trainable-only file (export's input) is written once, as
-        the run ends (:meth:`save_weights`); the checkpoint records what export needs to read
-        it instead until then.
-        """
-        if not self.dist.is_main:
-            return  # every rank holds the same weights; rank 0 writes them
-        controller = self.freeze.state_dict()
-        self.state.phases, self.state.auto_freeze = controller["phases"], controller["auto_freeze"]
-        # The base is what is frozen now, hashed as it was before training (a layer unfrozen or
-        # frozen mid-run is saved with the trainable tensors instead).
-        base = base_hashes(self.model, self.freeze.base_plan(), self.freeze.frozen_before)
-        save_checkpoint(self.run_dir.path, self.model, self.optimizer, self.state, self.engine.scaler, base,
-                        checkpoint_manifest(self._trainable()[1]))
-        self.progress.saved_step = self.state.step
-
-    def save_weights(self) -> None:
-        """Writes the trainable-only checkpoint of the weights as they are now: the run's result, for export."""
-        if self.dist.is_main:
-            save_trainable(self.run_dir.path, *self._trainable())
-
-    def _trainable(self) -> tuple[dict, dict]:
-        """The trainable-only checkpoint's tensors and manifest, the base being what is frozen now."""
-        cfg = self.config
-        return trainable_manifest(
-            self.model, self.freeze.base_plan(), base=self.freeze.base_sha256(), step=self.state.step,
-            model_name=cfg.model.name, num_classes=cfg.model.num_classes,
-            weights_source=self.loaded.weights_source, seed=cfg.seed,
-        )
+        """Writes ``checkpoint.pt`` now (:meth:`RunSaver.save`)."""
+        self.saver.save(self.state, self.engine.scaler)
 
     # ----------------------------------------------------------------------------------------
     # the end of a run: one way, whoever drives it
@@ -411,7 +374,7 @@ class Recipe:
             self.end_training()
             outcome = self.outcome() if summary else self._unsummarized()
             # A run the sweep stopped is a dead end: its checkpoint holds its weights for export.
-            self._write_final(weights=summary and outcome.status != StopReason.PRUNED.value)
+            self.saver.finish(self.state.step, weights=summary and outcome.status != StopReason.PRUNED.value)
             written = self.summarize(outcome) if summary else None
             integrity = written["freeze_integrity"] if written else self.freeze_integrity()
             return RunResult(status=outcome.status, error=outcome.error, integrity=integrity,
@@ -439,15 +402,6 @@ class Recipe:
         outcome.status = reason.value if reason is not None and self.finished else StopReason.INTERRUPTED.value
         return outcome
 
-    def _write_final(self, weights: bool) -> None:
-        """Writes the final weights (a run ending with a summary); waits until its checkpoints are on the disk."""
-        try:
-            if weights:
-                self.save_weights()
-            settle()
-        except WriteError as e:
-            raise e.with_hint(self.resume_hint() + (" (it writes the final weights)" if weights else "")) from e
-
     def freeze_integrity(self) -> dict:
         """The freeze-integrity check (on every rank); see :meth:`FreezeController.integrity`."""
         return self.freeze.integrity(self.dist)
@@ -459,7 +413,7 @@ class Recipe:
             try:
                 self.run_dir.write_summary(summary)
             except WriteError as e:
-                raise e.with_hint(self.resume_hint() + " (it writes the missing summary)") from e
+                raise e.with_hint(self.saver.hint() + " (it writes the missing summary)") from e
             if self.logs is not None and self.logs.tensorboard is not None:
                 self.logs.tensorboard.hparams(self.config, summary)
         return summary
