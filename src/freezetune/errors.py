@@ -63,6 +63,19 @@ class DemoInputError(FreezetuneError):
     """A demo option has a bad value (not numbers, or vectors of different lengths)."""
 
 
+class MissingExtraError(FreezetuneError):
+    """An optional dependency a command needs is not installed; the message names the pip command."""
+
+    @classmethod
+    def of(cls, what: str, package: str, extra: str) -> MissingExtraError:
+        """``{what} needs {package}, which is not installed: pip install 'freezetune[{extra}]'``."""
+        return cls(f"{what} needs {package}, which is not installed: pip install 'freezetune[{extra}]'")
+
+
+class RunsFailedError(FreezetuneError):
+    """Some runs of a sweep raised; the others finished, and the results were written without them."""
+
+
 class FreezeIntegrityError(RuntimeError):
     """A frozen tensor changed: a bug in freezetune or in the model, never the user's input.
 

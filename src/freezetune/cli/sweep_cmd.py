@@ -61,6 +61,20 @@ def sweep(
                                  "sweep.json/csv/png and the recommendation.", show_default=False),
     resume: Path = typer.Option(None, "--resume", help="Continue the sweep in this folder where it stopped.",
                                 show_default=False),
+    backend: str = typer.Option("in-process", "--backend", help="in-process: the runs take turns in this "
+                                "process; ray: each (arm, rate, seed) is a Ray Tune trial, on this machine's "
+                                "GPUs and CPUs or a Ray cluster's (pip install 'freezetune[ray]')."),
+    address: str = typer.Option(None, "--address", help="With --backend ray: auto (the cluster this machine "
+                                r"belongs to) or HOST:PORT \[default: a private Ray instance here].",
+                                show_default=False),
+    gpus_per_trial: float = typer.Option(None, "--gpus-per-trial", min=0, help="With --backend ray: GPUs per "
+                                         r"trial \[default: 1 with CUDA, else 0].", show_default=False),
+    cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", min=0, help="With --backend ray: CPUs per "
+                                         "trial; its torch threads are pinned to them."),
+    max_concurrent: int = typer.Option(None, "--max-concurrent", min=1, help="With --backend ray: at most "
+                                       r"this many trials at once \[default: as many as fit].", show_default=False),
+    allow_failed: bool = typer.Option(False, "--allow-failed", help="With --backend ray: a trial that raised "
+                                      "is reported as failed and the sweep exits 0."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Train every freeze depth (and your own arms) for the config's whole budget and recommend one.
@@ -78,6 +92,7 @@ def sweep(
     modes = [name for name, v in (("--emit", emit), ("--collect", collect), ("--resume", resume)) if v is not None]
     if len(modes) > 1:
         raise ConfigError(f"give only one of {', '.join(modes)}")
+    ray = _ray_options(backend, address, gpus_per_trial, cpus_per_trial, max_concurrent, bool(emit or collect))
     if feature_cache not in ("auto", "on", "off"):
         raise ConfigError(f"--feature-cache {feature_cache!r}: choose auto, on or off")
     grid = parse_lr_grid(lr_grid)
@@ -100,8 +115,26 @@ def sweep(
         console.print(f"run each line of {emit / 'jobs.txt'}, then: freezetune sweep --collect {emit}", soft_wrap=True)
         return
     result = lib.sweep(cfg, out or Path(cfg.output.dir) / "sweep", chosen, seeds, target, tol, prune, memory,
-                       feature_cache, source, _Progress(), grid)
+                       feature_cache, source, _Progress(), grid, ray, allow_failed)
     _finish(result)
+
+
+def _ray_options(backend: str, address, gpus, cpus, max_concurrent, elsewhere: bool):
+    """The Ray options of ``--backend ray`` (None in-process); refuses Ray options without it."""
+    from freezetune.errors import ConfigError
+    from freezetune.sweep.ray_tune import RayOptions
+
+    if backend not in ("in-process", "ray"):
+        raise ConfigError(f"--backend {backend!r}: choose in-process or ray")
+    given = [name for name, v in (("--address", address), ("--gpus-per-trial", gpus),
+                                  ("--max-concurrent", max_concurrent)) if v is not None]
+    if backend != "ray":
+        if given:
+            raise ConfigError(f"{given[0]} needs --backend ray")
+        return None
+    if elsewhere:
+        raise ConfigError("--backend ray runs the sweep; --emit and --collect leave running it to your scheduler")
+    return RayOptions(address, gpus, cpus, max_concurrent)
 
 
 def _config(config: Path | None, overrides: list[str] | None, device: str | None):
@@ -140,7 +173,7 @@ class _Progress:
 
     def start(self, jobs: int, epochs: int, resumed: int) -> None:
         done = f" ({resumed} already finished)" if resumed else ""
-        console.print(f"sweep: {jobs} runs x {epochs} epochs{done}, runs taking turns epoch by epoch")
+        console.print(f"sweep: {jobs} runs x {epochs} epochs{done}")
 
     def epoch(self, arm, seed, record, epochs) -> None:
         from freezetune.render.sweep import epoch_line

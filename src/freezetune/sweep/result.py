@@ -46,7 +46,7 @@ class SeedRun(Record):
 
     seed: int
     run_dir: str
-    status: str  # completed | pruned | nonfinite | interrupted | missing
+    status: str  # completed | pruned | nonfinite | failed | interrupted | missing
     pruned_at_epoch: int | None = None
     val_accuracy_by_epoch: list[float | None]
     val_loss_by_epoch: list[float | None]
@@ -63,6 +63,8 @@ class SeedRun(Record):
     step_median_s: float | None
     peak_memory_bytes: int | None = None
     error: str | None = None
+    started_at: float | None = None  # Unix time the run first started (its summary's started_at)
+    ended_at: float | None = None  # Unix time it ended
 
 
 class RateRecord(Record):
@@ -165,7 +167,7 @@ class SweepResult(Record):
     arms: dict[str, ArmRecord]
     pareto: list[str]
     recommendation: RecommendationRecord
-    mode: str  # in-process | collected
+    mode: str  # in-process | ray | collected
     lr_grid: list[float] = [1.0]
     base_lr: float | None = None  # the config's optim.lr, which the grid multiplies
     selection: str = SELECTION
@@ -182,11 +184,14 @@ class SweepResult(Record):
         return self.model_dump(mode="json")
 
 
-def seed_run(seed: int, run_dir: str, epochs: list[dict], summary: dict | None) -> SeedRun:
-    """Reads one run's ``epochs.jsonl`` rows and ``summary.json`` (None while it has not finished)."""
+def seed_run(seed: int, run_dir: str, epochs: list[dict], summary: dict | None, failed: str | None = None) -> SeedRun:
+    """Reads one run's ``epochs.jsonl`` rows and ``summary.json`` (None while it has not finished).
+
+    ``failed`` is the one-line error of a run that raised (a Ray trial): it is reported ``failed``.
+    """
     acc = [e["val_accuracy"] for e in epochs]
     seen = [a for a in acc if a is not None]
-    status = summary["status"] if summary else ("interrupted" if epochs else "missing")
+    status = summary["status"] if summary else ("failed" if failed else "interrupted" if epochs else "missing")
     timing = (summary or {}).get("timing_by_path", {})
     step = (timing.get("cached") or {}).get("step_median_s") or (timing.get("uncached") or {}).get("step_median_s")
     return SeedRun(
@@ -203,7 +208,9 @@ def seed_run(seed: int, run_dir: str, epochs: list[dict], summary: dict | None) 
         wall_s=sum(e["train_s"] for e in epochs),
         val_s=sum(e["val_s"] or 0.0 for e in epochs),
         step_median_s=step,
-        error=(summary or {}).get("error"),
+        error=(summary or {}).get("error") or failed,
+        started_at=(summary or {}).get("started_at"),
+        ended_at=(summary or {}).get("ended_at"),
     )
 
 
@@ -272,7 +279,7 @@ def best_rate(grid: dict[float, list[SeedRun]]) -> float:
 
 def _status(seeds: list[SeedRun]) -> str:
     statuses = {r.status for r in seeds}
-    for status in ("missing", "interrupted", "nonfinite", "pruned"):
+    for status in ("missing", "interrupted", "failed", "nonfinite", "pruned"):
         if status in statuses:
             return status
     return "completed"

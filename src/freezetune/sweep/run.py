@@ -35,7 +35,7 @@ from freezetune.atomic import atomic_write, write_json
 from freezetune.compare.arms import BASELINE, ArmSpec
 from freezetune.compare.run import memory_pass
 from freezetune.config import Config, load_config
-from freezetune.errors import ConfigError, RunDirError, WriteError
+from freezetune.errors import ConfigError, RunDirError, RunsFailedError, WriteError
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import preview
 from freezetune.lock import hold
@@ -43,10 +43,12 @@ from freezetune.measure.device import device_description, resolve_device
 from freezetune.render.sweep_plot import sweep_plot
 from freezetune.speed.prefix import training_step_flops
 from freezetune.sweep.analysis import DEFAULT_TOLERANCE, rungs
-from freezetune.sweep.arms import DEFAULT_LR_GRID, SweepArm, check_lr_grid
+from freezetune.sweep.arms import DEFAULT_LR_GRID, SweepArm, arm_config, check_lr_grid
 from freezetune.sweep.halving import HALVING_RULE, halving_rungs
 from freezetune.sweep.jobs import PRUNE_MODES, Manifest, read_manifest, read_run, write_jobs
+from freezetune.sweep.ray_tune import RayOptions, require_ray, run_on_ray
 from freezetune.sweep.result import FINISHED, assemble, best_rate, seed_run, to_csv
+from freezetune.sweep.trials import FAILURES_NAME, read_failures
 from freezetune.sweep.turns import PRUNING_RULE, SweepReporter, make_slots, rated_name, take_turns
 from freezetune.training.recipe import StopFlag
 from freezetune.training.run_dir import claim_run_dir
@@ -58,8 +60,9 @@ from freezetune.training.run_dir import claim_run_dir
 def sweep(config: Config, out: str | Path, arms: list[SweepArm] | None = None, seeds: int = 1,
           target: float | None = None, tolerance: float = DEFAULT_TOLERANCE, prune: bool | str = "halving",
           memory: bool = False, feature_cache: str = "auto", source: str = "<python>",
-          reporter: SweepReporter | None = None, lr_grid=DEFAULT_LR_GRID) -> dict:
-    """Runs a sweep in this process and writes sweep.json, sweep.csv and sweep.png.
+          reporter: SweepReporter | None = None, lr_grid=DEFAULT_LR_GRID, ray: RayOptions | None = None,
+          allow_failed: bool = False) -> dict:
+    """Runs a sweep (in this process, or on Ray Tune) and writes sweep.json, sweep.csv and sweep.png.
 
     Args:
         config: The user's config: its epochs are every run's budget.
@@ -77,14 +80,27 @@ def sweep(config: Config, out: str | Path, arms: list[SweepArm] | None = None, s
         reporter: Receives progress.
         lr_grid: Multipliers of the config's learning rate every arm tries (an arm's own
             ``lr_grid`` replaces it); ``(1,)`` trains each arm at the config's rate only.
+        ray: Run every (arm, rate, seed) as a Ray Tune trial with these options
+            (:mod:`freezetune.sweep.ray_tune`); None trains them in this process, taking turns.
+        allow_failed: With ``ray``, a trial that raised is reported as failed and the sweep
+            returns; without it, :class:`RunsFailedError` is raised once the results are written.
 
     Returns:
         The ``sweep.json`` record; ``status`` is ``interrupted`` if Ctrl-C stopped it (resume it).
+
+    Raises:
+        RunsFailedError: If a trial raised and ``allow_failed`` is off (sweep.json names it too).
+        MissingExtraError: With ``ray``, if Ray Tune is not installed (before anything is written).
     """
     options = _options(target, tolerance, prune, memory, feature_cache, lr_grid)
+    if ray is not None:
+        require_ray()
+        options.update(ray=ray.checked().as_dict(), allow_failed=allow_failed)
     with claim_run_dir(out, config.output.overwrite, "sweep"):
-        out, manifest, configs = _start(config, out, arms, seeds, options, source, "in-process")
-        (out / "memory.json").unlink(missing_ok=True)  # an earlier sweep's, in an overwritten folder
+        mode = "in-process" if ray is None else "ray"
+        out, manifest, configs = _start(config, out, arms, seeds, options, source, mode)
+        for stale in ("memory.json", FAILURES_NAME):  # an earlier sweep's, in an overwritten folder
+            (out / stale).unlink(missing_ok=True)
         return _run(out, manifest, configs, reporter or SweepReporter(), resumed=False)
 
 
@@ -106,9 +122,11 @@ def resume(out: str | Path, reporter: SweepReporter | None = None) -> dict:
     """
     out = Path(out).resolve()
     manifest = read_manifest(out)
-    if manifest.mode != "in-process":
+    if manifest.mode == "emitted":
         raise RunDirError(f"{out}: made by --emit; run its jobs with your scheduler, then use --collect")
-    configs = {j.key: _job_config(out, j) for j in manifest.jobs}
+    if manifest.mode == "ray":
+        require_ray()
+    configs = JobConfigs(out, manifest)
     with hold(out, "sweep --resume", create=False):
         return _run(out, manifest, configs, reporter or SweepReporter(), resumed=True)
 
@@ -165,8 +183,8 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
     """
     out = Path(out).resolve()
     manifest = read_manifest(out)
-    runs, summaries = _read_runs(out, manifest)
-    unfinished = [j for j in manifest.jobs if runs[j.key].status not in FINISHED]
+    runs, summaries = _read_runs(out, manifest, read_failures(out))
+    unfinished = [j for j in manifest.jobs if runs[j.key].status not in (*FINISHED, "failed")]
     if unfinished:
         job = unfinished[0]
         rated = rated_name(job.arm, job.lr_multiplier, len(manifest.grid(job.arm)) > 1)
@@ -180,9 +198,8 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
         options["tolerance"] = tolerance
     _check_options(1, options["target"], options["tolerance"])
     memory = _memory_from_summaries(summaries) if manifest.mode == "emitted" else _read_memory(out)
-    configs = {j.key: _job_config(out, j) for j in manifest.jobs}
     with hold(out, "sweep --collect", create=False):
-        return _write(out, manifest, configs, runs, summaries, options, memory, "collected", None)
+        return _write(out, manifest, runs, summaries, options, memory, "collected", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,20 +209,11 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
 def _run(out: Path, manifest: Manifest, configs: dict, reporter: SweepReporter, resumed: bool) -> dict:
     start = time.perf_counter()
     options = manifest.options
-    slots = make_slots(out, manifest, configs, resumed)
-    reporter.start(len(manifest.jobs), manifest.base_config().train.epochs, sum(s.done for s in slots))
-    interrupted = False
-    with StopFlag() as stop:
-        try:
-            interrupted = take_turns(slots, manifest, stop, reporter)
-        except WriteError as e:
-            if e.path is None:
-                raise
-            raise WriteError.of(e.path, e.cause, e.errno, hint="each run's last checkpoint is intact; once the "
-                                f"folder can be written again, `freezetune sweep --resume {out}` continues") from e
-        finally:
-            for slot in slots:
-                slot.park()
+    if manifest.mode == "ray":
+        ran = run_on_ray(out, manifest, RayOptions(**options["ray"]), reporter, resumed)
+        interrupted, failed = ran["interrupted"], ran["failed"]
+    else:
+        interrupted, failed = _take_turns(out, manifest, configs, reporter, resumed), {}
     if interrupted:
         reporter.message(f"interrupted; continue with: freezetune sweep --resume {out}")
         return {"status": "interrupted", "out_dir": str(out)}
@@ -214,25 +222,68 @@ def _run(out: Path, manifest: Manifest, configs: dict, reporter: SweepReporter, 
         reporter.message("measuring each arm's peak memory in its own process")
         memory = _measure_memory(out, manifest, configs)
         write_json(out / "memory.json", memory)
-    runs, summaries = _read_runs(out, manifest)
-    return _write(out, manifest, configs, runs, summaries, options, memory, "in-process",
-                  time.perf_counter() - start)
+    runs, summaries = _read_runs(out, manifest, failed)
+    result = _write(out, manifest, runs, summaries, options, memory, manifest.mode,
+                    time.perf_counter() - start)
+    if failed and not options.get("allow_failed"):
+        raise RunsFailedError(_failures_line(manifest, failed, out))
+    return result
+
+
+def _take_turns(out: Path, manifest: Manifest, configs: dict, reporter: SweepReporter, resumed: bool) -> bool:
+    """Trains the jobs in this process, taking turns epoch by epoch; True if a signal stopped them."""
+    slots = make_slots(out, manifest, configs, resumed)
+    reporter.start(len(manifest.jobs), manifest.base_config().train.epochs, sum(s.done for s in slots))
+    with StopFlag() as stop:
+        try:
+            return take_turns(slots, manifest, stop, reporter)
+        except WriteError as e:
+            if e.path is None:
+                raise
+            raise WriteError.of(e.path, e.cause, e.errno, hint="each run's last checkpoint is intact; once the "
+                                f"folder can be written again, `freezetune sweep --resume {out}` continues") from e
+        finally:
+            for slot in slots:
+                slot.park()
+
+
+def _failures_line(manifest: Manifest, failed: dict[int, str], out: Path) -> str:
+    """One line naming the runs that raised, the first one's error, and what was written anyway."""
+    first = manifest.jobs[min(failed)]
+    name = rated_name(first.arm, first.lr_multiplier, len(manifest.grid(first.arm)) > 1)
+    return (f"{out}: {len(failed)} of {len(manifest.jobs)} runs failed, first {name} seed {first.seed}: "
+            f"{failed[min(failed)]} (sweep.json reports them as failed; --allow-failed accepts this)")
 
 
 # --------------------------------------------------------------------------------------------
 # Reading back and writing
 
 
-def _job_config(out: Path, job) -> Config:
-    return load_config(out / job.config)
+class JobConfigs(dict):
+    """A sweep folder's job configs by job key, each read when first asked for.
+
+    A collected or resumed sweep needs only some of them (a job that failed may have a config
+    that no longer loads).
+    """
+
+    def __init__(self, out: Path, manifest: Manifest):
+        super().__init__()
+        self._paths = {j.key: out / j.config for j in manifest.jobs}
+
+    def __missing__(self, key) -> Config:
+        self[key] = config = load_config(self._paths[key])
+        return config
 
 
-def _read_runs(out: Path, manifest: Manifest) -> tuple[dict, dict]:
-    """Every job's run read once: per (arm, rate, seed) its :class:`SeedRun` and its summary."""
+def _read_runs(out: Path, manifest: Manifest, failed: dict[int, str] | None = None) -> tuple[dict, dict]:
+    """Every job's run read once: per (arm, rate, seed) its :class:`SeedRun` and its summary.
+
+    A job in ``failed`` (a Ray trial that raised) is reported ``failed`` with its error.
+    """
     runs, summaries = {}, {}
-    for job in manifest.jobs:
+    for i, job in enumerate(manifest.jobs):
         epochs, summary = read_run(out / job.run_dir)
-        runs[job.key] = seed_run(job.seed, job.run_dir, epochs, summary)
+        runs[job.key] = seed_run(job.seed, job.run_dir, epochs, summary, (failed or {}).get(i))
         summaries[job.key] = summary
     return runs, summaries
 
@@ -262,19 +313,21 @@ def arm_facts(config: Config, summary: dict) -> dict:
             "flops_per_step": int(flops["total"]), "feature_cache": cached}
 
 
-def _write(out: Path, manifest: Manifest, configs: dict, runs: dict, summaries: dict, options: dict,
+def _write(out: Path, manifest: Manifest, runs: dict, summaries: dict, options: dict,
            memory: dict, mode: str, wall_s: float | None) -> dict:
     base = manifest.base_config()
     grids = _grids(manifest, runs)
     facts = {}
-    for arm in manifest.arms:
-        name = arm["name"]
-        job = _facts_job(manifest, name, grids[name])
-        mem = memory.get(name, {})
-        facts[name] = {**arm_facts(configs[job.key], summaries[job.key] or {}),
-                       "peak_memory_bytes": mem.get("peak_bytes"),
-                       "memory_kind": mem.get("kind", "not measured (run with --memory)"),
-                       "base_lr": configs[job.key].optim.lr / job.lr_multiplier, "config": str(out / job.config)}
+    for arm in manifest.arm_list():
+        job = _facts_job(manifest, arm.name, grids[arm.name])
+        # Rebuilt from the manifest, not read back: a failed job's config file may not load.
+        config = arm_config(base, arm, job.seed, out / job.run_dir, options.get("feature_cache", "auto"),
+                            job.lr_multiplier)
+        mem = memory.get(arm.name, {})
+        facts[arm.name] = {**arm_facts(config, summaries[job.key] or {}),
+                           "peak_memory_bytes": mem.get("peak_bytes"),
+                           "memory_kind": mem.get("kind", "not measured (run with --memory)"),
+                           "base_lr": config.optim.lr / job.lr_multiplier, "config": str(out / job.config)}
     device = resolve_device(base.device)
     meta = {
         "freezetune_version": __version__, "model": base.model.name,

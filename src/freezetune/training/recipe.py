@@ -142,7 +142,8 @@ class Recipe:
 
     def _setup_state(self) -> None:
         self.scaler = grad_scaler(self.config.train.precision, self.device)
-        self.training = TrainingLoop(self.config, self.dist, self.device, self.freeze, self.optimizer, RunState(),
+        self.training = TrainingLoop(self.config, self.dist, self.device, self.freeze, self.optimizer,
+                                     RunState(started_at=time.time()),
                                      self.budget, None, self._build_engine, self._say, self.data.train)
         self.saver = RunSaver(self.config, self.run_dir, self.freeze, self.loaded, self.optimizer, self.progress,
                               self.dist.is_main)
@@ -431,6 +432,7 @@ class Recipe:
             cache_on_disk=bool(cache and cache.on_disk), optimizer=self.optimizer, saved_step=self.progress.saved_step,
             schedule=[p.as_dict() for p in self.freeze.phases],
             auto_freeze=self.auto.summary() if self.auto is not None else None,
+            started_at=self.state.started_at or None,
         )
 
     def cleanup(self) -> None:

@@ -21,6 +21,7 @@ class RunState:
         epoch_loss_sum: The summed loss of ``epoch``'s steps so far, earlier processes' included,
             so an epoch's mean training loss is the same however the run was split.
         auto_freeze: :meth:`freezetune.freezing.auto.AutoFreezer.state_dict` (None without ``freeze.auto``).
+        started_at: Unix time the run first started (0: not recorded, a checkpoint from before it was).
     """
 
     step: int = 0
@@ -30,12 +31,14 @@ class RunState:
     epoch_seconds: float = 0.0
     auto_freeze: dict | None = field(default=None)
     epoch_loss_sum: float = 0.0
+    started_at: float = field(default=0.0, compare=False)  # when, not where: two states at one step are equal
 
     def as_dict(self) -> dict:
         """The state as checkpoint keys.
 
         ``step``, ``epoch``, ``batch_in_epoch``, ``phases``, ``epoch_seconds``, ``auto_freeze``
-        (the events, last interval and gradient-norm sums of ``freeze.auto``) and ``epoch_loss_sum``.
+        (the events, last interval and gradient-norm sums of ``freeze.auto``), ``epoch_loss_sum`` and
+        ``started_at``.
         """
         return asdict(self)
 
@@ -44,7 +47,8 @@ class RunState:
         """Reads the counters of a loaded checkpoint; older checkpoints may lack the newer ones."""
         counters = {k: int(ckpt.get(k, 0)) for k in ("step", "epoch", "batch_in_epoch", "phases")}
         return cls(**counters, epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)),
-                   auto_freeze=ckpt.get("auto_freeze"), epoch_loss_sum=float(ckpt.get("epoch_loss_sum", 0.0)))
+                   auto_freeze=ckpt.get("auto_freeze"), epoch_loss_sum=float(ckpt.get("epoch_loss_sum", 0.0)),
+                   started_at=float(ckpt.get("started_at", 0.0)))
 
 
 class StopReason(enum.Enum):

@@ -6,6 +6,7 @@ Every key that existed before this record did is kept (tools outside the project
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -246,6 +247,8 @@ class RunSummary(Record):
     optimizer: OptimizerSummary
     distributed: DistributedSummary
     run_dir: str
+    started_at: float | None = None  # Unix time the run first started (a resumed run keeps its first start)
+    ended_at: float | None = None  # Unix time the summary was written
     schema_version: int = SUMMARY_SCHEMA_VERSION
 
     def as_dict(self) -> dict:
@@ -320,6 +323,7 @@ class RunFacts:
         saved_step: The newest checkpoint's step, else None.
         schedule: The applied unfreeze phases (``PhaseRecord`` dicts).
         auto_freeze: ``freeze.auto``'s summary, else None.
+        started_at: Unix time the run first started (kept across resumes), else None.
     """
 
     config: Config
@@ -343,6 +347,7 @@ class RunFacts:
     saved_step: int | None
     schedule: list[dict]
     auto_freeze: dict | None
+    started_at: float | None = None
 
 
 def build_summary(facts: RunFacts) -> dict:
@@ -398,4 +403,6 @@ def build_summary(facts: RunFacts) -> dict:
                    "scheduler": cfg.optim.scheduler},
         distributed={"world_size": facts.info.world_size, "timing_per_rank": per_rank},
         run_dir=str(facts.run_dir),
+        started_at=facts.started_at,
+        ended_at=time.time(),
     ).as_dict()
