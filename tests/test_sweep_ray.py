@@ -124,8 +124,19 @@ def _epochs_on_disk(out) -> dict[str, int]:
     return counts
 
 
-def test_a_trial_that_raises_is_named_and_the_others_complete(ray_cluster, config, tmp_path, cli):
-    cfg = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1})})
+def test_a_trial_that_raises_is_named_and_the_others_complete(ray_cluster, config, tmp_path, cli, monkeypatch):
+    # Weights from a path relative to where the sweep starts: a trial runs where the sweep was started.
+    import torch
+    from safetensors.torch import save_file
+
+    from freezetune.models.weights import build_model
+
+    torch.manual_seed(0)
+    save_file(build_model(config.model.model_copy(update={"weights": "none"})).model.state_dict(),
+              str(tmp_path / "start.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    cfg = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 1}),
+                                    "model": config.model.model_copy(update={"weights": "start.safetensors"})})
 
     class Break(_Log):
         def start(self, *args):  # the jobs are written: break one of them before the trials start

@@ -114,6 +114,9 @@ def trial(params: dict) -> None:
     """
     from ray import tune
 
+    # Tune starts a trial in a folder of its own; the config's relative paths (a weights file, a
+    # data root) are relative to where the sweep was started.
+    os.chdir(params["cwd"])
     out = Path(params["out"])
     manifest = read_manifest(out)
     job = manifest.jobs[params["job"]]
@@ -222,7 +225,7 @@ def run_on_ray(out: Path, manifest: Manifest, ray_options: RayOptions, reporter:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"out": str(out), "threads": max(1, int(ray_options.cpus_per_trial)),
+            param_space={"out": str(out), "cwd": os.getcwd(), "threads": max(1, int(ray_options.cpus_per_trial)),
                          "job": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(scheduler=SweepScheduler(out, manifest), reuse_actors=True,
                                         trial_name_creator=_namer(manifest), trial_dirname_creator=_namer(manifest)),
