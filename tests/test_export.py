@@ -207,7 +207,14 @@ def test_export_user_errors(fc_run, tmp_path, make_args, expect, cli):
 # ONNX
 
 
-onnx = pytest.importorskip("onnx")
+@pytest.fixture(scope="module")
+def onnx():
+    """The onnx package, and onnxruntime beside it; a test that needs them is skipped without them.
+
+    Per test, not at the module's top: without the extra, the safetensors tests above still run.
+    """
+    pytest.importorskip("onnxruntime")
+    return pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +225,7 @@ def bn_run(tmp_path_factory):
     return out
 
 
-def test_onnx_export_matches_the_trained_model_at_any_batch_size(bn_run, tmp_path, cli):
+def test_onnx_export_matches_the_trained_model_at_any_batch_size(onnx, bn_run, tmp_path, cli):
     import onnxruntime as ort
 
     dest = tmp_path / "model.onnx"
@@ -245,7 +252,7 @@ def test_onnx_export_matches_the_trained_model_at_any_batch_size(bn_run, tmp_pat
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(dest)).graph.node)
 
 
-def test_an_onnx_file_that_disagrees_with_pytorch_is_an_error_and_nothing_is_written(bn_run, tmp_path, cli,
+def test_an_onnx_file_that_disagrees_with_pytorch_is_an_error_and_nothing_is_written(onnx, bn_run, tmp_path, cli,
                                                                                     monkeypatch):
     import freezetune.export as export
 

@@ -15,7 +15,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 from freezetune.config import FreezeConfig, ModelConfig, OptimConfig  # noqa: E402
-from freezetune.errors import ConfigError, WeightsError  # noqa: E402
+from freezetune.errors import ConfigError, MissingExtraError, WeightsError  # noqa: E402
 from freezetune.freezing.plan import apply_freeze  # noqa: E402
 from freezetune.models import catalog, timm_models  # noqa: E402
 from freezetune.models.listing import describe  # noqa: E402
@@ -196,9 +196,10 @@ def test_unknown_timm_model_is_one_line_exit_2(cli, tiny_yaml):
 
 def test_timm_missing_gives_the_install_hint(cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
-    with pytest.raises(ConfigError, match=r"pip install 'freezetune\[timm\]'"):
+    hint = r"needs timm, which is not installed: pip install 'freezetune\[timm\]'"
+    with pytest.raises(MissingExtraError, match=hint):
         catalog.check_model_name(RESNET)
-    with pytest.raises(ConfigError, match=r"pip install 'freezetune\[timm\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'freezetune\[timm\]'"):
         build_model(ModelConfig(name=RESNET, num_classes=10, weights="none"))
     result = cli("models", RESNET)
     assert result.exit_code == 2

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from freezetune.errors import ConfigError, first_line
+from freezetune.errors import ConfigError, MissingExtraError, first_line
 
 # The ResNets: the default family, with fixed freeze points and the frozen-prefix fast path. Any
 # torchvision classification model is accepted; freezetune.models.catalog lists them with their freeze points.
@@ -385,7 +385,7 @@ def _model_name_problems(merged: dict[str, Any], source: str, origin: dict[str, 
 
     try:
         check_model_name(name)
-    except ConfigError as e:
+    except (ConfigError, MissingExtraError) as e:
         where = f"override {origin['model.name']!r}" if "model.name" in origin else source
         return [f"{where}: model.name: {e}"]
     return []

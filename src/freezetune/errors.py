@@ -67,9 +67,9 @@ class MissingExtraError(FreezetuneError):
     """An optional dependency a command needs is not installed; the message names the pip command."""
 
     @classmethod
-    def of(cls, what: str, package: str, extra: str) -> MissingExtraError:
-        """``{what} needs {package}, which is not installed: pip install 'freezetune[{extra}]'``."""
-        return cls(f"{what} needs {package}, which is not installed: pip install 'freezetune[{extra}]'")
+    def of(cls, what: str, package: str, extra: str, why: str = "is not installed") -> MissingExtraError:
+        """The one message shape: ``{what} needs {package}, which {why}: pip install 'freezetune[{extra}]'``."""
+        return cls(f"{what} needs {package}, which {why}: pip install 'freezetune[{extra}]'")
 
 
 class RunsFailedError(FreezetuneError):

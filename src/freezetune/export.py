@@ -22,7 +22,7 @@ from torch import nn
 
 from freezetune import __version__
 from freezetune.atomic import TEMP_SUFFIX, atomic_write, write_error
-from freezetune.errors import FreezetuneError, RunDirError, WeightsError, first_line
+from freezetune.errors import FreezetuneError, MissingExtraError, RunDirError, WeightsError, first_line
 from freezetune.lock import hold
 from freezetune.models.weights import LoadedModel, build_model
 from freezetune.training.run_dir import RunDir
@@ -117,7 +117,7 @@ def require_onnx() -> None:
     """Checks that the ``onnx`` extra is installed.
 
     Raises:
-        ExportError: Naming the missing packages and the install command.
+        MissingExtraError: Naming the missing packages and the install command.
     """
     missing = []
     for name in _ONNX_PACKAGES:
@@ -126,7 +126,8 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ExportError(f"--format onnx needs {', '.join(missing)}: pip install 'freezetune[onnx]'")
+        why = "is not installed" if len(missing) == 1 else "are not installed"
+        raise MissingExtraError.of("--format onnx", ", ".join(missing), "onnx", why)
 
 
 def export_onnx(run_dir: str | Path, out: str | Path, base: str | Path | None = None, overwrite: bool = False,
@@ -155,7 +156,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, base: str | Path | None = 
         ``base``, ``input``, ``opset``, ``fold`` and ``check``.
 
     Raises:
-        ExportError: If the onnx extra is missing, the exporter fails, or the check fails.
+        MissingExtraError: If the onnx extra is missing.
+        ExportError: If the exporter fails, or the check fails.
         RunDirError: If ``out`` is not a writable new ``.onnx`` path (or ``overwrite`` is off).
         WeightsError: If the base does not match the checkpoint.
     """

@@ -34,12 +34,11 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from freezetune.errors import ConfigError, WeightsError
+from freezetune.errors import ConfigError, MissingExtraError, WeightsError
 from freezetune.models.download import download_within
 from freezetune.models.structure import last_layer_path, on_meta, stage_members_cover
 
 TIMM_PREFIX = "timm/"
-TIMM_INSTALL_HINT = "pip install 'freezetune[timm]'"
 TIMM_RULE = (
     "timm's own stage grouping (group_matcher(coarse=True), else feature_info): stem, then one "
     "freeze point per stage named after its module (layer1, stages_0, blocks_3), head: "
@@ -67,14 +66,14 @@ def import_timm():
     """Imports timm (the optional ``timm`` extra).
 
     Raises:
-        ConfigError: One line with the install command if timm cannot be imported.
+        MissingExtraError: One line with the install command if timm cannot be imported.
     """
     try:
         import timm
     except ImportError as e:
         why = "is not installed" if isinstance(e, ModuleNotFoundError) or "None in sys.modules" in str(e) else (
             f"cannot be imported ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
-        raise ConfigError(f"timm/<name> models need timm, which {why}: {TIMM_INSTALL_HINT}") from None
+        raise MissingExtraError.of("timm/<name> models", "timm", "timm", why) from None
     return timm
 
 

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from freezetune.config import Config, dump_config
-from freezetune.errors import ConfigError
+from freezetune.errors import MissingExtraError
 
 TENSORBOARD_DIR = "tensorboard"
 # Tags of the final metrics in the HParams tab; distinct from the per-step tags, as
@@ -41,14 +41,12 @@ def summary_writer_class():
     """Returns torch's ``SummaryWriter``.
 
     Raises:
-        ConfigError: If the tensorboard package is not installed (one line saying how to get it).
+        MissingExtraError: If the tensorboard package is not installed (one line saying how to get it).
     """
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError(
-            "output.tensorboard: true needs the tensorboard package: pip install 'freezetune[tensorboard]'"
-        ) from None
+        raise MissingExtraError.of("output.tensorboard: true", "the tensorboard package", "tensorboard") from None
     return SummaryWriter
 
 
