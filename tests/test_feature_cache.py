@@ -74,3 +74,70 @@ def test_validation_features_that_do_not_fit_are_not_kept(tiny):
     recipe.engine.val_features_max_bytes = 1
     evaluate(recipe.engine, recipe.plan, recipe.data.val, 4, 0, recipe.loss_fn)
     assert recipe.engine.val_features == []
+
+
+# --------------------------------------------------------------------------------------------
+# The key: everything that changes a sample's features
+
+
+PATH = {"prefix": ["stem", "layer1"], "fold": True, "channels_last": False, "compile": False, "precision": "fp32"}
+
+
+@pytest.fixture
+def keyed(tiny):
+    """``key(**changes)``: the cache key of a tiny frozen model, with one thing changed."""
+    from torch.utils.data import TensorDataset
+
+    from freezetune.freezing.plan import apply_freeze
+    from freezetune.models.weights import build_model
+    from freezetune.speed.feature_cache import cache_key
+
+    def key(config=None, device="cpu", path=None, data=None, moved=False):
+        cfg = config or tiny(freeze__trainable="[layer4,fc]")
+        torch.manual_seed(0)
+        model = build_model(cfg.model).model
+        plan = apply_freeze(model, cfg.freeze, cfg.model.name)
+        if moved:
+            with torch.no_grad():
+                model.layer1[0].conv1.weight[0, 0, 0, 0] += 1e-3
+        dataset = data if data is not None else TensorDataset(torch.zeros(4, 3, 32, 32), torch.zeros(4).long())
+        return cache_key(model, plan, cfg, dataset, device, path or PATH)
+
+    return key
+
+
+def test_every_part_of_the_key_changes_it(keyed, tiny, monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    base = keyed()
+    assert keyed() == base  # the same inputs, the same key
+    changed = {
+        "frozen weights": keyed(moved=True),
+        "data config": keyed(tiny(freeze__trainable="[layer4,fc]", data__image_size=64)),
+        "seed": keyed(tiny(freeze__trainable="[layer4,fc]", seed=1)),
+        "model config": keyed(tiny(freeze__trainable="[layer4,fc]", model__num_classes=5)),
+        "dataset": keyed(data=TensorDataset(torch.ones(4, 3, 32, 32), torch.zeros(4).long())),
+        "device": keyed(device="meta"),
+    }
+    for name, value in [("prefix", ["stem"]), ("fold", False), ("channels_last", True), ("compile", True),
+                        ("precision", "bf16")]:
+        changed[f"path {name}"] = keyed(path={**PATH, name: value})
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    changed["torch version"] = keyed()
+    assert [name for name, key in changed.items() if key == base] == []
+    assert len(set(changed.values())) == len(changed)
+
+
+def test_a_resume_with_another_precision_refills_the_cache_on_disk(tiny, cli, tmp_path):
+    # Memory-mapped in the run folder (max_bytes 0), so a resumed run could reuse it.
+    common = dict(freeze__trainable="[layer4,fc]", train__feature_cache="on", train__feature_cache_max_bytes=0,
+                  train__epochs=4, train__max_steps=6, data__val_size=0)
+    same, other = tmp_path / "same", tmp_path / "other"
+    for out in (same, other):
+        run(tiny(**common, output__dir=str(out)))  # epoch 0 fills the cache, epoch 1 half trained from it
+    assert cli("train", "--resume", same, "train.max_steps=16").exit_code == 0
+    assert cli("train", "--resume", other, "train.max_steps=16", "train.precision=bf16").exit_code == 0
+    cached = {out: [r["cached"] for r in read_jsonl(out / "metrics.jsonl")][6:] for out in (same, other)}
+    assert cached[same] == [True] * 10  # the same key: the file is reused at once
+    # bf16: not reused; the rest of epoch 1 and epoch 2 fill it again, and epoch 3 trains from it.
+    assert cached[other] == [False] * 6 + [True] * 4

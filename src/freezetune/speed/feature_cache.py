@@ -3,8 +3,9 @@
 It is only correct when the prefix output for a sample never changes: the prefix is frozen, its
 BatchNorm is frozen (``batchnorm: train`` would change the statistics every step) and the data
 transforms are deterministic (random augmentation gives a different input every epoch). The cache
-is keyed on a hash of the prefix weights, the data config and the dataset's identity, so a cache
-written for other weights or other data is never used.
+is keyed on a hash of everything that changes the features (:func:`cache_key`: the prefix weights,
+the data and the dataset's identity, how and where the prefix computes), so a cache written for
+other weights, other data, another precision or another device is never used.
 """
 
 from __future__ import annotations
@@ -28,14 +29,37 @@ CACHE_FILE = "feature_cache.bin"
 CACHE_META = "feature_cache.json"
 
 
-def cache_key(model: torch.nn.Module, plan: FreezePlan, config: Config, dataset: Dataset) -> str:
-    """Hash of the frozen weights, the data config and the dataset identity."""
-    h = hashlib.sha256()
-    h.update(combined_sha256(fingerprint(model, plan)).encode())
-    h.update(json.dumps(config.data.model_dump(mode="json"), sort_keys=True).encode())
-    h.update(json.dumps({"seed": config.seed, "model": config.model.model_dump(mode="json")}).encode())
-    h.update(dataset_identity(dataset).encode())
-    return h.hexdigest()
+def cache_key(model: torch.nn.Module, plan: FreezePlan, config: Config, dataset: Dataset,
+              device: torch.device | str, path: dict) -> str:
+    """Hash of everything that changes a sample's cached features.
+
+    The frozen weights, the data config and the dataset's files or tensors, the seed and model
+    config, and how the prefix computes: ``path`` (which stages it covers, folded BatchNorm, the
+    layout, compilation, the precision), the device (and GPU model) and the torch version. A
+    resumed run may change ``train.precision`` or the device: its cache is then refilled, never
+    reused, since other kernels give other last bits.
+
+    Args:
+        model: The model, frozen as ``plan`` says.
+        plan: Its freeze plan.
+        config: The run's config.
+        dataset: The training set.
+        device: Where the prefix runs.
+        path: ``prefix`` (stage names), ``fold``, ``channels_last``, ``compile``, ``precision``.
+    """
+    device = torch.device(device)
+    parts = {
+        "frozen": combined_sha256(fingerprint(model, plan)),
+        "data": config.data.model_dump(mode="json"),
+        "seed": config.seed,
+        "model": config.model.model_dump(mode="json"),
+        "path": path,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "dataset": dataset_identity(dataset),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def dataset_identity(dataset: Dataset) -> str:

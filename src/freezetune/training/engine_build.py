@@ -57,7 +57,10 @@ def build_engine(model: nn.Module, plan: FreezePlan, cfg: Config, optimizer: tor
                                     prefix_channels_last=decision.prefix_channels_last.enabled,
                                     suffix_channels_last=cfg.train.channels_last)
     if decision.feature_cache.enabled:
-        key = cache_key(model, plan, cfg, train_set)
+        path = {"prefix": list(decision.frozen_prefix), "fold": decision.fold_batchnorm.enabled,
+                "channels_last": decision.prefix_channels_last.enabled, "compile": decision.compile.enabled,
+                "precision": cfg.train.precision}
+        key = cache_key(model, plan, cfg, train_set, device, path)
         engine.cache = FeatureCache(len(train_set), Path(run_dir), key, cfg.train.feature_cache_max_bytes,
                                     device=device)
         # Validation features are kept in memory only, within what the training cache leaves.
