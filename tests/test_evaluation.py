@@ -113,3 +113,23 @@ def test_the_confusion_figure_stays_legible_with_100_classes():
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert len(labels) == n and all(len(t) <= 18 for t in labels)  # every class keeps its (cut) label
     assert not ax.texts  # no per-cell counts at 100 classes
+
+
+def test_a_cached_runs_evaluation_goes_through_its_folded_prefix_as_its_validation_did(folder_run, tiny_at, tmp_path,
+                                                                                     cli):
+    # The run's validation ran the frozen prefix with BatchNorm folded (other kernels, other last
+    # bits than the plain model): evaluate takes the same path, so top-1 and loss agree exactly.
+    from freezetune.training.recipe import run
+
+    _, _, root = folder_run
+    cfg = tiny_at(tmp_path / "cached", data__source="imagefolder", data__root=str(root), model__num_classes=3,
+                  train__epochs=2, freeze__trainable="[layer4,fc]", train__feature_cache="on")
+    summary = run(cfg)
+    assert summary["speed"]["feature_cache"]["enabled"] and summary["speed"]["folded_batchnorm"]
+    result = cli("evaluate", tmp_path / "cached")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "cached" / "eval.json").read_text())
+    assert any("through the frozen prefix (stem, layer1, layer2, layer3, BatchNorm folded)" in n
+               for n in record["notes"])
+    assert record["top1"]["correct"] == round(summary["val"]["accuracy"] * 9)
+    assert record["loss"] == pytest.approx(summary["val"]["loss"], rel=1e-6, abs=1e-7)

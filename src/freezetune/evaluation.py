@@ -29,13 +29,14 @@ from torch.utils.data import Dataset
 from freezetune import __version__
 from freezetune.atomic import write_json
 from freezetune.config import Config
-from freezetune.errors import DataError, FreezetuneError, RunDirError, WeightsError, first_line
+from freezetune.errors import DataError, MissingExtraError, RunDirError, WeightsError, first_line
 from freezetune.export import merged_model
 from freezetune.lock import hold
 from freezetune.measure.device import device_description, resolve_device
 from freezetune.models.weights import build_model, read_weights_file, safe_torch_load
 from freezetune.records import Record
 from freezetune.speed.precision import autocast
+from freezetune.speed.prefix import SplitForward
 from freezetune.training.checkpoint import CHECKPOINT_NAME, full_model_state
 from freezetune.training.data import CheckedImageFolder, build_data, make_loader
 from freezetune.training.data import _transform as data_transform  # the run's own eval transform, not a copy
@@ -47,13 +48,6 @@ EVAL_NAME = "eval.json"
 CONFUSION_NAME = "confusion.png"
 SPLITS = ("val", "train")  # --data names of the run's own splits; anything else is a folder
 TOP_K = 5
-EXTRA_HINT = "pip install 'freezetune[eval]'"
-
-
-class MissingExtraError(FreezetuneError):
-    """An optional dependency a command needs is not installed."""
-
-
 # --------------------------------------------------------------------------------------------
 # The record
 
@@ -155,10 +149,14 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, checkpoint: str |
         notes.append("the run trained in fp16, which needs CUDA: evaluated in fp32")
         precision = "fp32"
     bs = batch_size or cfg.data.batch_size
+    path = validation_path(cfg, _summary(run_dir))
+    if path is not None:
+        notes.append(f"through the frozen prefix ({', '.join(path['prefix'])}"
+                     f"{', BatchNorm folded' if path['fold'] else ''}), as the run's validation was")
     start = time.perf_counter()
     counts = predict(weights.model, dataset, len(classes), metrics, dev, precision=precision,
                      channels_last=cfg.train.channels_last, batch_size=bs, num_workers=cfg.data.num_workers,
-                     progress=progress)
+                     progress=progress, path=path)
     seconds = time.perf_counter() - start
     summary = _summary_check(run_dir, record, weights.step)
     return _result(run_dir, cfg, weights, record, classes, counts, summary, notes,
@@ -213,7 +211,7 @@ def _torchmetrics():
     try:
         from torchmetrics import classification
     except ImportError:
-        raise MissingExtraError(f"freezetune evaluate needs torchmetrics: {EXTRA_HINT}") from None
+        raise MissingExtraError.of("freezetune evaluate", "torchmetrics", "eval") from None
     return classification
 
 
@@ -417,10 +415,36 @@ class Counts:
     loss_sum: torch.Tensor  # (C,) float64, per true class
 
 
+def validation_path(cfg: Config, summary: dict | None) -> dict | None:
+    """How the run's validation computed its logits, when not through the plain model; None otherwise.
+
+    A run whose frozen prefix was cached validated through that prefix (run without autograd,
+    its BatchNorm folded into the convolutions where it was) and the trainable suffix on its
+    output: other kernels than the plain model's, so other last bits. Evaluating the same way
+    makes top-1 on the run's own split equal ``summary.json``'s count for count.
+
+    Returns:
+        ``{"prefix": [stages], "fold": bool, "channels_last": bool}`` from the summary's ``speed``,
+        or None (no summary yet, or the run validated through the model itself).
+    """
+    speed = (summary or {}).get("speed") or {}
+    if not (speed.get("prefix_without_autograd") and (speed.get("feature_cache") or {}).get("enabled")):
+        return None
+    return {"prefix": list(speed["frozen_prefix"]), "fold": bool(speed.get("folded_batchnorm")),
+            "channels_last": bool(speed.get("prefix_channels_last")), "model": cfg.model.name}
+
+
+def _summary(run_dir: Path) -> dict | None:
+    try:
+        return RunDir(run_dir).summary()
+    except RunDirError:
+        return None
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, dataset: Dataset, num_classes: int, metrics, device: torch.device, *,
             precision: str = "fp32", channels_last: bool = False, batch_size: int = 32, num_workers: int = 0,
-            progress: Callable[[int, int], None] | None = None) -> Counts:
+            progress: Callable[[int, int], None] | None = None, path: dict | None = None) -> Counts:
     """Runs the model over ``dataset`` in eval mode, as the run's validation does, and counts.
 
     Args:
@@ -434,6 +458,7 @@ def predict(model: nn.Module, dataset: Dataset, num_classes: int, metrics, devic
         batch_size: Samples per forward.
         num_workers: DataLoader workers.
         progress: Called with (samples done, samples total) after every batch.
+        path: :func:`validation_path`: go through the frozen prefix as the run's validation did.
     """
     k = min(TOP_K, num_classes)
     confusion = metrics.MulticlassConfusionMatrix(num_classes).to(device)
@@ -441,11 +466,15 @@ def predict(model: nn.Module, dataset: Dataset, num_classes: int, metrics, devic
     loss_sum = torch.zeros(num_classes, dtype=torch.float64, device=device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=layout).eval()
+    forward = model
+    if path is not None:
+        forward = SplitForward(model, path["model"], path["prefix"], fold=path["fold"],
+                               prefix_channels_last=path["channels_last"], suffix_channels_last=channels_last)
     done, total = 0, len(dataset)
     for x, y in make_loader(dataset, batch_size, num_workers):
         x, y = x.to(device, memory_format=layout), y.to(device)
         with autocast(precision, device):
-            logits = model(x).float()
+            logits = forward(x).float()
         loss_sum.index_add_(0, y, F.cross_entropy(logits, y, reduction="none").double())
         confusion.update(logits, y)
         topk.update(logits, y)
