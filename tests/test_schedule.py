@@ -97,3 +97,21 @@ def test_progress_view_says_when_a_phase_starts(tmp_path, config):
     run(config("c"), Collect())
     assert any(m.startswith("epoch 1: unfreezing layer4") for m in messages)
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["schedule"][1]["unfreeze"] == ["layer3"]
+
+
+def test_a_tensor_that_moved_while_frozen_fails_its_phase(config):
+    # layer4 is frozen until epoch 1; a tensor of it that changes before then is a bug, and the
+    # phase that would unfreeze it refuses to, naming it.
+    from freezetune.errors import FreezeIntegrityError
+
+    recipe = Recipe(config("moved")).setup()
+    try:
+        recipe.start_training()
+        recipe.train_epoch()  # epoch 0: fc alone trains
+        with torch.no_grad():
+            recipe.model.layer4[0].conv1.weight.add_(1e-3)
+        moved = r"changed while frozen, before epoch 1: .*layer4\.0\.conv1\.weight"
+        with pytest.raises(FreezeIntegrityError, match=moved):
+            recipe.train_epoch()
+    finally:
+        recipe.cleanup()

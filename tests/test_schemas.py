@@ -107,7 +107,7 @@ def test_epochs_jsonl_lines_validate_and_dump_back_unchanged(swept):
 def test_epoch_record_from_dict_ignores_keys_of_newer_versions():
     data = {"epoch": 0, "step": 2, "steps": 2, "train_s": 0.5, "cached": False, "val_accuracy": None,
             "val_loss": None, "val_s": None, "complete": True, "train_loss": None, "val_samples": None,
-            "schema_version": 1}
+            "io_s": None, "data_wait_s": None, "schema_version": 1}
     assert EpochRecord.from_dict({**data, "added_later": 1}).as_dict() == data
     with pytest.raises(ValidationError, match="added_later"):
         EpochRecord.model_validate({**data, "added_later": 1})

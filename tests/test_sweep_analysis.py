@@ -607,15 +607,18 @@ def test_overlapping_seeds_are_indistinguishable():
     assert "0.795 ± 0.008" in rec.reason
 
 
+# Binary fractions, so that a gap and an sd meant to be equal are equal in floats too (0.81 - 0.80
+# is not 0.01, and would let a "<" mutated into "<=" pass).
 @pytest.mark.parametrize(("other_mean", "other_sd", "close"), [
-    (0.800, 0.010, True),
-    (0.809, 0.001, True),  # the pick's sd (0.010) is the larger
-    (0.810, 0.001, False),  # a gap equal to the larger sd is not "less than"
-    (0.830, 0.020, False),
-    (0.790, None, False),  # no sd measured for it
+    (0.75, 1 / 64, True),
+    (0.75 + 1 / 128, 1 / 256, True),  # the pick's sd (1/64) is the larger
+    (0.75 + 1 / 64, 1 / 256, False),  # a gap exactly equal to the larger sd is not "less than"
+    (0.75 - 1 / 32, 1 / 32, False),  # likewise, with the other's sd the larger
+    (0.75 + 3 / 64, 1 / 32, False),
+    (0.75 - 1 / 128, None, False),  # no sd measured for it
 ])
 def test_indistinguishable_rule(other_mean, other_sd, close):
-    pick = cand("half", 0.80, sd=0.010, n=3, ttt=10.0)
+    pick = cand("half", 0.75, sd=1 / 64, n=3, ttt=10.0)
     other = cand("other", other_mean, sd=other_sd, n=3, ttt=50.0)
     rec = recommend([pick, other], 0.05)
     assert rec.arm == "half"

@@ -51,7 +51,14 @@ def summary_table(summary: dict) -> Table:
     table.add_row("steps", f"{summary['steps']} ({t['steps_timed']} timed after warm-up)")
     table.add_row("step time median", fmt_seconds(t["step_median_s"]))
     table.add_row("step time p10 / p90", f"{fmt_seconds(t['step_p10_s'])} / {fmt_seconds(t['step_p90_s'])}")
-    table.add_row("samples/s", fmt_rate(t["samples_per_s"]))
+    table.add_row("samples/s, steps", fmt_rate(t["samples_per_s"]))
+    feed = summary.get("data")
+    if feed is not None:
+        table.add_row("samples/s, end to end", fmt_rate(feed["end_to_end_samples_per_s"]))
+        share = "" if feed["wait_share"] is None else f" ({feed['wait_share']:.0%})"
+        bound = " [yellow]input-bound[/]" if feed["input_bound"] else ""
+        table.add_row("waiting for data", f"{fmt_seconds(feed['wait_s'])} of {fmt_seconds(feed['train_s'])}"
+                                          f"{share}{bound}")
     table.add_row("peak memory", f"{fmt_bytes(summary['memory']['peak_bytes'])} ({summary['memory']['kind']})")
     table.add_row("optimizer state", fmt_bytes(summary["optimizer_state_bytes"]))
     loss = summary["loss"]

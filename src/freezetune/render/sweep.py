@@ -374,7 +374,8 @@ def recommendation_lines(result: dict) -> list[str]:
         rate = _at_rate(rec.get("lr", arm.get("lr")), rec.get("lr_multiplier", arm.get("lr_multiplier")))
         lines.append(f"[bold green]recommendation: {escape(rec['arm'])}{rate}[/]. {escape(rec['reason'])}")
     if result["target_accuracy"] is not None:
-        lines.append(f"[dim]train = training time (cache filling included, validation apart); to target = "
+        lines.append(f"[dim]train = training time (waits for data and cache filling included; validation, logging "
+                     "and checkpoints apart); to target = "
                      f"time until validation accuracy first reached {result['target_accuracy']:.3f} "
                      f"({result['target_source']}), over the seeds that reached it (k/n when not all did)[/]")
     files = result["files"]

@@ -28,6 +28,7 @@ class StepRecord:
     warmup: bool
     cached: bool
     batch: Batch = field(repr=False, compare=False)
+    data_wait_s: float = 0.0  # waiting for this batch before the step: loading, decoding (not in step_time_s)
 
     def as_dict(self) -> dict:
         """The ``metrics.jsonl`` row (the batch itself is left out)."""
@@ -38,9 +39,12 @@ class StepRecord:
 class EpochEnd:
     """The end of one pass over (what was left of) an epoch's batches.
 
-    ``seconds`` is this process's pass; ``epoch_seconds`` adds what earlier processes spent on
-    the same epoch before an interruption, so it is the whole epoch's training time;
-    ``train_loss`` is the mean loss of all the epoch's steps, earlier processes' included.
+    ``seconds`` is this process's pass: training time (steps, the waits for their batches,
+    freeze changes), not what the caller did with each step (``io_seconds``: logging it, saving
+    checkpoints). ``epoch_seconds`` adds what earlier processes spent on the same epoch before an
+    interruption, so it is the whole epoch's training time; ``train_loss`` is the mean loss of all
+    the epoch's steps, earlier processes' included; ``data_wait_seconds`` is the part of
+    ``seconds`` spent waiting for batches.
     """
 
     epoch: int
@@ -49,6 +53,8 @@ class EpochEnd:
     cached: bool
     epoch_seconds: float = 0.0
     train_loss: float | None = None
+    io_seconds: float = 0.0
+    data_wait_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         """The ``summary.json`` ``epochs`` entry."""
@@ -80,6 +86,7 @@ class Progress:
         stop_requested: What asked the run to stop (a signal's name), once training has ended.
         stop_reason: Why the loop ended, once it has.
         outcome: The outcome as it stands.
+        input_bound_said: Whether the notice that the run waits for its data was printed.
     """
 
     step_times: list[float] = field(default_factory=list)
@@ -91,6 +98,7 @@ class Progress:
     stop_requested: str | None = None
     stop_reason: StopReason | None = None
     outcome: Outcome = field(default_factory=Outcome)
+    input_bound_said: bool = False
 
     def record_loss(self, loss: float) -> None:
         """Notes a trained step's loss (the first one stays the first)."""

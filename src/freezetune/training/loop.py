@@ -28,6 +28,7 @@ from freezetune.training.optim import set_lr
 from freezetune.training.signals import StopFlag
 from freezetune.training.state import Budget, RunState, StopReason
 from freezetune.training.step import Batch, Engine, extend_cache, fill_cache, train_step
+from freezetune.training.summary import INPUT_BOUND_SHARE, input_bound_notice
 
 # Called with a line to report, the freeze event's row when the line is one (else None), and
 # whether the line also goes into the run's logs.
@@ -80,31 +81,46 @@ class TrainingLoop:
         self.progress.stop_reason = StopReason.COMPLETED
 
     def _epoch(self, epoch: int) -> Iterator[StepRecord]:
-        """One pass over the epoch's remaining batches; returns its EpochEnd, or None if the run stops."""
+        """One pass over the epoch's remaining batches; returns its EpochEnd, or None if the run stops.
+
+        The epoch's time is training time: the steps, the waits for their batches and the
+        freeze hooks. What the caller does with each step before asking for the next (logging
+        it, saving a checkpoint) is timed apart, as the epoch's I/O.
+        """
         # Timed from before the epoch-start hook: re-planning after a freeze change and filling a
         # feature cache from the old one are part of what the epoch cost.
         synchronize(self.device)
         start, steps, stopping, progress = time.perf_counter(), 0, False, self.progress
+        io = wait = 0.0
         self._apply(self.freeze.on_epoch_start(epoch, self.state.step))
         set_train_mode(self.freeze.model, self.freeze.plan, True)
         cached = self.engine.cache is not None and self.engine.cache.complete
-        for batch in self.batches(epoch):
-            record = self._step(batch, epoch, cached, warmup=progress.warmup_left > 0)
+        batches = iter(self.batches(epoch))
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)  # the wait for data: loading, decoding, or the cache
+            if batch is None:
+                break
+            waited = time.perf_counter() - asked
+            record = self._step(batch, epoch, cached, warmup=progress.warmup_left > 0, data_wait=waited)
             if record is None:
                 progress.stop_reason = StopReason.NONFINITE
                 return None
-            progress.warmup_left, steps = max(0, progress.warmup_left - 1), steps + 1
+            progress.warmup_left, steps, wait = max(0, progress.warmup_left - 1), steps + 1, wait + waited
             self.state.epoch_loss_sum += record.loss
+            handed = time.perf_counter()
             yield record
+            io += time.perf_counter() - handed
             self._apply(self.freeze.on_step(self.state.step))
             stopping = self._stop_now()
             if stopping or self.state.step >= self.budget.total:
                 break
         synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - io
         mean_loss = self.state.epoch_loss_sum / self.state.batch_in_epoch if self.state.batch_in_epoch else None
-        end = EpochEnd(epoch, seconds, steps, cached, self.state.epoch_seconds + seconds, mean_loss)
+        end = EpochEnd(epoch, seconds, steps, cached, self.state.epoch_seconds + seconds, mean_loss, io, wait)
         progress.epoch_times.append(end.as_dict())
+        self._say_if_input_bound(end)
         self.state.epoch_seconds = end.epoch_seconds
         if stopping and self.state.step < self.budget.total:
             progress.stop_reason = StopReason.INTERRUPTED
@@ -113,6 +129,15 @@ class TrainingLoop:
             self.state.epoch, self.state.batch_in_epoch, self.state.epoch_seconds = self.state.epoch + 1, 0, 0.0
             self.state.epoch_loss_sum = 0.0
         return end
+
+    def _say_if_input_bound(self, end: EpochEnd) -> None:
+        """Says, once, that the run waits for its data: at the first epoch that spent over a fifth of its time so."""
+        if self.progress.input_bound_said or end.seconds <= 0:
+            return
+        share = end.data_wait_seconds / end.seconds
+        if share > INPUT_BOUND_SHARE:
+            self.progress.input_bound_said = True
+            self._say(input_bound_notice(share, self.config.data.num_workers), None, True)
 
     def _apply(self, change: FreezeChange | None) -> None:
         """Rebuilds the execution path once for a freeze change, and says what changed.
@@ -134,7 +159,7 @@ class TrainingLoop:
         for event in change.events:
             self._say(event.line, {"event": "auto_freeze", **event.as_dict()}, True)
 
-    def _step(self, batch: Batch, epoch: int, cached: bool, warmup: bool) -> StepRecord | None:
+    def _step(self, batch: Batch, epoch: int, cached: bool, warmup: bool, data_wait: float = 0.0) -> StepRecord | None:
         """Trains one batch at this step's learning rate; None if the loss was not finite."""
         set_lr(self.optimizer, self.config.optim, self.state.step, self.budget.total)
         loss, seconds = train_step(self.engine, batch, self.loss_fn)
@@ -147,7 +172,7 @@ class TrainingLoop:
         self.state.step += 1
         self.state.batch_in_epoch += 1
         return StepRecord(self.state.step, epoch, loss, seconds, self.optimizer.param_groups[0]["lr"],
-                          batch.size, warmup, cached, batch)
+                          batch.size, warmup, cached, batch, data_wait)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         """The epoch's remaining batches, in the run's seeded order, from the cache once it is full."""

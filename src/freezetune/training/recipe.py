@@ -319,7 +319,7 @@ class Recipe:
             self.reporter.validation(end.epoch, val)
         record = EpochRecord(
             epoch=end.epoch, step=self.state.step, steps=end.steps, train_s=end.epoch_seconds, cached=end.cached,
-            train_loss=end.train_loss,
+            train_loss=end.train_loss, io_s=end.io_seconds, data_wait_s=end.data_wait_seconds,
             val_accuracy=val["accuracy"] if val else None, val_loss=val["loss"] if val else None, val_s=val_s,
             val_samples=val["samples"] if val else None,
             complete=self.state.epoch > end.epoch,

@@ -37,6 +37,9 @@ SUMMARY_SCHEMA_VERSION = 1
 EPOCHS_SCHEMA_VERSION = 1
 __all__ = ["EPOCHS_NAME", "EpochRecord", "RunFacts", "RunSummary", "build_summary"]
 _TIMED_WHAT = "forward+loss+backward+SGD step incl. host-to-device copy, synchronized"
+# A run that spends more of its training time than this waiting for batches is input-bound:
+# faster steps (freezing more, the GPU) would not make it faster, more loading would.
+INPUT_BOUND_SHARE = 0.2
 
 
 class RunWeights(WeightsOrigin):
@@ -89,6 +92,8 @@ class EpochTime(Record):
     cached: bool
     epoch_seconds: float  # the whole epoch's, earlier processes' share included
     train_loss: float | None = None  # mean over the whole epoch's steps
+    io_seconds: float = 0.0  # this pass's logging and checkpoints between steps, not in seconds
+    data_wait_seconds: float = 0.0  # the part of seconds spent waiting for batches
 
 
 class CacheUse(CacheChoice):
@@ -218,6 +223,22 @@ class DistributedSummary(Record):
     timing_per_rank: list[TimingStats]
 
 
+class DataFeed(Record):
+    """How long the run's steps waited for their batches, and what that did to its throughput.
+
+    ``timing.samples_per_s`` counts the steps alone; ``end_to_end_samples_per_s`` divides the
+    samples by the training time, waits for data included (not validation, logging or saving).
+    """
+
+    wait_s: float  # every step's wait for its batch (loading, decoding, or reading the cache), summed
+    train_s: float  # the epochs' training time: steps, their waits, freeze changes
+    wait_share: float | None  # wait_s / train_s
+    samples: int
+    end_to_end_samples_per_s: float | None
+    input_bound: bool  # wait_share above INPUT_BOUND_SHARE
+    notice: str | None  # what to do about it, when input-bound
+
+
 class RunSummary(Record):
     """What ``summary.json`` holds; see the guide for the meaning of each section."""
 
@@ -247,6 +268,7 @@ class RunSummary(Record):
     optimizer: OptimizerSummary
     distributed: DistributedSummary
     run_dir: str
+    data: DataFeed | None = None  # absent in summaries from before data waits were timed
     started_at: float | None = None  # Unix time the run first started (a resumed run keeps its first start)
     ended_at: float | None = None  # Unix time the summary was written
     schema_version: int = SUMMARY_SCHEMA_VERSION
@@ -263,8 +285,9 @@ class EpochRecord(Record):
         epoch: The epoch (0-based).
         step: Optimizer steps taken when it ended.
         steps: Steps this process trained in it (fewer than an epoch's after a resume).
-        train_s: Training seconds of the whole epoch, synchronized, cache filling included and
-            validation excluded; an epoch split by an interruption is timed whole.
+        train_s: Training seconds of the whole epoch, synchronized: its steps, the waits for their
+            batches (``data_wait_s``) and cache filling; validation and the logging and saving
+            between steps (``io_s``) excluded. An epoch split by an interruption is timed whole.
         cached: Whether its steps read cached features.
         train_loss: Mean training loss over the epoch's steps (None in files from before it was kept).
         val_samples: How many samples the validation counted (None without one, or in older files).
@@ -272,6 +295,8 @@ class EpochRecord(Record):
         val_loss: Mean validation loss, or None.
         val_s: Seconds the validation pass took, or None.
         complete: False when ``train.max_steps`` ended the run inside the epoch.
+        io_s: Seconds this process spent between steps on logging and checkpoints (None in older files).
+        data_wait_s: Seconds of ``train_s`` spent waiting for batches (None in older files).
     """
 
     epoch: int
@@ -285,6 +310,8 @@ class EpochRecord(Record):
     complete: bool = True
     train_loss: float | None = None
     val_samples: int | None = None
+    io_s: float | None = None
+    data_wait_s: float | None = None
     schema_version: int = EPOCHS_SCHEMA_VERSION
 
     def as_dict(self) -> dict:
@@ -403,6 +430,26 @@ def build_summary(facts: RunFacts) -> dict:
                    "scheduler": cfg.optim.scheduler},
         distributed={"world_size": facts.info.world_size, "timing_per_rank": per_rank},
         run_dir=str(facts.run_dir),
+        data=data_feed(records, facts.run_dir.epoch_rows(), cfg.data.num_workers),
         started_at=facts.started_at,
         ended_at=time.time(),
     ).as_dict()
+
+
+def data_feed(steps: list[dict], epochs: list[dict], num_workers) -> dict:
+    """The run's waits for data, from every step row and epoch row of the run (resumed processes' too)."""
+    wait = sum(r.get("data_wait_s") or 0.0 for r in steps)
+    train = sum(e["train_s"] for e in epochs)
+    samples = sum(r["batch_size"] for r in steps)
+    share = wait / train if train > 0 else None
+    bound = share is not None and share > INPUT_BOUND_SHARE
+    return {"wait_s": wait, "train_s": train, "wait_share": share, "samples": samples,
+            "end_to_end_samples_per_s": samples / train if train > 0 else None, "input_bound": bound,
+            "notice": input_bound_notice(share, num_workers) if bound else None}
+
+
+def input_bound_notice(share: float, num_workers) -> str:
+    """One line for an input-bound run: how much it waited, and the remedies."""
+    return (f"input-bound: {share:.0%} of the training time went to waiting for data "
+            f"(data.num_workers: {num_workers}); more workers, the feature cache (train.feature_cache: auto, "
+            "with the augmentation off) or smaller images to decode would feed it faster")
