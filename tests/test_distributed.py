@@ -21,21 +21,31 @@ def torchrun(out, *extra, nproc=2):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
-def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path):
-    proc = torchrun(tmp_path / "ddp", "data.batch_size=4")
+def test_two_ranks_match_one_process_with_the_same_global_batch_and_share_the_feature_cache(tmp_path):
+    # fc only: the frozen prefix is the whole backbone, cached with feature_cache on.
+    proc = torchrun(tmp_path / "ddp", "data.batch_size=4", "train.feature_cache=on")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = torchrun(tmp_path / "ddp-plain", "data.batch_size=4")  # feature_cache off, the default
+    assert plain.returncode == 0, plain.stderr[-2000:]
     single = subprocess.run(
         [sys.executable, "-m", "freezetune", "train", "-c", "configs/quickstart.yaml", *COMMON,
          "data.batch_size=8", f"output.dir={tmp_path / 'one'}"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "FREEZETUNE_OFFLINE": "1"},
     )
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = [r["loss"] for r in read_jsonl(tmp_path / "ddp" / "metrics.jsonl")]
-    one = [r["loss"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl")]
-    # Rank 0 logs the mean loss over ranks; with equal shards that is the single-process loss.
-    assert len(ddp) == len(one) == 8
-    assert ddp == pytest.approx(one, rel=1e-5, abs=1e-6)
+    rows = {name: read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("ddp", "ddp-plain", "one")}
+    # After the filling epoch every rank holds the whole cache (each was dealt half the samples):
+    # the second epoch's steps read cached features on both ranks.
+    assert [r["cached"] for r in rows["ddp"]] == [False] * 4 + [True] * 4
+    assert not any(r["cached"] for r in rows["ddp-plain"])
+    # Rank 0 logs the mean loss over ranks; with equal shards that is the single-process loss,
+    # and the cached run's equals the uncached one's.
+    losses = {name: [r["loss"] for r in found] for name, found in rows.items()}
+    assert len(losses["ddp"]) == len(losses["one"]) == 8
+    assert losses["ddp"] == pytest.approx(losses["ddp-plain"], rel=1e-5, abs=1e-6)
+    assert losses["ddp-plain"] == pytest.approx(losses["one"], rel=1e-5, abs=1e-6)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["speed"]["feature_cache"]["enabled"]
     assert summary["distributed"]["world_size"] == 2
     assert len(summary["distributed"]["timing_per_rank"]) == 2
     assert summary["freeze_integrity"]["ranks_ok"] == [True, True]

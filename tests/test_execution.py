@@ -36,7 +36,8 @@ TABLE = [
     (facts(prefix=("stem", "layer1"), share=0.138), {"feature_cache": "auto"}, False, (True, True, True, True)),
     (facts(prefix=("stem",), share=0.023), {"feature_cache": "on"}, False, (True, True, True, True)),  # forced
     (facts(prefix=("stem",), share=None), {"feature_cache": "auto"}, False, (True, True, True, True)),  # not judged
-    (facts(distributed=True), {"feature_cache": "auto"}, False, (True, True, True, False)),  # ranks' samples move
+    # Each rank is dealt other samples every epoch; the ranks share their parts after the first.
+    (facts(distributed=True), {"feature_cache": "auto"}, False, (True, True, True, True)),
 ]
 
 
@@ -80,8 +81,12 @@ def test_auto_counts_the_prefix_share_on_the_real_model(tiny, until, cached):
 def test_cache_on_where_it_would_be_wrong_is_a_config_error():
     with pytest.raises(ConfigError, match="data.augment"):
         decide(facts(), train(feature_cache="on"), True)
-    with pytest.raises(ConfigError, match="each rank sees other samples every epoch"):
-        decide(facts(distributed=True), train(feature_cache="on"), False)
+
+
+
+def test_under_torchrun_the_cache_is_shared_by_the_ranks():
+    plan = decide(facts(distributed=True), train(feature_cache="on"), False)
+    assert plan.feature_cache.enabled and "shared by every rank after the first epoch" in plan.feature_cache.reason
 
 
 def test_plan_execution_reads_the_facts_off_the_model(tiny):

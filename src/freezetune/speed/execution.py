@@ -155,10 +155,6 @@ def _cache_choice(facts: ExecutionFacts, mode: str, augment: bool) -> Choice:
         or ("BatchNorm in the frozen prefix updates its statistics (freeze.batchnorm: train)"
             if not facts.prefix_batchnorm_frozen else None)
         or ("data.augment is on: random transforms change the prefix output every epoch" if augment else None)
-        # Each rank keeps its own cache but is dealt other samples every epoch (EpochSampler),
-        # so no rank's cache would ever be complete: it would be filled and never read.
-        or ("torchrun runs several processes, and each rank sees other samples every epoch"
-            if facts.distributed else None)
     )
     if why_not and mode == "on":
         raise ConfigError(f"train.feature_cache: on is not possible: {why_not}")
@@ -170,7 +166,10 @@ def _cache_choice(facts: ExecutionFacts, mode: str, augment: bool) -> Choice:
                              f"little to save for reading cached features (auto caches from {MIN_CACHE_SHARE:.0%}; "
                              "train.feature_cache: on forces it)")
     saves = f", {share:.0%} of a step's FLOPs" if share is not None else ""
-    return Choice(True, f"feature cache on: caching the output of {', '.join(prefix)} once per sample{saves}")
+    # Under torchrun each rank is dealt other samples every epoch (EpochSampler): after the
+    # filling epoch the ranks exchange their shares (distributed.share_cache), so each holds it all.
+    shared = ", shared by every rank after the first epoch" if facts.distributed else ""
+    return Choice(True, f"feature cache on: caching the output of {', '.join(prefix)} once per sample{saves}{shared}")
 
 
 def _why_no_prefix(facts: ExecutionFacts) -> str | None:

@@ -95,11 +95,16 @@ class FeatureCache:
         key: From :func:`cache_key`; a file with another key is discarded.
         max_bytes: In-memory limit (device memory on a GPU).
         device: Where the in-memory store lives; a memory-mapped one is always in host memory.
+        rank: The torchrun rank; each rank of a distributed run keeps its own memory-mapped file
+            (``feature_cache.rank1.bin``...), since every rank holds the whole cache.
     """
 
     def __init__(self, size: int, run_dir: Path, key: str, max_bytes: int = DEFAULT_MAX_BYTES,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rank: int = 0):
         self.size, self.run_dir, self.key, self.max_bytes = size, Path(run_dir), key, max_bytes
+        tag = f".rank{rank}" if rank else ""
+        self.file = self.run_dir / CACHE_FILE.replace(".bin", f"{tag}.bin")
+        self.meta_file = self.run_dir / CACHE_META.replace(".json", f"{tag}.json")
         self.device = torch.device(device)
         self.features: torch.Tensor | None = None
         self.labels = torch.zeros(size, dtype=torch.long)
@@ -138,13 +143,13 @@ class FeatureCache:
             self.features = torch.empty((self.size, *shape), dtype=torch.float32, device=self.device)
             return
         self.on_disk = True
-        (self.run_dir / CACHE_META).unlink(missing_ok=True)  # the old file is being replaced
-        self._array = np.memmap(self.run_dir / CACHE_FILE, dtype=np.float32, mode="w+", shape=(self.size, *shape))
+        self.meta_file.unlink(missing_ok=True)  # the old file is being replaced
+        self._array = np.memmap(self.file, dtype=np.float32, mode="w+", shape=(self.size, *shape))
         self.features = torch.from_numpy(self._array)
 
     def _reuse_file(self) -> None:
         """Opens a complete memory-mapped cache left by this run (e.g. before a resume) if its key matches."""
-        path, meta_path = self.run_dir / CACHE_FILE, self.run_dir / CACHE_META
+        path, meta_path = self.file, self.meta_file
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
@@ -162,7 +167,7 @@ class FeatureCache:
 
     def _write_meta(self) -> None:
         self._array.flush()
-        write_json(self.run_dir / CACHE_META, {
+        write_json(self.meta_file, {
             "key": self.key, "shape": list(self.features.shape[1:]), "labels": self.labels.tolist(),
         })
 

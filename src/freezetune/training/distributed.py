@@ -105,6 +105,64 @@ def gather(obj, info: DistInfo) -> list:
     return out
 
 
+def share_cache(cache, info: DistInfo, device: torch.device, chunk: int = 256) -> int:
+    """Gives every rank every sample's cached features that any rank holds; returns how many it received.
+
+    Each rank is dealt other samples every epoch, so after the filling epoch each holds only its
+    share of the feature cache. Every sample that some rank lacks is sent once, by the lowest rank
+    that holds it, through all-gathers of at most ``chunk`` samples per rank at a time (bounded
+    memory; every rank runs the same number of rounds). A sample no rank has seen yet (the
+    remainder an epoch drops so that shards are equal) stays missing until a later epoch fills it.
+
+    Args:
+        cache: This rank's :class:`~freezetune.speed.feature_cache.FeatureCache`.
+        info: The distributed setup (nothing happens for one process).
+        device: This rank's device, where the collectives run (CUDA under NCCL).
+        chunk: Samples each rank sends per round.
+    """
+    if not info.enabled:
+        return 0
+    held = torch.stack(gather_tensor(cache.filled.to(device, torch.uint8), info)).bool().cpu()  # (ranks, N)
+    owner = torch.where(held.any(0), held.to(torch.int8).argmax(0), -1)  # lowest rank holding each sample
+    wanted = ~held.all(0) & (owner >= 0)
+    mine = torch.nonzero(wanted & (owner == info.rank)).flatten()
+    counts = [int(c) for c in gather_tensor(torch.tensor([len(mine)], device=device), info)]
+    shape = _feature_shape(cache, held, info, device)
+    received = 0
+    for start in range(0, max(counts), chunk):
+        idx = mine[start:start + chunk]
+        feats = torch.zeros((chunk, *shape), dtype=torch.float32, device=device)
+        labels = torch.zeros(chunk, dtype=torch.long, device=device)
+        if len(idx):
+            f, y = cache.get(idx)
+            feats[: len(idx)], labels[: len(idx)] = f.to(device), y.to(device)
+        for rank, (f, y) in enumerate(zip(gather_tensor(feats, info), gather_tensor(labels, info), strict=True)):
+            n = min(chunk, max(0, counts[rank] - start))
+            if rank == info.rank or n == 0:
+                continue
+            sent = torch.nonzero(wanted & (owner == rank)).flatten()[start:start + n]
+            need = ~cache.filled[sent]
+            if need.any():
+                cache.put(sent[need], f[:n][need.to(f.device)], y[:n][need.to(y.device)])
+                received += int(need.sum())
+    return received
+
+
+def _feature_shape(cache, held: torch.Tensor, info: DistInfo, device: torch.device) -> tuple[int, ...]:
+    """The per-sample feature shape, from the rank that holds features (a rank may hold none yet)."""
+    mine = list(cache.features.shape[1:]) if cache.features is not None else []
+    dims = torch.tensor(mine + [0] * (8 - len(mine)), dtype=torch.long, device=device)
+    dist.all_reduce(dims, op=dist.ReduceOp.MAX)  # every rank that holds features holds the same shape
+    return tuple(int(d) for d in dims.tolist() if d > 0)
+
+
+def gather_tensor(t: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
+    """Every rank's tensor of the same shape, in rank order."""
+    out = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     """Waits for every rank."""
     if info.enabled:

@@ -62,7 +62,7 @@ def build_engine(model: nn.Module, plan: FreezePlan, cfg: Config, optimizer: tor
                 "precision": cfg.train.precision}
         key = cache_key(model, plan, cfg, train_set, device, path)
         engine.cache = FeatureCache(len(train_set), Path(run_dir), key, cfg.train.feature_cache_max_bytes,
-                                    device=device)
+                                    device=device, rank=info.rank)
         # Validation features are kept in memory only, within what the training cache leaves.
         engine.val_features_max_bytes = cfg.train.feature_cache_max_bytes
     if decision.compile.enabled:

@@ -115,6 +115,7 @@ class TrainingLoop:
             stopping = self._stop_now()
             if stopping or self.state.step >= self.budget.total:
                 break
+        self._share_cache()
         synchronize(self.device)
         seconds = time.perf_counter() - start - io
         mean_loss = self.state.epoch_loss_sum / self.state.batch_in_epoch if self.state.batch_in_epoch else None
@@ -129,6 +130,16 @@ class TrainingLoop:
             self.state.epoch, self.state.batch_in_epoch, self.state.epoch_seconds = self.state.epoch + 1, 0, 0.0
             self.state.epoch_loss_sum = 0.0
         return end
+
+    def _share_cache(self) -> None:
+        """Under torchrun, gives every rank the features the others cached (timed with the epoch).
+
+        Every rank ends the epoch at the same step (a stop is agreed on by all), so all of them
+        reach this collective; a single process has nothing to share.
+        """
+        cache = self.engine.cache
+        if self.info.enabled and cache is not None and not cache.complete:
+            dist.share_cache(cache, self.info, self.device)
 
     def _say_if_input_bound(self, end: EpochEnd) -> None:
         """Says, once, that the run waits for its data: at the first epoch that spent over a fifth of its time so."""

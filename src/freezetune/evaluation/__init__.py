@@ -9,12 +9,12 @@ its top-1 accuracy equals ``summary.json``'s ``val.accuracy``, count for count.
 
 The counts come from torchmetrics (the ``eval`` extra): a confusion matrix for top-1 and
 per-class accuracy and ``MulticlassStatScores`` for top-k, both accumulated on the device as
-integers. The loss is summed per class from per-sample cross-entropy.
+integers. The loss is summed per class from per-sample cross-entropy. Which weights are loaded,
+and how strictly, is :mod:`freezetune.evaluation.weights`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,20 +29,19 @@ from torch.utils.data import Dataset
 from freezetune import __version__
 from freezetune.atomic import write_json
 from freezetune.config import Config
-from freezetune.errors import DataError, MissingExtraError, RunDirError, WeightsError, first_line
-from freezetune.export import merged_model
+from freezetune.errors import DataError, MissingExtraError, RunDirError
+from freezetune.evaluation.weights import Weights, few, load_weights
 from freezetune.lock import hold
 from freezetune.measure.device import device_description, resolve_device
-from freezetune.models.weights import build_model, read_weights_file, safe_torch_load
 from freezetune.records import Record
 from freezetune.speed.precision import autocast
 from freezetune.speed.prefix import SplitForward
-from freezetune.training.checkpoint import CHECKPOINT_NAME, full_model_state
 from freezetune.training.data import CheckedImageFolder, build_data, make_loader
 from freezetune.training.data import _transform as data_transform  # the run's own eval transform, not a copy
 from freezetune.training.run_dir import RunDir
-from freezetune.training.trainable import FORMAT, META_KEY, TRAINABLE_NAME
 
+__all__ = ["EVAL_NAME", "EVAL_SCHEMA_VERSION", "EvalResult", "Weights", "check_out", "class_difference",
+           "evaluate_run", "load_weights", "predict", "save_evaluation", "validation_path"]
 EVAL_SCHEMA_VERSION = 1
 EVAL_NAME = "eval.json"
 CONFUSION_NAME = "confusion.png"
@@ -289,116 +288,10 @@ def class_difference(found: list[str], wanted: list[str]) -> str:
     extra = [c for c in found if c not in wanted]
     parts = [f"{len(found)} classes where the run has {len(wanted)}"]
     if missing:
-        parts.append(f"missing {_few(missing)}")
+        parts.append(f"missing {few(missing)}")
     if extra:
-        parts.append(f"not in the run: {_few(extra)}")
+        parts.append(f"not in the run: {few(extra)}")
     return "its classes differ from the run's: " + "; ".join(parts)
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
-# --------------------------------------------------------------------------------------------
-# Weights
-
-
-@dataclass
-class Weights:
-    """The model to evaluate and where its weights came from."""
-
-    model: nn.Module
-    path: Path
-    kind: str  # checkpoint | trainable | weights
-    step: int | None
-
-
-def load_weights(run_dir: Path, cfg: Config, checkpoint: str | Path | None = None) -> Weights:
-    """The run's model with the weights to evaluate; default its checkpoint.pt, else its trainable checkpoint.
-
-    Raises:
-        RunDirError: If there is no checkpoint to evaluate.
-        WeightsError: If the file cannot be read or does not fit the run's model.
-    """
-    path = Path(checkpoint) if checkpoint is not None else _default_checkpoint(run_dir)
-    if not path.is_file():
-        raise WeightsError(f"--checkpoint {path}: file not found")
-    if path.suffix == ".safetensors":
-        meta = _safetensors_meta(path)
-        if meta.get("format") == FORMAT:  # a trainable-only checkpoint: merged with the run's base
-            model, info = merged_model(run_dir, trainable_file=path)
-            return Weights(model, path, "trainable", info["step"])
-        _check_meta(meta, cfg, path)
-        state, step, kind = read_weights_file(path), meta.get("step"), "weights"
-    elif path.suffix in (".pt", ".pth"):
-        state, step, kind = _torch_file(path)
-    else:
-        raise WeightsError(f"--checkpoint {path}: expected a .pt, .pth or .safetensors file")
-    model = _architecture(cfg)
-    _load_strict(model, state, path)
-    return Weights(model, path, kind, step)
-
-
-def _default_checkpoint(run_dir: Path) -> Path:
-    for name in (CHECKPOINT_NAME, TRAINABLE_NAME):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise RunDirError(f"{run_dir}: no {CHECKPOINT_NAME} or {TRAINABLE_NAME}; pass --checkpoint PATH")
-
-
-def _architecture(cfg: Config) -> nn.Module:
-    """The run's network with its head, randomly initialised (every tensor is then loaded)."""
-    with torch.random.fork_rng(devices=[]):
-        return build_model(cfg.model.model_copy(update={"weights": "none"})).model
-
-
-def _safetensors_meta(path: Path) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
-    try:
-        found = json.loads(meta[META_KEY])
-    except (KeyError, ValueError, TypeError):
-        return {}  # weights written by another tool: the strict load decides
-    return found if isinstance(found, dict) else {}
-
-
-def _check_meta(meta: dict, cfg: Config, path: Path) -> None:
-    """Refuses weights exported from another model, naming both (before a load error would)."""
-    model, classes = meta.get("model"), meta.get("num_classes")
-    if (model and model != cfg.model.name) or (classes and classes != cfg.model.num_classes):
-        raise WeightsError(f"{path}: weights of {model} with {classes} classes, but the run is "
-                           f"{cfg.model.name} with {cfg.model.num_classes}")
-
-
-def _torch_file(path: Path) -> tuple[dict, int | None, str]:
-    """A freezetune checkpoint.pt (full weights, base merged in; step) or a plain state dict, loaded without code."""
-    obj = safe_torch_load(path, "checkpoint")
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        step = obj.get("step")
-        return full_model_state(obj, path), step if isinstance(step, int) else None, "checkpoint"
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: not a checkpoint or state dict (expected a mapping of names to tensors)")
-    return obj, None, "weights"
-
-
-def _load_strict(model: nn.Module, state: dict, path: Path) -> None:
-    """Loads every tensor or refuses with one line: a partly loaded model would evaluate garbage."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-             for k in state if k in own and state[k].shape != own[k].shape]
-    problems = [f"{what}: {_few(names, 3)}" for what, names in
-                (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if names]
-    if problems:
-        raise WeightsError(f"{path}: does not fit the run's model; " + "; ".join(problems))
-    model.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------
