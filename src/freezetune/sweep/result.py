@@ -173,7 +173,7 @@ class SweepResult(Record):
     selection: str = SELECTION
     wall_s: float | None
     runs_train_s: float | None = None  # every run's training and validation seconds, summed
-    overhead: float | None = None  # wall_s / runs_train_s
+    overhead: float | None = None  # wall_s / runs_train_s (below 1 under Ray: runs overlapped)
     device: str | None
     versions: Versions
     out_dir: str
