@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 
 import torch
 
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", default=None, help="also write the row (with the command) here")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, ["freeze.trainable=null", "freeze.auto=true", "output.dir=runs/bench-auto",
@@ -33,7 +35,7 @@ def main() -> None:
     engine = recipe.engine
     probe = engine.grad_probe
     assert probe is not None, "the meter is not attached"
-    first = next(iter(recipe.epoch_batches(0)))
+    first = next(iter(recipe.training.batches(0)))
     batch = Batch(first.inputs, first.labels, None, BatchSource.IMAGES)
     times = {"with meter": [], "without meter": []}
     for i in range(args.warmup + args.rounds):
@@ -50,6 +52,9 @@ def main() -> None:
            "median_ms_without_meter": round(med["without meter"] * 1e3, 2),
            "overhead_pct": round(100 * (med["with meter"] / med["without meter"] - 1), 2)}
     print(json.dumps(row))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps({**row, "torch": torch.__version__, "command": " ".join(sys.argv)}, indent=2) + "\n")
     recipe.cleanup()
 
 

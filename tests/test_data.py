@@ -4,7 +4,15 @@ from PIL import Image
 
 from freezetune.config import DataConfig
 from freezetune.errors import DataError
-from freezetune.training.data import EpochSampler, build_data, make_loader, synthetic_dataset
+from freezetune.training import data as data_module
+from freezetune.training.data import (
+    EpochSampler,
+    SeededSamples,
+    build_data,
+    make_loader,
+    synthetic_dataset,
+    worker_count,
+)
 
 
 def test_synthetic_is_deterministic_and_balanced():
@@ -76,3 +84,60 @@ def test_corrupt_image_named_or_skipped(tmp_path):
 def test_cifar10_missing_says_what_to_do(tmp_path):
     with pytest.raises(DataError, match="data.download: true"):
         build_data(DataConfig(source="cifar10", root=str(tmp_path)), 10, 0)
+
+
+@pytest.mark.parametrize(("source", "device", "cpus", "ranks", "expected"), [
+    ("synthetic", "cpu", 16, 1, 0),      # tensors in memory: a worker only adds copying
+    ("synthetic", "cuda", 16, 1, 0),
+    ("imagefolder", "cpu", 2, 1, 0),     # CPU training: the step's threads want every core
+    ("imagefolder", "cpu", 64, 1, 0),
+    ("imagefolder", "cuda", 16, 1, 8),   # beside a GPU the CPUs decode, up to 8 workers
+    ("imagefolder", "cuda", 16, 4, 3),   # four ranks share the machine's 16 CPUs
+    ("imagefolder", "cuda", 1, 1, 1),
+    ("cifar10", "cuda", 6, 1, 5),
+])
+def test_auto_workers_follow_the_source_the_device_and_the_cpus(monkeypatch, source, device, cpus, ranks, expected):
+    monkeypatch.setattr(data_module, "usable_cpus", lambda: cpus)
+    cfg = DataConfig(source=source, root=None if source == "synthetic" else "x")
+    assert cfg.num_workers == "auto"  # the default
+    assert worker_count(cfg, device, ranks) == expected
+    assert worker_count(cfg.model_copy(update={"num_workers": 3}), device, ranks) == 3  # a number is kept
+
+
+def test_seeded_samples_draw_each_samples_transforms_from_its_own_seed():
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.rand(3)
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    epoch0 = SeededSamples(Draw(), seed=1, epoch=0)
+    # The same (seed, epoch, sample) gives the same draw in any order, from any copy (a worker's).
+    forward = [epoch0[i] for i in range(4)]
+    backward = [SeededSamples(Draw(), seed=1, epoch=0)[i] for i in reversed(range(4))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward, strict=True))
+    assert not torch.equal(forward[0], forward[1])
+    assert not torch.equal(forward[0], SeededSamples(Draw(), seed=1, epoch=1)[0])
+    assert not torch.equal(forward[0], SeededSamples(Draw(), seed=2, epoch=0)[0])
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG stream is left alone
+
+
+def test_every_image_mode_loads_as_an_rgb_tensor(tmp_path):
+    import numpy as np
+
+    rgb = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8"))
+    folder = tmp_path / "img" / "train" / "a"
+    folder.mkdir(parents=True)
+    files = {
+        "rgb.jpg": rgb, "gray.jpg": rgb.convert("L"), "cmyk.jpg": rgb.convert("CMYK"),
+        "rgba.png": rgb.convert("RGBA"), "la.png": rgb.convert("LA"), "palette.png": rgb.convert("P"),
+        "sixteen.png": rgb.convert("I;16"), "bw.png": rgb.convert("1"), "png-named.jpg": rgb,
+    }
+    for name, image in files.items():
+        image.save(folder / name, format="PNG" if name.endswith(".png") or name == "png-named.jpg" else "JPEG")
+    data = build_data(DataConfig(source="imagefolder", root=str(tmp_path / "img"), image_size=16), 1, 0)
+    images = [data.train[i][0] for i in range(len(files))]
+    assert all(x.shape == (3, 16, 16) and x.dtype == torch.float32 and x.isfinite().all() for x in images)

@@ -184,18 +184,23 @@ def _images(root: Path, n_per_class: int = 4) -> None:
             Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
 
 
-def test_resume_with_random_augmentation_is_bit_identical(tmp_path):
-    # RandomResizedCrop/flip draw from the global torch RNG while loading (num_workers=0); the
-    # checkpoint's RNG state must make the resumed crops the uninterrupted run's crops.
+@pytest.mark.parametrize("workers", ["auto", 2])
+def test_resume_with_random_augmentation_is_bit_identical(tmp_path, workers):
+    # Each sample's RandomResizedCrop/flip is drawn from its own (seed, epoch, index) seed, in
+    # whichever process loads it: the resumed crops are the uninterrupted run's crops, with loader
+    # workers or without (auto gives none to CPU training).
     _images(tmp_path / "img")
     data = {"data__source": "imagefolder", "data__root": str(tmp_path / "img"), "data__augment": "true",
             "model__num_classes": 2, "data__batch_size": 2, "freeze__trainable": "[fc]",
-            "train__epochs": 1, "data__val_size": 0}
+            "train__epochs": 1, "data__val_size": 0, "data__num_workers": workers}
     run(load_config(None, overrides(tmp_path / "straight", **data)))
     run(load_config(None, overrides(tmp_path / "split", train__max_steps=2, **data)))
     run(resume_config(tmp_path / "split", ["train.max_steps=4"]), resume=True)
     assert len(losses(tmp_path / "straight")) == 4
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    if workers != "auto":  # and the crops do not depend on the worker count either
+        run(load_config(None, overrides(tmp_path / "none", **{**data, "data__num_workers": 0})))
+        assert losses(tmp_path / "none") == losses(tmp_path / "straight")
 
 
 @pytest.fixture(scope="module")

@@ -81,3 +81,38 @@ def test_epoch_records_read_back_ignoring_keys_of_newer_versions(extra):
                          val_s=0.1)
     back = EpochRecord.from_dict({**record.as_dict(), **extra})
     assert back.epoch == 0 and back.val_accuracy == 0.5 and back.complete
+
+
+@pytest.mark.parametrize(("wait", "train", "bound"), [
+    (0.25, 1.0, True), (0.2, 1.0, False),  # over a fifth of the training time, not at it
+    (0.0, 1.0, False), (0.0, 0.0, False),
+])
+def test_data_feed_is_input_bound_above_a_fifth_of_the_training_time(wait, train, bound):
+    from freezetune.training.summary import data_feed
+
+    steps = [{"batch_size": 4, "data_wait_s": wait / 2}, {"batch_size": 4, "data_wait_s": wait / 2}]
+    feed = data_feed(steps, [{"train_s": train}], "auto", 0, "cpu")
+    assert feed["input_bound"] is bound and feed["samples"] == 8
+    assert feed["wait_share"] == (wait / train if train else None)
+    assert feed["end_to_end_samples_per_s"] == (8 / train if train else None)
+    assert (feed["notice"] is not None) is bound
+    assert feed["num_workers"] == 0 and feed["num_workers_setting"] == "auto"
+
+
+def test_the_input_bound_notice_offers_what_helps_on_the_device():
+    from freezetune.training.summary import input_bound_notice
+
+    cpu = input_bound_notice(0.5, 0, "auto", "cpu")
+    gpu = input_bound_notice(0.5, 3, 4, "cuda")
+    assert cpu.startswith("input-bound: 50% of the training time")
+    assert "(0 loader workers from data.num_workers: auto)" in cpu
+    assert "more data.num_workers" not in cpu and "compete with a CPU step" in cpu
+    assert "more data.num_workers" in gpu and "(3 loader workers)" in gpu
+    assert all("feature cache" in line for line in (cpu, gpu))
+
+
+def test_older_step_rows_without_a_data_wait_count_as_none():
+    from freezetune.training.summary import data_feed
+
+    feed = data_feed([{"batch_size": 4}], [{"train_s": 2.0}], 0, 0)
+    assert feed["wait_s"] == 0.0 and feed["end_to_end_samples_per_s"] == 2.0

@@ -145,11 +145,20 @@ class DataConfig(_Strict):
     download: bool = False
     image_size: int = Field(64, ge=16, le=1024)
     batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(0, ge=0)
+    # auto: decided from the source, the device and the CPUs (training.data.worker_count).
+    num_workers: int | Literal["auto"] = "auto"
     train_size: int = Field(512, ge=1)
     val_size: int = Field(128, ge=0)
     augment: bool = False
     skip_bad_images: bool = False
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        # One message for both shapes (a union would report one error per member).
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError("expected a number of worker processes (0 or more) or auto")
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:

@@ -36,7 +36,7 @@ from freezetune.measure.device import device_description, resolve_device
 from freezetune.records import Record
 from freezetune.speed.precision import autocast
 from freezetune.speed.prefix import SplitForward
-from freezetune.training.data import CheckedImageFolder, build_data, make_loader
+from freezetune.training.data import CheckedImageFolder, build_data, make_loader, worker_count
 from freezetune.training.data import _transform as data_transform  # the run's own eval transform, not a copy
 from freezetune.training.run_dir import RunDir
 
@@ -154,7 +154,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, checkpoint: str |
                      f"{', BatchNorm folded' if path['fold'] else ''}), as the run's validation was")
     start = time.perf_counter()
     counts = predict(weights.model, dataset, len(classes), metrics, dev, precision=precision,
-                     channels_last=cfg.train.channels_last, batch_size=bs, num_workers=cfg.data.num_workers,
+                     channels_last=cfg.train.channels_last, batch_size=bs, num_workers=worker_count(cfg.data, dev),
                      progress=progress, path=path)
     seconds = time.perf_counter() - start
     summary = _summary_check(run_dir, record, weights.step)

@@ -122,8 +122,10 @@ def choose(changes: dict[str, float], candidates: list[str], cfg: AutoFreezeConf
 class GradNormMeter:
     """Sums each stage's gradient norm per step on the device; read once per interval.
 
-    One ``torch._foreach_norm`` over the trainable gradients and an ``index_add_`` per step: no
-    host synchronization, so it costs a fraction of a percent of a step.
+    One ``torch._foreach_norm`` over the trainable gradients and an ``index_add_`` per step, with
+    no host synchronization. Measured (scripts/bench_auto.py, full fine-tuning, 64 px, batch 32,
+    2-core CPU): steps took 3.5% longer with it (643 against 622 ms, medians of 40 interleaved
+    rounds; raw: benchmarks/auto-freeze/meter-cpu-2threads-torch2.14.1.json).
     """
 
     def __init__(self, groups: dict[str, list[nn.Parameter]]):

@@ -9,7 +9,7 @@ import torch
 from freezetune.config import Config
 from freezetune.speed.feature_cache import FeatureCache, IndexedDataset
 from freezetune.training import distributed as dist
-from freezetune.training.data import EpochSampler, make_loader
+from freezetune.training.data import EpochSampler, SeededSamples, make_loader, worker_count
 from freezetune.training.step import Batch, BatchSource
 
 
@@ -35,8 +35,11 @@ def epoch_batches(cfg: Config, train_set, epoch: int, skip_batches: int, info: d
             features, labels = cache.get(chunk)
             yield Batch(features, labels, chunk, BatchSource.FEATURES)
         return
+    if cfg.data.augment:  # a cache is never on with augmentation: its features would change every epoch
+        train_set = SeededSamples(train_set, cfg.seed, epoch)
     dataset = IndexedDataset(train_set) if cache is not None else train_set
-    loader = make_loader(dataset, bs, cfg.data.num_workers, sampler, pin_memory=device.type == "cuda",
+    workers = worker_count(cfg.data, device, info.local_world_size)
+    loader = make_loader(dataset, bs, workers, sampler, pin_memory=device.type == "cuda",
                          seed=cfg.seed * 1_000_003 + epoch)
     for b in loader:
         if cache is not None:

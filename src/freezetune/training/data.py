@@ -2,13 +2,16 @@
 
 The batch order is a pure function of (seed, epoch, position): :class:`EpochSampler` permutes with a
 generator seeded from both, so a resumed run can skip exactly the batches it already trained on and
-see the rest in the same order as an uninterrupted run.
+see the rest in the same order as an uninterrupted run. Random augmentation is a pure function of
+(seed, epoch, sample) too (:class:`SeededSamples`), so it does not depend on which loader worker
+draws a sample, on how many workers there are, or on where a resumed run starts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,32 @@ class Data:
     val: Dataset | None
     num_classes: int
     classes: list[str]
+
+
+class SeededSamples(Dataset):
+    """Draws each sample's random transforms from its own seed: a function of (seed, epoch, index).
+
+    With the global RNG, the crops a sample gets would depend on the worker that loads it (each
+    worker has its own RNG stream) and on how many samples came before it in that stream, so a
+    run resumed mid-epoch, or run with another ``data.num_workers``, would see other crops.
+
+    Args:
+        dataset: The augmented training set.
+        seed: The run's seed.
+        epoch: The epoch this view serves (a new view per epoch).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        # Forked so that the caller's RNG stream is left where it was (num_workers 0 loads here).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index)
+            return self.dataset[index]
 
 
 class EpochSampler(Sampler[int]):
@@ -227,6 +256,9 @@ def _cifar10(cfg: DataConfig, num_classes: int) -> Data:
 
 
 def _transform(cfg: DataConfig, train: bool):
+    # PIL decodes and resizes: torchvision's libjpeg-turbo decoder (deprecated in torchvision 0.29
+    # for TorchCodec's) decodes a 256-px JPEG faster, but with the resize on the tensor the whole
+    # transform measured no faster on the 2-core CPU (1.02x; scripts/bench_data.py).
     from torchvision import transforms as T
 
     size = cfg.image_size
@@ -240,6 +272,44 @@ def _transform(cfg: DataConfig, train: bool):
 def _check_classes(found: int, wanted: int, where: str) -> None:
     if found != wanted:
         raise DataError(f"{where}: has {found} classes but model.num_classes is {wanted}")
+
+
+# Loader workers for data.num_workers: auto beside a GPU: one per CPU this process may use, minus
+# one for the process that drives the GPU, up to 8 (more rarely pays; each holds its own copies).
+MAX_AUTO_WORKERS = 8
+
+
+def worker_count(cfg: DataConfig, device: torch.device | str, ranks_here: int = 1) -> int:
+    """The DataLoader worker processes for ``data.num_workers`` (``auto`` decided here).
+
+    ``auto``: none for the synthetic set (tensors already in memory: a worker would only add
+    copying between processes), and none for CPU training, whose step uses every core through
+    its threads. Measured on 2 cores (docs/benchmarks.md): a worker left a heavy step (224 px,
+    frozen through layer3, 3% of the time waiting) no faster beyond noise, and made a light one
+    (32 px, fc only, half the time decoding) 0.81x as fast: it takes turns with the step's
+    threads on the cores. Beside an accelerator the CPUs are
+    free to decode: one worker per CPU this process may use (its affinity, shared among the
+    torchrun ranks on the machine) minus one, up to :data:`MAX_AUTO_WORKERS`.
+
+    Args:
+        cfg: The data config.
+        device: Where the training steps run.
+        ranks_here: torchrun processes on this machine (they share its CPUs).
+    """
+    if cfg.num_workers != "auto":
+        return cfg.num_workers
+    if cfg.source == "synthetic" or torch.device(device).type == "cpu":
+        return 0
+    cpus = max(1, usable_cpus() // max(1, ranks_here))
+    return min(MAX_AUTO_WORKERS, max(1, cpus - 1))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def make_loader(

@@ -22,6 +22,7 @@ from freezetune.freezing.plan import set_train_mode
 from freezetune.measure.timing import synchronize
 from freezetune.training import distributed as dist
 from freezetune.training.batches import epoch_batches
+from freezetune.training.data import worker_count
 from freezetune.training.events import EpochEnd, Progress, StepRecord
 from freezetune.training.freeze_controller import FreezeChange, FreezeController
 from freezetune.training.optim import set_lr
@@ -148,7 +149,9 @@ class TrainingLoop:
         share = end.data_wait_seconds / end.seconds
         if share > INPUT_BOUND_SHARE:
             self.progress.input_bound_said = True
-            self._say(input_bound_notice(share, self.config.data.num_workers), None, True)
+            data = self.config.data
+            workers = worker_count(data, self.device, self.info.local_world_size)
+            self._say(input_bound_notice(share, workers, data.num_workers, self.device.type), None, True)
 
     def _apply(self, change: FreezeChange | None) -> None:
         """Rebuilds the execution path once for a freeze change, and says what changed.

@@ -36,7 +36,7 @@ from freezetune.measure.timing import synchronize
 from freezetune.models.weights import build_model
 from freezetune.speed.precision import grad_scaler
 from freezetune.training import distributed as dist
-from freezetune.training.data import build_data
+from freezetune.training.data import build_data, worker_count
 from freezetune.training.engine_build import build_engine
 from freezetune.training.events import EpochEnd, Outcome, Progress, RunResult, StepRecord
 from freezetune.training.freeze_controller import FreezeController
@@ -312,7 +312,8 @@ class Recipe:
             cfg = self.config.data
             synchronize(self.device)
             start = time.perf_counter()
-            val = evaluate(self.engine, self.plan, self.data.val, cfg.batch_size, cfg.num_workers, self.loss_fn)
+            val = evaluate(self.engine, self.plan, self.data.val, cfg.batch_size,
+                           worker_count(cfg, self.device, self.dist.local_world_size), self.loss_fn)
             synchronize(self.device)
             val_s = time.perf_counter() - start
             self.progress.outcome.val = val

@@ -28,6 +28,7 @@ from freezetune.records import (
     WeightsOrigin,
 )
 from freezetune.training import distributed as dist
+from freezetune.training.data import worker_count
 from freezetune.training.events import Outcome
 from freezetune.training.optim import optimizer_state_bytes
 from freezetune.training.run_dir import EPOCHS_NAME, RunDir
@@ -237,6 +238,8 @@ class DataFeed(Record):
     end_to_end_samples_per_s: float | None
     input_bound: bool  # wait_share above INPUT_BOUND_SHARE
     notice: str | None  # what to do about it, when input-bound
+    num_workers: int | None = None  # the loader workers data.num_workers gave (auto decided)
+    num_workers_setting: int | str | None = None  # data.num_workers as configured
 
 
 class RunSummary(Record):
@@ -430,13 +433,15 @@ def build_summary(facts: RunFacts) -> dict:
                    "scheduler": cfg.optim.scheduler},
         distributed={"world_size": facts.info.world_size, "timing_per_rank": per_rank},
         run_dir=str(facts.run_dir),
-        data=data_feed(records, facts.run_dir.epoch_rows(), cfg.data.num_workers),
+        data=data_feed(records, facts.run_dir.epoch_rows(), cfg.data.num_workers,
+                       worker_count(cfg.data, facts.device, facts.info.local_world_size), facts.device.type),
         started_at=facts.started_at,
         ended_at=time.time(),
     ).as_dict()
 
 
-def data_feed(steps: list[dict], epochs: list[dict], num_workers) -> dict:
+def data_feed(steps: list[dict], epochs: list[dict], setting: int | str, workers: int,
+              device_type: str = "cpu") -> dict:
     """The run's waits for data, from every step row and epoch row of the run (resumed processes' too)."""
     wait = sum(r.get("data_wait_s") or 0.0 for r in steps)
     train = sum(e["train_s"] for e in epochs)
@@ -445,11 +450,16 @@ def data_feed(steps: list[dict], epochs: list[dict], num_workers) -> dict:
     bound = share is not None and share > INPUT_BOUND_SHARE
     return {"wait_s": wait, "train_s": train, "wait_share": share, "samples": samples,
             "end_to_end_samples_per_s": samples / train if train > 0 else None, "input_bound": bound,
-            "notice": input_bound_notice(share, num_workers) if bound else None}
+            "notice": input_bound_notice(share, workers, setting, device_type) if bound else None,
+            "num_workers": workers, "num_workers_setting": setting}
 
 
-def input_bound_notice(share: float, num_workers) -> str:
-    """One line for an input-bound run: how much it waited, and the remedies."""
-    return (f"input-bound: {share:.0%} of the training time went to waiting for data "
-            f"(data.num_workers: {num_workers}); more workers, the feature cache (train.feature_cache: auto, "
-            "with the augmentation off) or smaller images to decode would feed it faster")
+def input_bound_notice(share: float, workers: int, setting: int | str, device_type: str = "cpu") -> str:
+    """One line for an input-bound run: how much it waited, and the remedies that apply on its device."""
+    given = f"{workers} loader workers" + (" from data.num_workers: auto" if setting == "auto" else "")
+    cache = "the feature cache (train.feature_cache: auto, with the augmentation off)"
+    if device_type == "cpu":  # workers take cores from the step's threads (measured: docs/benchmarks.md)
+        remedy = f"{cache} or smaller images to decode would feed it faster; loader workers compete with a CPU step"
+    else:
+        remedy = f"more data.num_workers, {cache} or smaller images to decode would feed it faster"
+    return f"input-bound: {share:.0%} of the training time went to waiting for data ({given}); {remedy}"
