@@ -130,7 +130,7 @@ def test_every_part_of_the_key_changes_it(keyed, tiny, monkeypatch):
 
 def test_a_resume_with_another_precision_refills_the_cache_on_disk(tiny, cli, tmp_path):
     # Memory-mapped in the run folder (max_bytes 0), so a resumed run could reuse it.
-    common = dict(freeze__trainable="[layer4,fc]", train__feature_cache="on", train__feature_cache_max_bytes=0,
+    common = dict(freeze__trainable="[fc]", train__feature_cache="on", train__feature_cache_max_bytes=0,
                   train__epochs=4, train__max_steps=6, data__val_size=0)
     same, other = tmp_path / "same", tmp_path / "other"
     for out in (same, other):

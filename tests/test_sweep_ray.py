@@ -1,6 +1,6 @@
 """``freezetune sweep --backend ray``: trials on a local Ray instance with 2 CPUs, against the in-process sweep.
 
-One Ray instance serves every test here (the session-scoped ``ray_cluster``), and the tests share
+One Ray instance serves every test here (the module-scoped ``ray_cluster``), and the tests share
 one xdist worker (their group), so Ray starts once.
 """
 
@@ -24,8 +24,10 @@ GRID = (0.25, 4.0)  # 2 arms x 2 rates: the 4 runs of the issue, and halving kee
 RAY = RayOptions(cpus_per_trial=1, max_concurrent=2)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
+    # Module-scoped: Ray's own processes keep polling while it is up, so it stops with the last
+    # test here instead of slowing the rest of the session on this worker.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

@@ -8,6 +8,7 @@ that set, so the wrapper is rebuilt after each unfreeze.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -107,20 +108,20 @@ def gather(obj, info: DistInfo) -> list:
     return out
 
 
-def share_cache(cache, info: DistInfo, device: torch.device, chunk: int = 256) -> int:
+def share_cache(cache, info: DistInfo, device: torch.device, round_bytes: int = 256 * 2**20) -> int:
     """Gives every rank every sample's cached features that any rank holds; returns how many it received.
 
     Each rank is dealt other samples every epoch, so after the filling epoch each holds only its
     share of the feature cache. Every sample that some rank lacks is sent once, by the lowest rank
-    that holds it, through all-gathers of at most ``chunk`` samples per rank at a time (bounded
-    memory; every rank runs the same number of rounds). A sample no rank has seen yet (the
+    that holds it, through all-gathers of at most ``round_bytes`` at a time over all ranks
+    (bounded memory; every rank runs the same number of rounds). A sample no rank has seen yet (the
     remainder an epoch drops so that shards are equal) stays missing until a later epoch fills it.
 
     Args:
         cache: This rank's :class:`~freezetune.speed.feature_cache.FeatureCache`.
         info: The distributed setup (nothing happens for one process).
         device: This rank's device, where the collectives run (CUDA under NCCL).
-        chunk: Samples each rank sends per round.
+        round_bytes: What one round's all-gather may hold, every rank's part together.
     """
     if not info.enabled:
         return 0
@@ -129,7 +130,8 @@ def share_cache(cache, info: DistInfo, device: torch.device, chunk: int = 256) -
     wanted = ~held.all(0) & (owner >= 0)
     mine = torch.nonzero(wanted & (owner == info.rank)).flatten()
     counts = [int(c) for c in gather_tensor(torch.tensor([len(mine)], device=device), info)]
-    shape = _feature_shape(cache, held, info, device)
+    shape = _feature_shape(cache, info, device)
+    chunk = max(1, round_bytes // (info.world_size * 4 * max(1, math.prod(shape))))  # samples per rank per round
     received = 0
     for start in range(0, max(counts), chunk):
         idx = mine[start:start + chunk]
@@ -150,7 +152,7 @@ def share_cache(cache, info: DistInfo, device: torch.device, chunk: int = 256) -
     return received
 
 
-def _feature_shape(cache, held: torch.Tensor, info: DistInfo, device: torch.device) -> tuple[int, ...]:
+def _feature_shape(cache, info: DistInfo, device: torch.device) -> tuple[int, ...]:
     """The per-sample feature shape, from the rank that holds features (a rank may hold none yet)."""
     mine = list(cache.features.shape[1:]) if cache.features is not None else []
     dims = torch.tensor(mine + [0] * (8 - len(mine)), dtype=torch.long, device=device)
