@@ -42,7 +42,7 @@ def test_readme_keeps_the_recorded_quickstart_output():
     sample = match.group(1)
     assert "\n```\n" in sample and sample.rstrip().endswith("```")
     for line in ("trainable params: 8,398,858 || all params: 11,181,642 || trainable%: 75.1129",
-                 "│ freeze integrity    │ OK (90 frozen tensors, sha256) │"):
+                 "│ freeze integrity      │ OK (90 frozen tensors, sha256) │"):
         assert line in sample, line
 
 
