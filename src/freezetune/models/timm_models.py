@@ -73,7 +73,7 @@ def import_timm():
     except ImportError as e:
         why = "is not installed" if isinstance(e, ModuleNotFoundError) or "None in sys.modules" in str(e) else (
             f"cannot be imported ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
-        raise MissingExtraError.of("timm/<name> models", "timm", "timm", why) from None
+        raise MissingExtraError.of("a timm/<name> model", "timm", "timm", why) from None
     return timm
 
 
