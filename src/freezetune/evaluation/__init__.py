@@ -148,7 +148,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, checkpoint: str |
         notes.append("the run trained in fp16, which needs CUDA: evaluated in fp32")
         precision = "fp32"
     bs = batch_size or cfg.data.batch_size
-    path = validation_path(cfg, _summary(run_dir))
+    run_summary = _summary(run_dir)  # read once: the validation path and the figures to compare with
+    path = validation_path(cfg, run_summary)
     if path is not None:
         notes.append(f"through the frozen prefix ({', '.join(path['prefix'])}"
                      f"{', BatchNorm folded' if path['fold'] else ''}), as the run's validation was")
@@ -157,7 +158,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, checkpoint: str |
                      channels_last=cfg.train.channels_last, batch_size=bs, num_workers=worker_count(cfg.data, dev),
                      progress=progress, path=path)
     seconds = time.perf_counter() - start
-    summary = _summary_check(run_dir, record, weights.step)
+    summary = _summary_check(run_summary, record, weights.step)
     return _result(run_dir, cfg, weights, record, classes, counts, summary, notes,
                    device=device_description(dev), precision=precision, batch_size=bs, seconds=seconds)
 
@@ -399,16 +400,14 @@ def _result(run_dir: Path, cfg: Config, weights: Weights, record: DataRecord, cl
     )
 
 
-def _summary_check(run_dir: Path, record: DataRecord, step: int | None) -> SummaryCheck | None:
+def _summary_check(summary: dict | None, record: DataRecord, step: int | None) -> SummaryCheck | None:
     """summary.json's validation result, when it is of the same weights on the same split."""
-    if record.kind != "split" or record.split != "val":
+    if summary is None or record.kind != "split" or record.split != "val":
         return None
     try:
-        summary = RunDir(run_dir).summary()
         val = summary["val"]
         if step is None or summary["steps"] != step:
             return None
         return SummaryCheck(step=step, val_accuracy=val["accuracy"], val_loss=val["loss"])
-    except (RunDirError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
-

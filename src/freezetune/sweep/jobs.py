@@ -79,6 +79,10 @@ class Manifest(BaseModel):
         """The rate multipliers of one arm, as its jobs have them, smallest first."""
         return sorted({j.lr_multiplier for j in self.jobs if j.arm == arm})
 
+    def label(self, job: Job) -> str:
+        """The job's run as the sweep names it: ``layer1 x0.3``, or ``layer1`` for an arm with one rate."""
+        return rated_name(job.arm, job.lr_multiplier, len(self.grid(job.arm)) > 1)
+
     @property
     def prune_mode(self) -> str:
         """``off``, ``safe`` or ``halving``; a version-1 manifest's ``prune: true`` was ``safe``."""
@@ -86,6 +90,11 @@ class Manifest(BaseModel):
         if isinstance(prune, bool):
             return "safe" if prune else "off"
         return prune
+
+
+def rated_name(arm: str, multiplier: float, rated: bool) -> str:
+    """``layer1 x0.3`` for an arm that tries several rates, else ``layer1``."""
+    return f"{arm} {multiplier_name(multiplier)}" if rated else arm
 
 
 def job_paths(arm: str, seed: int, multiplier: float | None = None) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from freezetune.sweep.jobs import Manifest
 from freezetune.sweep.trials import RunView, barriers, read_failures, read_views
-from freezetune.sweep.turns import SweepReporter, pruning_decisions, rated_name
+from freezetune.sweep.turns import SweepReporter, pruning_decisions
 from freezetune.training.summary import EpochRecord
 
 # The reporter of the sweep running in this process, by sweep folder: Tune keeps the callback
@@ -41,6 +41,7 @@ class SweepScheduler(FIFOScheduler):
         super().__init__()
         self.out, self.manifest = str(out), manifest
         self.barriers = barriers(manifest)
+        self.epochs = manifest.base_config().train.epochs  # read once: Tune asks for a decision often
         self.views: list[RunView] | None = None
         self.waiting: dict[str, int] = {}  # paused at a rung: trial id -> the rung
 
@@ -86,8 +87,7 @@ class SweepScheduler(FIFOScheduler):
         return TrialScheduler.CONTINUE
 
     def _stopped(self) -> dict:
-        views = self._views()
-        return pruning_decisions(views, self.manifest, self.manifest.base_config().train.epochs)
+        return pruning_decisions(self._views(), self.manifest, self.epochs)
 
     def _all_reached(self, epoch: int, stopped: dict) -> bool:
         return all(len(v.history) >= epoch for v in self._views()
@@ -127,11 +127,11 @@ class Progress(Callback):
 
     def __init__(self, out: Path, manifest: Manifest):
         self.out, self.manifest = str(out), manifest
+        self.epochs = manifest.base_config().train.epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
         reporter = REPORTERS.get(self.out)
         if "record" in result and reporter is not None:
             job = self.manifest.jobs[int(trial.config["job"])]
-            label = rated_name(job.arm, job.lr_multiplier, len(self.manifest.grid(job.arm)) > 1)
-            epochs = self.manifest.base_config().train.epochs
-            reporter.epoch(label, job.seed, EpochRecord.from_dict(json.loads(result["record"])), epochs)
+            record = EpochRecord.from_dict(json.loads(result["record"]))
+            reporter.epoch(self.manifest.label(job), job.seed, record, self.epochs)

@@ -35,7 +35,7 @@ from freezetune.config import Config, load_config
 from freezetune.errors import ConfigError, FreezetuneError, MissingExtraError, first_line
 from freezetune.sweep.jobs import Job, Manifest, read_manifest
 from freezetune.sweep.trials import RunView, read_failures, read_views, write_failures
-from freezetune.sweep.turns import SweepReporter, pruning_decisions, rated_name
+from freezetune.sweep.turns import SweepReporter, pruning_decisions
 from freezetune.training.recipe import Recipe
 from freezetune.training.run_dir import CHECKPOINT_NAME, RunDir
 from freezetune.training.state import StopReason
@@ -186,10 +186,6 @@ def _step(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Pruning under Tune
-
-
-# --------------------------------------------------------------------------------------------
 # The driver
 
 
@@ -293,8 +289,7 @@ def _init(ray, options: RayOptions) -> None:
 def _namer(manifest: Manifest):
     def name(t) -> str:
         job = manifest.jobs[int(t.config["job"])]
-        return f"{rated_name(job.arm, job.lr_multiplier, len(manifest.grid(job.arm)) > 1)}-seed{job.seed}".replace(
-            " ", "-")
+        return f"{manifest.label(job)}-seed{job.seed}".replace(" ", "-")
     return name
 
 
@@ -312,9 +307,7 @@ def _end_pruned(out: Path, manifest: Manifest, views: list[RunView], stopped: di
             recipe.finish(StopReason.PRUNED, f"pruned by the sweep after epoch {after}: {rule}")
         finally:
             recipe.cleanup()
-        reporter.pruned(rated_name(job.arm, job.lr_multiplier, len(manifest.grid(job.arm)) > 1), after, rule)
-
-
+        reporter.pruned(manifest.label(job), after, rule)
 
 
 def error_line(error: BaseException) -> str:

@@ -49,7 +49,7 @@ from freezetune.sweep.jobs import PRUNE_MODES, Manifest, read_manifest, read_run
 from freezetune.sweep.ray_tune import RayOptions, require_ray, run_on_ray
 from freezetune.sweep.result import FINISHED, assemble, best_rate, seed_run, to_csv
 from freezetune.sweep.trials import FAILURES_NAME, read_failures
-from freezetune.sweep.turns import PRUNING_RULE, SweepReporter, make_slots, rated_name, take_turns
+from freezetune.sweep.turns import PRUNING_RULE, SweepReporter, make_slots, take_turns
 from freezetune.training.recipe import StopFlag
 from freezetune.training.run_dir import claim_run_dir
 
@@ -187,7 +187,7 @@ def collect(out: str | Path, target: float | None = None, tolerance: float | Non
     unfinished = [j for j in manifest.jobs if runs[j.key].status not in (*FINISHED, "failed")]
     if unfinished:
         job = unfinished[0]
-        rated = rated_name(job.arm, job.lr_multiplier, len(manifest.grid(job.arm)) > 1)
+        rated = manifest.label(job)
         raise RunDirError(f"{out / job.run_dir}: job {rated} seed {job.seed} "
                           f"is {runs[job.key].status} ({len(unfinished)} of {len(manifest.jobs)} jobs have not "
                           f"finished); run: freezetune train --config {out / job.config}")
@@ -250,7 +250,7 @@ def _take_turns(out: Path, manifest: Manifest, configs: dict, reporter: SweepRep
 def _failures_line(manifest: Manifest, failed: dict[int, str], out: Path) -> str:
     """One line naming the runs that raised, the first one's error, and what was written anyway."""
     first = manifest.jobs[min(failed)]
-    name = rated_name(first.arm, first.lr_multiplier, len(manifest.grid(first.arm)) > 1)
+    name = manifest.label(first)
     return (f"{out}: {len(failed)} of {len(manifest.jobs)} runs failed, first {name} seed {first.seed}: "
             f"{failed[min(failed)]} (sweep.json reports them as failed; --allow-failed accepts this)")
 

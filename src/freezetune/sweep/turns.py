@@ -14,9 +14,8 @@ from pathlib import Path
 
 from freezetune.config import Config
 from freezetune.sweep.analysis import mean_curve, prune_at
-from freezetune.sweep.arms import multiplier_name
 from freezetune.sweep.halving import HALVING_RULE, RateCurve, envelope, halving_at
-from freezetune.sweep.jobs import Manifest, read_run
+from freezetune.sweep.jobs import Manifest, rated_name, read_run
 from freezetune.sweep.result import FINISHED
 from freezetune.training.checkpoint import rng_state, set_rng_state
 from freezetune.training.recipe import Recipe, StopFlag
@@ -171,11 +170,6 @@ def take_turns(slots: list[Slot], manifest: Manifest, stop: StopFlag, reporter: 
                     return True  # its checkpoint is saved mid-epoch
             if stop.requested:
                 return True
-
-
-def rated_name(arm: str, multiplier: float, rated: bool) -> str:
-    """``layer1 x0.3`` for an arm that tries several rates, else ``layer1``."""
-    return f"{arm} {multiplier_name(multiplier)}" if rated else arm
 
 
 def _prune(slots: list[Slot], manifest: Manifest, epochs: int, reporter: SweepReporter) -> None:
