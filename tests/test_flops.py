@@ -57,3 +57,33 @@ def test_counting_leaves_the_model_alone(resnet18):
     step_flops(resnet18, BATCH, SIZE)
     assert {n: (p.device.type, p.requires_grad) for n, p in resnet18.named_parameters()} == before
     assert all(p.grad is None for p in resnet18.parameters())
+
+
+def test_a_count_is_kept_per_structure_mask_and_shape(resnet18, monkeypatch):
+    from collections import OrderedDict
+
+    import freezetune.measure.flops as flops
+
+    monkeypatch.setattr(flops, "_COUNTS", OrderedDict())  # counts other tests left here
+    first = flops_with(resnet18, until="layer2")
+    first["by_module"].clear()  # a caller's edits stay in its copy
+    calls = []
+    monkeypatch.setattr(flops, "_count_step", lambda *a: calls.append(a) or {"recounted": True})
+    again = step_flops(resnet18, BATCH, SIZE)
+    assert calls == [] and again["by_module"]["layer2"]["backward"] == 0
+    # Another mask, batch or class count is another computation, so it is counted afresh.
+    assert flops_with(resnet18, until="layer3") == {"recounted": True}
+    assert step_flops(resnet18, BATCH + 1, SIZE) == {"recounted": True}
+    assert step_flops(resnet18, BATCH, SIZE, num_classes=3) == {"recounted": True}
+    assert len(calls) == 3
+
+
+def test_another_architecture_with_the_same_parameter_shapes_is_counted_afresh(resnet18):
+    import copy
+
+    from torch import nn
+
+    strided = copy.deepcopy(resnet18)
+    strided.conv1 = nn.Conv2d(3, 64, 7, stride=4, padding=3, bias=False)  # same shapes and mask, stride 4
+    assert step_flops(strided, BATCH, SIZE)["forward"] < step_flops(resnet18, BATCH, SIZE)["forward"]
+
