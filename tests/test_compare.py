@@ -241,6 +241,12 @@ def test_cli_frozen_vs_full_times_inline_and_measures_memory_per_process(tmp_pat
         assert arm["memory"]["peak_bytes"] > 0
     # Each arm's figure is its own: full keeps gradients and momentum for 11M parameters, fc-only none.
     assert full["memory"]["peak_bytes"] > frozen["memory"]["peak_bytes"]
+    # And its parts: the same weights, the trainable ones' gradients and momentum, and what one
+    # step saved for backward (fc-only: the head's input and the loss's few tensors).
+    fm, rm = full["memory"], frozen["memory"]
+    assert fm["param_bytes"] == rm["param_bytes"] == fm["grad_bytes"] == fm["optimizer_state_bytes"]
+    assert rm["grad_bytes"] == rm["optimizer_state_bytes"] == (512 * 10 + 10) * 4
+    assert fm["saved_activation_bytes"] > 50 * rm["saved_activation_bytes"] > 0
     assert result["fairness"]["same_initial_weights"] and result["fairness"]["same_batches"]
     assert result["freeze_integrity"]["ok"]
     for ext in ("json", "csv", "png"):

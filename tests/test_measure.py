@@ -31,3 +31,24 @@ def test_devices():
 def test_cpu_peak_memory_is_process_rss():
     mem = peak_memory(torch.device("cpu"))
     assert mem["kind"] == "process_peak_rss" and mem["peak_bytes"] > 10 * 2**20
+
+
+def test_saved_activations_count_what_backward_keeps_and_leave_the_weights_out():
+    from torch import nn
+
+    from freezetune.measure.memory import SavedActivations, memory_parts
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    with SavedActivations(model) as saved:
+        model(x).sum().backward()
+    # The first layer saves its input (5x8), ReLU its output (5x16), the second layer its input,
+    # the same storage as ReLU's output: counted once. The weights they save are not counted.
+    assert saved.nbytes == (5 * 8 + 5 * 16) * 4 and saved.tensors == 2
+    model[0].requires_grad_(False)
+    with torch.no_grad(), SavedActivations(model) as none:
+        model(x)
+    assert none.nbytes == 0
+    parts = memory_parts(model, 12, saved.nbytes)
+    assert parts == {"param_bytes": (8 * 16 + 16 + 16 * 4 + 4) * 4, "grad_bytes": (16 * 4 + 4) * 4,
+                     "optimizer_state_bytes": 12, "saved_activation_bytes": saved.nbytes}

@@ -208,6 +208,10 @@ def test_seeds_give_mean_and_sd_and_memory_is_measured_per_arm(base, tmp_path):
     assert full["peak_memory_bytes"] > fc["peak_memory_bytes"] > 0  # each in a process of its own
     assert full["memory_kind"] in ("cpu_peak_rss_growth", "cuda_max_allocated")
 
+    assert full["saved_activation_bytes"] > fc["saved_activation_bytes"] > 0
+    # The third view: accuracy against peak memory, with a front of its own.
+    assert result["memory_pareto"][0] == "layer4" and fc["on_memory_pareto"]
+    assert full["on_memory_pareto"] == (full["val_accuracy"]["mean"] > fc["val_accuracy"]["mean"])
 
 # --------------------------------------------------------------------------------------------
 # Arms

@@ -500,6 +500,20 @@ def test_pareto_front_members_are_not_dominated():
             assert (name in front) is not beaten
 
 
+@pytest.mark.parametrize(("peaks", "expected"), [
+    ({"full": 900, "layer3": 300, "bn": 800}, ["layer3", "bn", "full"]),
+    ({"full": 900, "layer3": 300, "bn": 950}, ["layer3", "full"]),  # more memory, less accurate
+    ({"full": 900, "layer3": None, "bn": 800}, []),  # an arm without a figure: no front at all
+    ({}, []),
+])
+def test_the_memory_front_weighs_peak_memory_against_accuracy(peaks, expected):
+    from freezetune.sweep.result import memory_pareto
+
+    accuracy = {"full": 0.9, "layer3": 0.7, "bn": 0.85}
+    records = {n: {"peak_memory_bytes": p, "val_accuracy": {"mean": accuracy[n]}} for n, p in peaks.items()}
+    assert memory_pareto(records) == expected
+
+
 # --------------------------------------------------------------------------------------------
 # recommend
 

@@ -129,6 +129,22 @@ def test_panels_share_arm_colours():
     assert {"Pareto front", "recommended", "pruned (stopped early)", "target (72.0%)"} <= legend
 
 
+def test_with_the_memory_pass_a_third_panel_plots_accuracy_against_peak_memory(tmp_path):
+    result = two_seed_result()
+    for name, mib in (("full", 900), ("stem", 700), ("layer4", 120)):
+        result["arms"][name].update(peak_memory_bytes=mib * 2**20, memory_kind="cpu_peak_rss_growth")
+    result["memory_pareto"] = ["layer4", "stem"]
+    fig = sweep_figure(result)
+    ax_cost, ax_curve, ax_memory = fig.axes
+    assert {t.get_text() for t in ax_memory.texts} == {"full", "stem", "layer4"}
+    assert "Pareto front (memory)" in {t.get_text() for t in ax_memory.get_legend().get_texts()}
+    assert "peak memory, MiB" in ax_memory.get_xlabel() and ax_memory.get_xscale() == "linear"
+    front = next(line for line in ax_memory.get_lines() if line.get_label() == "Pareto front (memory)")
+    assert list(front.get_xdata())[:2] == [120, 700]
+    data = sweep_plot(result, tmp_path / "sweep.png").read_bytes()
+    assert struct.unpack(">II", data[16:24]) == (19 * 120, 600)  # three panels: 19x5 inches at 120 dpi
+
+
 def test_curve_uses_shortest_seed_and_cumulative_mean_time():
     arm = make_arm([[0.5, 0.6, 0.7], [0.5, 0.6]], [[10, 10, 10], [12, 8]])
     xs, ys = arm_curve(arm)

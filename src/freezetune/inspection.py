@@ -27,6 +27,7 @@ from freezetune.errors import WeightsError
 from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import FreezePlan, apply_freeze, set_train_mode, unfreeze_all
 from freezetune.measure.flops import forward_flops_by_module, step_flops
+from freezetune.measure.memory import SavedActivations
 from freezetune.models.weights import LoadedModel, build_model, imagenet_state_dict
 from freezetune.speed.execution import plan_execution
 
@@ -266,16 +267,6 @@ def trace_graph(model: nn.Module, batch_size: int, image_size: int) -> GraphStat
     """
     meta = copy.deepcopy(model).to("meta")
     param_names = {id(p): n for n, p in meta.named_parameters()}
-    param_storages = {_storage_key(p) for p in meta.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        # Weights are held by the model anyway; only activations cost extra memory.
-        if key not in param_storages:
-            saved.setdefault(key, t.untyped_storage().nbytes())
-        return t
-
     in_graph: list[str] = []
     hooks = [
         mod.register_forward_hook(_record_requires_grad(name, in_graph))
@@ -283,7 +274,7 @@ def trace_graph(model: nn.Module, batch_size: int, image_size: int) -> GraphStat
     ]
     x = torch.empty(batch_size, 3, image_size, image_size, device="meta")
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedActivations(meta) as saved:  # weights are held by the model anyway: activations only
             logits = meta(x)
             y = torch.zeros(batch_size, dtype=torch.long, device="meta")
             loss = nn.functional.cross_entropy(logits, y)
@@ -299,8 +290,8 @@ def trace_graph(model: nn.Module, batch_size: int, image_size: int) -> GraphStat
         trainable_params_reached=sum(1 for n in reached if n not in frozen_names),
         frozen_params_reached=sum(1 for n in reached if n in frozen_names),
         node_types=dict(Counter(type(n).__name__ for n in nodes).most_common()),
-        saved_tensors=len(saved),
-        saved_bytes=sum(saved.values()),
+        saved_tensors=saved.tensors,
+        saved_bytes=saved.nbytes,
         modules_outside_graph=[n for n, _ in meta.named_modules() if n and n not in in_graph],
     )
 
@@ -338,12 +329,6 @@ def _record_requires_grad(name: str, out: list[str]):
             out.append(name)
 
     return hook
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    # Meta tensors all have data_ptr 0, so the storage object's identity tells them apart; views
-    # (e.g. the transposed fc weight that addmm saves) share their base's storage.
-    return t.untyped_storage()._cdata
 
 
 def _trainable_word(total: int, trainable: int) -> str:

@@ -63,6 +63,8 @@ class ArmMemory(Record):
 
     Not measured (arms sharing one process): ``peak_bytes`` null and ``kind`` only. CUDA:
     ``allocated_before_bytes`` too. CPU: ``peak_rss_bytes``, ``rss_before_bytes`` and ``peak_reset``.
+    Measured, its parts too (``measure.memory.memory_parts``): every weight, the trainable ones'
+    gradients, the optimizer state, and what one step saved for backward (a saved-tensor hook).
     """
 
     peak_bytes: int | None
@@ -71,6 +73,10 @@ class ArmMemory(Record):
     allocated_before_bytes: int | None = None
     rss_before_bytes: int | None = None
     peak_reset: bool | None = None
+    param_bytes: int | None = None
+    grad_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
+    saved_activation_bytes: int | None = None
 
 
 class BatchNormDrift(Record):

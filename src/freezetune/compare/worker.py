@@ -38,7 +38,14 @@ from freezetune.freezing.integrity import (
     tensor_sha256,
 )
 from freezetune.measure.device import device_description
-from freezetune.measure.memory import current_rss_bytes, high_water_rss_bytes, reset_peak_memory, reset_peak_rss
+from freezetune.measure.memory import (
+    SavedActivations,
+    current_rss_bytes,
+    high_water_rss_bytes,
+    memory_parts,
+    reset_peak_memory,
+    reset_peak_rss,
+)
 from freezetune.measure.timing import timing_stats
 from freezetune.speed.prefix import training_step_flops
 from freezetune.training.optim import optimizer_state_bytes
@@ -87,6 +94,7 @@ class ArmRunner:
         self._events: Iterator | None = None
         self._batch_hash = hashlib.sha256()
         self._memory_start: dict = {}
+        self._saved_bytes: int | None = None  # one step's saved activations (memory pass only)
         self._bn_before: dict[str, str] = {}
 
     def setup(self, total_steps: int) -> dict:
@@ -119,7 +127,7 @@ class ArmRunner:
         """Trains ``n`` steps of the recipe's loop; returns each step's loss and synchronized wall time."""
         out = []
         for _ in range(n):
-            record = self._next_step()
+            record = self._counted_step() if self.measure_memory and self._saved_bytes is None else self._next_step()
             self._hash_batch(record)  # outside the timed step
             self.losses.append(record.loss)
             if warmup:
@@ -128,6 +136,13 @@ class ArmRunner:
                 self.timed.append(record.step_time_s)
             out.append({"loss": record.loss, "seconds": record.step_time_s})
         return out
+
+    def _counted_step(self) -> StepRecord:
+        """A step whose saved activations are counted: what its backward keeps alive, weights aside."""
+        with SavedActivations(self.recipe.model) as saved:
+            record = self._next_step()
+        self._saved_bytes = saved.nbytes
+        return record
 
     def _next_step(self) -> StepRecord:
         for event in self._events:
@@ -190,13 +205,14 @@ class ArmRunner:
         device = self.recipe.device
         if not self.measure_memory:
             return {"peak_bytes": None, "kind": "not measured (arms share one process)"}
+        parts = memory_parts(self.recipe.model, optimizer_state_bytes(self.recipe.optimizer), self._saved_bytes)
         if device.type == "cuda":
             return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated",
-                    **self._memory_start}
+                    **self._memory_start, **parts}
         peak = high_water_rss_bytes()
         before = self._memory_start["rss_before_bytes"]
         return {"peak_bytes": max(0, peak - before), "kind": "cpu_peak_rss_growth",
-                "peak_rss_bytes": peak, **self._memory_start}
+                "peak_rss_bytes": peak, **self._memory_start, **parts}
 
 
 def serve(runner: ArmRunner, command: str, args: tuple):

@@ -115,6 +115,8 @@ def _notes(name: str, arm: dict, pick: str | None, with_label: bool = False) -> 
         marks.append("[bold green]recommended[/]")
     if arm["on_pareto"]:
         marks.append("pareto")
+    if arm.get("on_memory_pareto"):
+        marks.append("memory pareto")
     if arm["status"] == "pruned":
         marks.append(f"[yellow]pruned after epoch {arm['pruned_at_epoch']}[/]")
     elif arm["status"] != "completed":

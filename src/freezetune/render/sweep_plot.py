@@ -2,9 +2,11 @@
 
 Two panels share one colour per arm (matplotlib's tab10, in the result's arm order): on the left
 each arm's final validation accuracy against its training time, with the Pareto front and the
-recommended arm; on the right each arm's accuracy after every epoch against the training seconds
-spent so far. Drawn on a bare :class:`matplotlib.figure.Figure` (Agg), never through pyplot, from
-the sweep record alone (a plain dict), so this module imports no sweep code.
+recommended arm; in the middle each arm's accuracy after every epoch against the training seconds
+spent so far. With the memory pass, a third panel on the right puts the final accuracy against
+each arm's peak memory, with its own Pareto front. Drawn on a bare :class:`matplotlib.figure.Figure`
+(Agg), never through pyplot, from the sweep record alone (a plain dict), so this module imports no
+sweep code.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from matplotlib.ticker import FuncFormatter, PercentFormatter
 from freezetune.atomic import atomic_write
 
 FIGSIZE = (13, 5)
+FIGSIZE_WITH_MEMORY = (19, 5)
+MIB = 2**20
 DPI = 120
 PALETTE = "tab10"
 MUTED = "#8c8c8c"  # pruned arms' error bars and labels
@@ -51,17 +55,22 @@ def sweep_plot(result: dict, path: str | Path) -> Path:
 def sweep_figure(result: dict) -> Figure:
     """The sweep figure: cost against accuracy per arm (left), accuracy curves over training time (right)."""
     colors = arm_colors(result["arms"])
-    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    memory = bool(result.get("memory_pareto"))
+    fig = Figure(figsize=FIGSIZE_WITH_MEMORY if memory else FIGSIZE, layout="constrained")
     FigureCanvasAgg(fig)  # a renderer, to measure the labels with (see _separate_labels)
-    ax_cost, ax_curve = fig.subplots(1, 2)
+    axes = list(fig.subplots(1, 3 if memory else 2))
+    ax_cost, ax_curve = axes[:2]
     _cost_panel(ax_cost, result, colors)
     _curve_panel(ax_curve, result, colors)
+    memory_ax = axes[2] if memory else None
+    if memory_ax is not None:
+        _memory_panel(memory_ax, result, colors)
     log = needs_log([arm["wall_s"].get("mean") for arm in result["arms"].values()])
-    for ax in (ax_cost, ax_curve):
+    for ax in axes:
         _target_line(ax, result.get("target_accuracy"))
         _percent_axis(ax)
         ax.grid(alpha=0.3)
-        if log:
+        if log and ax is not memory_ax:  # the time axes
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, 1, 10 rather than 10^0
         else:
@@ -74,7 +83,8 @@ def sweep_figure(result: dict) -> Figure:
     ax_curve.set_xlabel(f"training time so far, s (mean over seeds{scale})")
     fig.suptitle(sweep_title(result), fontsize=12)
     fig.supxlabel(footer(result), fontsize=9, color=INK)
-    _separate_labels(fig, [t for t in ax_cost.texts if t.get_gid() == ARM_LABEL])
+    for ax in axes[::2]:  # the panels with arm names: cost, and memory
+        _separate_labels(fig, [t for t in ax.texts if t.get_gid() == ARM_LABEL])
     return fig
 
 
@@ -212,6 +222,29 @@ def _arm_point(ax, name: str, arm: dict, xy: tuple[float, float], color) -> None
                         fontsize=8.5, color=MUTED if pruned else INK, gid=ARM_LABEL,
                         arrowprops={"arrowstyle": "-", "color": color, "lw": 0.8, "shrinkA": 0, "shrinkB": 5})
     label.arrow_patch.set_visible(False)  # shown only if the label has to move off a neighbour's
+
+
+def _memory_panel(ax, result: dict, colors: dict) -> None:
+    """Final accuracy against peak memory (MiB, from the memory pass), with its own Pareto front."""
+    arms = result["arms"]
+    points = {n: (arm["peak_memory_bytes"] / MIB, arm["val_accuracy"]["mean"]) for n, arm in arms.items()
+              if arm.get("peak_memory_bytes") is not None and arm["val_accuracy"].get("mean") is not None}
+    for name, (x, y) in points.items():
+        ax.errorbar(x, y, yerr=arms[name]["val_accuracy"].get("sd"), fmt="o", ms=8, color=colors[name],
+                    elinewidth=1, capsize=3, zorder=3)
+        label = ax.annotate(name, (x, y), xytext=(9, 7), textcoords="offset points", fontsize=8.5, color=INK,
+                            gid=ARM_LABEL, arrowprops={"arrowstyle": "-", "color": colors[name], "lw": 0.8,
+                                                       "shrinkA": 0, "shrinkB": 5})
+        label.arrow_patch.set_visible(False)
+    front = [points[n] for n in result.get("memory_pareto") or [] if n in points]
+    if front:
+        front.append((max(x for x, _ in points.values()), front[-1][1]))
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color=INK, lw=1.2, alpha=0.6,
+                zorder=1, label="Pareto front (memory)")
+    ax.margins(x=0.15, y=0.12)
+    kind = next((a.get("memory_kind") for a in arms.values() if a.get("memory_kind")), "")
+    ax.set_title("Final accuracy vs peak memory (up and left is better)", fontsize=10)
+    ax.set_xlabel(f"peak memory, MiB ({kind.replace('_', ' ')})")
 
 
 def _curve_panel(ax, result: dict, colors: dict) -> None:

@@ -107,6 +107,8 @@ class ArmRecord(Record):
     memory_kind: str
     on_pareto: bool
     seeds: list[SeedRun]
+    saved_activation_bytes: int | None = None  # what one step saved for backward (memory pass)
+    on_memory_pareto: bool = False  # on the front of accuracy against peak memory
     lr: float | None = None
     lr_multiplier: float = 1.0
     lr_edge: str | None = None  # low | high: the best rate is the grid's smallest or largest
@@ -167,6 +169,7 @@ class SweepResult(Record):
     arms: dict[str, ArmRecord]
     pareto: list[str]
     recommendation: RecommendationRecord
+    memory_pareto: list[str] = []  # by peak memory, smallest first; empty without the memory pass
     mode: str  # in-process | ray | collected
     lr_grid: list[float] = [1.0]
     base_lr: float | None = None  # the config's optim.lr, which the grid multiplies
@@ -223,7 +226,8 @@ def assemble(arms: list[dict], runs: dict, facts: dict[str, dict], meta: dict,
         runs: Per arm, ``{rate multiplier: its seeds' runs}`` (a plain list of runs: one rate, 1).
         facts: Per arm, what does not depend on the seed or rate: ``trainable_params``,
             ``trainable_pct``, ``flops_per_step``, ``feature_cache``, ``peak_memory_bytes``,
-            ``memory_kind``, and ``base_lr`` (its rate at multiplier 1), ``config`` (a job config).
+            ``memory_kind``, ``saved_activation_bytes``, and ``base_lr`` (its rate at multiplier 1),
+            ``config`` (a job config).
         meta: The record's other top-level keys (model, data, epochs, seeds, mode...).
         target: The target accuracy, or None for the best arm's mean final accuracy minus the tolerance.
         tolerance: Accuracy (a fraction) an arm may lose against the best and still be recommended.
@@ -245,17 +249,27 @@ def assemble(arms: list[dict], runs: dict, facts: dict[str, dict], meta: dict,
     records = {a["name"]: _arm_at_best(a, grids[a["name"]], chosen[a["name"]], facts[a["name"]], target)
                for a in arms}
     front = pareto({n: (records[n]["wall_s"]["mean"], records[n]["val_accuracy"]["mean"]) for n in done})
+    memory_front = memory_pareto({n: records[n] for n in done})
     for name, rec in records.items():
         rec["on_pareto"] = name in front
+        rec["on_memory_pareto"] = name in memory_front
     multi = any(len(g) > 1 for g in grids.values())
     rec = recommend([_candidate(records[n], multi) for n in done], tolerance).as_dict()
     if rec["arm"] is not None:
         pick = records[rec["arm"]]
         rec.update(lr=pick["lr"], lr_multiplier=pick["lr_multiplier"], config=facts[rec["arm"]].get("config"))
     data = {**meta, "target_accuracy": target, "target_source": source, "tolerance": tolerance,
-            "arms": records, "pareto": front, "recommendation": rec,
+            "arms": records, "pareto": front, "memory_pareto": memory_front, "recommendation": rec,
             "lr_grid": sorted({m for g in grids.values() for m in g})}
     return SweepResult.model_validate(data).to_dict()
+
+
+def memory_pareto(records: dict[str, dict]) -> list[str]:
+    """The arms no other beats on both peak memory and accuracy; empty unless every arm's memory was measured."""
+    peaks = {n: r["peak_memory_bytes"] for n, r in records.items()}
+    if not peaks or any(p is None for p in peaks.values()):
+        return []
+    return pareto({n: (peaks[n], records[n]["val_accuracy"]["mean"]) for n in records})
 
 
 def best_rate(grid: dict[float, list[SeedRun]]) -> float:
@@ -360,6 +374,7 @@ CSV_COLUMNS = (
     "wall_s", "wall_s_sd", "val_s", "time_to_target_s", "time_to_target_s_sd", "epochs_to_target", "step_s",
     "trainable_pct", "flops_per_step", "feature_cache", "peak_memory_bytes", "on_pareto", "recommended",
     "lr", "lr_multiplier", "best_rate",  # added with rate grids: after the older columns, which readers index
+    "saved_activation_bytes", "on_memory_pareto",  # added with the memory view
 )
 
 
@@ -371,7 +386,8 @@ def csv_rows(result: dict) -> list[dict]:
         common = {"arm": name, "label": arm["label"], "trainable_pct": arm["trainable_pct"],
                   "flops_per_step": arm["flops_per_step"], "feature_cache": arm["feature_cache"],
                   "peak_memory_bytes": arm["peak_memory_bytes"], "on_pareto": arm["on_pareto"],
-                  "recommended": name == pick}
+                  "saved_activation_bytes": arm.get("saved_activation_bytes"),
+                  "on_memory_pareto": arm.get("on_memory_pareto", False), "recommended": name == pick}
         rows.append({**common, "seed": "mean", "lr": arm.get("lr"), "lr_multiplier": arm.get("lr_multiplier"),
                      "best_rate": True, "status": arm["status"], "pruned_at_epoch": arm["pruned_at_epoch"],
                      "val_accuracy": arm["val_accuracy"]["mean"], "val_accuracy_sd": arm["val_accuracy"]["sd"],

@@ -327,6 +327,7 @@ def _write(out: Path, manifest: Manifest, runs: dict, summaries: dict, options: 
         facts[arm.name] = {**arm_facts(config, summaries[job.key] or {}),
                            "peak_memory_bytes": mem.get("peak_bytes"),
                            "memory_kind": mem.get("kind", "not measured (run with --memory)"),
+                           "saved_activation_bytes": mem.get("saved_activation_bytes"),
                            "base_lr": config.optim.lr / job.lr_multiplier, "config": str(out / job.config)}
     device = resolve_device(base.device)
     meta = {
@@ -400,7 +401,9 @@ def _measure_memory(out: Path, manifest: Manifest, configs: dict) -> dict:
             specs.append(ArmSpec(arm.name, arm.label, cfg.freeze.model_dump(mode="json"),
                                  "full" if arm.name == BASELINE else "optimized"))
         peaks = memory_pass(cfgs, specs)
-    return {name: {"peak_bytes": m.get("peak_bytes"), "kind": m.get("kind")} for name, m in peaks.items()}
+    parts = ("param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes")
+    return {name: {"peak_bytes": m.get("peak_bytes"), "kind": m.get("kind"), **{k: m.get(k) for k in parts}}
+            for name, m in peaks.items()}
 
 
 def _read_memory(out: Path) -> dict:
