@@ -293,6 +293,14 @@ def test_cli_refuses_a_config_that_freezes_nothing(tmp_path, tiny_yaml):
     assert "Traceback" not in res.output
 
 
+def test_cli_refuses_an_adapt_method_naming_the_sweep_arm(tmp_path, tiny_yaml):
+    path = tiny_yaml(freeze__until="layer4")
+    res = CliRunner().invoke(app, ["compare", "frozen-vs-full", "--config", str(path), "adapt.method=bn",
+                                   "--no-memory", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "--only full,bn" in res.output and "Traceback" not in res.output
+
+
 def test_cli_refuses_to_overwrite_a_previous_comparison(tmp_path, tiny_yaml):
     path = tiny_yaml(freeze__until="layer4")
     out = tmp_path / "out"

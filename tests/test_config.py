@@ -70,6 +70,9 @@ def test_every_problem_listed_at_once(tmp_path):
         ("data: {source: imagefolder}", "data"),
         ("optim: {momentum: 0, nesterov: true}", "optim"),
         ("train: {epochs: 0}", "train.epochs"),
+        ("adapt: {method: lora2}", "adapt.method"),
+        ("adapt: {method: bn}\nfreeze: {schedule: [{epoch: 1, unfreeze: [layer4]}]}", "adapt"),
+        ("adapt: {method: bias}\nfreeze: {auto: true}", "adapt"),
     ],
 )
 def test_rejected_values_name_their_key(tmp_path, text, key):
@@ -100,3 +103,10 @@ def test_scientific_notation_is_a_float():
     # YAML 1.1 reads 1e-3 as a string; users mean a number.
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 0.001
     assert parse_override("output.dir=run1e3") == (["output", "dir"], "run1e3")
+
+
+def test_an_adapt_method_with_a_schedule_says_why_in_one_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "freeze: {schedule: [{epoch: 1, unfreeze: [layer4]}]}"), ["adapt.method=bn"])
+    [problem] = e.value.problems
+    assert "override 'adapt.method=bn'" in problem and "freeze.schedule" in problem and "\n" not in problem

@@ -87,3 +87,15 @@ def test_another_architecture_with_the_same_parameter_shapes_is_counted_afresh(r
     strided.conv1 = nn.Conv2d(3, 64, 7, stride=4, padding=3, bias=False)  # same shapes and mask, stride 4
     assert step_flops(strided, BATCH, SIZE)["forward"] < step_flops(resnet18, BATCH, SIZE)["forward"]
 
+
+def test_a_batchnorm_only_step_costs_about_two_thirds_of_full(resnet18):
+    from freezetune.config import AdaptConfig
+
+    full = flops_with(resnet18)
+    apply_freeze(resnet18, FreezeConfig(), "resnet18", AdaptConfig(method="bn"))
+    bn_only = step_flops(resnet18, BATCH, SIZE)
+    # Every convolution is frozen but sits between trainable BatchNorm layers: its input gradient
+    # is needed, its weight gradient is not. Backward is then one pass, not two.
+    assert bn_only["forward"] == full["forward"]
+    assert 0.60 <= bn_only["total"] / full["total"] <= 0.72
+    assert bn_only["by_module"]["layer1"]["backward"] < full["by_module"]["layer1"]["backward"] * 0.55

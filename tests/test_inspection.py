@@ -280,3 +280,17 @@ def test_inspect_says_how_train_would_run_the_step(tmp_path):
     text = console.export_text()
     assert re.search(r"prefix without autograd +on +stem\.\.layer2 is frozen", text)
     assert re.search(r"feature cache +off +train\.feature_cache is off", text)
+
+
+def test_an_adapt_method_is_shown_and_counted_as_a_mask_like_any_other():
+    r = inspect_config(_config("adapt.method=bn"), depth=1)
+    assert r.freeze["adapt"] == "bn" and r.freeze["frozen_batchnorm_layers"] == 0
+    # The convolutions are frozen: no weight gradients, so about 1.5x fewer FLOPs than full.
+    assert 1.35 <= r.predicted_speedup <= 1.65
+    # Only the stem's convolution: it sees the image and a frozen weight, so nothing before the
+    # first BatchNorm needs a gradient; every later convolution passes one back to a BatchNorm.
+    assert r.outside_backward_graph == ["conv1"]
+    assert r.activation_memory["frozen_bytes"] <= r.activation_memory["full_bytes"]
+    console = Console(width=80, file=io.StringIO(), record=True)
+    console.print(render(r.to_dict()))
+    assert "adapt.method: bn" in console.export_text()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from freezetune.config import FreezeConfig, ModelConfig
+from freezetune.config import AdaptConfig, FreezeConfig, ModelConfig
 from freezetune.errors import FreezeError
 from freezetune.freezing.integrity import fingerprint, tensor_sha256
 from freezetune.freezing.plan import (
@@ -112,3 +112,49 @@ def test_tensor_hash_is_exact_across_dtypes():
 def test_preview_needs_no_weights():
     model, plan = preview(ModelConfig(weights="imagenet"), FreezeConfig(trainable=["fc"]))
     assert isinstance(model, nn.Module) and plan.trainable == ["fc.weight", "fc.bias"]
+
+
+# adapt.method: every pretrained weight frozen, a sliver of every stage trains
+
+
+def test_bn_method_trains_batchnorm_affine_and_the_head_only(resnet18):
+    plan = apply_freeze(resnet18, FreezeConfig(), "resnet18", AdaptConfig(method="bn"))
+    bn = {n for n, m in resnet18.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert plan.adapt == "bn"
+    assert set(plan.trainable) == {f"{b}.{p}" for b in bn for p in ("weight", "bias")} | {"fc.weight", "fc.bias"}
+    assert all(not p.requires_grad for n, p in resnet18.named_parameters() if ".conv" in n or n == "conv1.weight")
+    # A BatchNorm layer that trains is in training mode: its running statistics follow the new data.
+    set_train_mode(resnet18, plan, True)
+    assert plan.frozen_bn == [] and resnet18.layer2[0].bn1.training
+
+
+def test_bias_method_trains_biases_and_the_head_only(resnet18):
+    plan = apply_freeze(resnet18, FreezeConfig(), "resnet18", AdaptConfig(method="bias"))
+    # torchvision's ResNet convolutions have no bias: BatchNorm's beta, and the head.
+    assert all(n.endswith(".bias") or n == "fc.weight" for n in plan.trainable)
+    assert "bn1.bias" in plan.trainable and "bn1.weight" in plan.frozen and "fc.weight" in plan.trainable
+    assert plan.frozen_bn == []  # each BatchNorm has a trainable beta
+
+
+def test_an_adapt_method_narrows_what_the_freeze_spec_leaves(resnet18):
+    plan = apply_freeze(resnet18, FreezeConfig(until="layer2"), "resnet18", AdaptConfig(method="bn"))
+    assert trainable_tops(resnet18) == ["fc", "layer3", "layer4"]
+    assert "layer2.1.bn2.weight" in plan.frozen and "layer3.0.bn1.weight" in plan.trainable
+    assert "layer3.0.conv1.weight" in plan.frozen
+    # The stages the spec froze keep frozen, statistics-frozen BatchNorm: a prefix as before.
+    assert "layer2.1.bn2" in plan.frozen_bn and "layer3.0.bn1" not in plan.frozen_bn
+
+
+def test_none_changes_nothing(resnet18):
+    plan = apply_freeze(resnet18, FreezeConfig(until="layer1"), "resnet18", AdaptConfig())
+    assert plan.adapt == "none" and trainable_tops(resnet18) == ["fc", "layer2", "layer3", "layer4"]
+
+
+def test_a_method_with_nothing_to_train_is_one_line():
+    # ConvNeXt normalises with LayerNorm: no BatchNorm to train (a meta model: no memory, no init).
+    with pytest.raises(FreezeError) as err:
+        preview(ModelConfig(name="convnext_tiny", weights="none"), FreezeConfig(), AdaptConfig(method="bn"))
+    line = str(err.value)
+    assert "\n" not in line and "adapt.method: bn" in line and "convnext_tiny" in line
+    with pytest.raises(FreezeError, match="outside the head and the frozen layers"):
+        preview(ModelConfig(weights="none"), FreezeConfig(until="layer4"), AdaptConfig(method="bias"))

@@ -220,6 +220,7 @@ def short_run(tmp_path_factory):
         ("data.batch_size=8", "data"),
         ("optim.lr=0.5", "optim"),
         ("seed=4", "seed"),
+        ("adapt.method=bn", "adapt"),
     ],
 )
 def test_resume_refuses_to_change_what_was_trained(short_run, change, section):

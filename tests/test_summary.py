@@ -38,7 +38,7 @@ def _facts(tmp_path, tiny, info=DistInfo(), **extra) -> RunFacts:
         weights={"source": "random-init", "notice": None, "head_replaced": False},
         params={"total": 3, "trainable": 3, "frozen": 0, "trainable_pct": 100.0,
                 "by_module": {"fc": {"total": 3, "trainable": 3, "frozen": 0}}},
-        batchnorm="frozen", frozen_batchnorm_layers=4, speed=SPEED,
+        batchnorm="frozen", frozen_batchnorm_layers=4, adapt="none", speed=SPEED,
         cache_bytes=123, cache_on_disk=False, optimizer=torch.optim.SGD([p], lr=0.1), saved_step=3,
         schedule=[], auto_freeze=None,
     )
@@ -54,7 +54,7 @@ def test_the_summary_is_built_from_the_facts_and_the_logged_steps(tmp_path, tiny
     assert summary["timing_by_path"]["uncached"]["steps_timed"] == 1
     assert summary["val"] == {"accuracy": 0.75, "loss": 0.5}
     assert summary["speed"]["feature_cache"] == {"enabled": True, "reason": "why", "bytes": 123, "on_disk": False}
-    assert summary["freeze"] == {"batchnorm": "frozen", "frozen_batchnorm_layers": 4}
+    assert summary["freeze"] == {"batchnorm": "frozen", "frozen_batchnorm_layers": 4, "adapt": "none"}
     assert summary["checkpoint"]["step"] == 3 and summary["freeze_integrity"] == INTEGRITY
     assert summary["optimizer"]["groups"] == [{"name": None, "lr": 0.1, "lr_mult": 1.0, "params": 3}]
     assert summary["run_dir"] == str(tmp_path) and summary["schema_version"] == 1

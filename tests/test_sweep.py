@@ -9,7 +9,8 @@ import pytest
 
 from conftest import tiny_overrides
 from freezetune.config import load_config
-from freezetune.sweep import SweepArm, collect, default_arms, emit, merge_arms, resume, sweep
+from freezetune.errors import ConfigError
+from freezetune.sweep import SweepArm, collect, default_arms, emit, merge_arms, optional_arms, resume, sweep
 from freezetune.sweep.arms import arm_config, load_arms_file
 from freezetune.training.recipe import run
 
@@ -207,11 +208,11 @@ def test_seeds_give_mean_and_sd_and_memory_is_measured_per_arm(base, tmp_path):
     full, fc = result["arms"]["full"], result["arms"]["layer4"]
     assert full["peak_memory_bytes"] > fc["peak_memory_bytes"] > 0  # each in a process of its own
     assert full["memory_kind"] in ("cpu_peak_rss_growth", "cuda_max_allocated")
-
     assert full["saved_activation_bytes"] > fc["saved_activation_bytes"] > 0
     # The third view: accuracy against peak memory, with a front of its own.
     assert result["memory_pareto"][0] == "layer4" and fc["on_memory_pareto"]
     assert full["on_memory_pareto"] == (full["val_accuracy"]["mean"] > fc["val_accuracy"]["mean"])
+
 
 # --------------------------------------------------------------------------------------------
 # Arms
@@ -243,6 +244,23 @@ def test_arm_config_replaces_the_freeze_spec_and_keeps_batchnorm(tiny, tmp_path)
     assert deep.output.dir == str(tmp_path / "r") and deep.data == cfg.data
 
 
+def test_the_sliver_arms_join_only_when_named_at_ten_times_the_rate(tiny, tmp_path):
+    cfg = tiny(optim__lr=0.03, adapt__method="bias")
+    assert {"bn", "bias", "lora-r8"}.isdisjoint(a.name for a in default_arms(cfg))
+    picked = merge_arms(default_arms(cfg), [], ["full", "bn", "bias"], optional_arms(cfg))
+    assert [a.name for a in picked] == ["full", "bn", "bias"]
+    bn = arm_config(cfg, picked[1], 0, tmp_path / "bn")
+    assert bn.adapt.method == "bn" and bn.optim.lr == 0.3 and bn.freeze.until is None
+    # The user's own adapt.method is, like the freeze selectors, the arm's to decide.
+    assert arm_config(cfg, picked[0], 0, tmp_path / "full").adapt.method == "none"
+    # An arms-file entry of the same name without overrides takes the built-in, with its own grid.
+    entry = SweepArm("bn", "bn", {}, (1.0, 3.0))
+    merged = merge_arms(default_arms(cfg), [entry], None, optional_arms(cfg))
+    assert merged[-1].overrides == {"adapt.method": "bn", "optim.lr": 0.3} and merged[-1].lr_grid == (1.0, 3.0)
+    with pytest.raises(ConfigError, match="the arms are full, .*auto, bn, bias, lora-r8"):
+        merge_arms(default_arms(cfg), [], ["full", "lora"], optional_arms(cfg))
+
+
 def test_shipped_arms_file_makes_valid_configs(tiny, tmp_path):
     from pathlib import Path
 
@@ -253,6 +271,16 @@ def test_shipped_arms_file_makes_valid_configs(tiny, tmp_path):
     for arm in arms:
         arm_config(cfg, arm, 0, tmp_path / arm.name)  # raises on an invalid arm
     assert len(merge_arms(default_arms(cfg), arms)) == 7 + len(arms)
+
+
+def test_the_sliver_arms_file_makes_valid_configs(tiny, tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "sweep" / "digits_sliver_arms.yaml"
+    cfg = tiny()
+    made = {arm.name: arm_config(cfg, arm, 0, tmp_path / arm.name) for arm in load_arms_file(path)}
+    assert made["lora-r4"].adapt.lora.rank == 4 and made["lora-r16"].adapt.lora.rank == 16
+    assert made["lora-l34"].freeze.until == "layer2" and made["lora-l34"].adapt.method == "lora"
 
 
 @pytest.mark.parametrize(("text", "message"), [

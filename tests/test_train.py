@@ -60,6 +60,27 @@ def test_batchnorm_train_policy_lets_statistics_move(tiny):
     assert summary["freeze_integrity"]["ok"]  # only parameters are promised under batchnorm: train
 
 
+@pytest.mark.parametrize("method", ["bn", "bias"])
+def test_a_sliver_trains_and_every_other_weight_stays_bit_identical(tiny, method):
+    cfg = tiny(adapt__method=method, train__epochs=2, optim__lr=0.5)
+    r = Recipe(cfg).setup()
+    before = fingerprint(r.model, r.plan)
+    weights = {n: p.detach().clone() for n, p in r.model.named_parameters()}
+    mean_before = r.model.layer2[0].bn1.running_mean.clone()
+    ids = {id(p) for g in r.optimizer.param_groups for p in g["params"]}
+    assert ids == {id(p) for n, p in r.model.named_parameters() if n in set(r.plan.trainable)}
+
+    summary = r.summarize(r.train())
+    assert fingerprint(r.model, r.plan) == before and summary["freeze_integrity"]["ok"]
+    assert summary["freeze"]["adapt"] == method
+    moved = {n for n, p in r.model.named_parameters() if not torch.equal(weights[n], p)}
+    assert moved and moved <= set(r.plan.trainable) and "layer3.0.conv1.weight" not in moved
+    assert "layer3.0.bn1.bias" in moved and "fc.weight" in moved
+    # The BatchNorm layers train (a sliver of each), so their statistics follow the new data.
+    assert not torch.equal(mean_before, r.model.layer2[0].bn1.running_mean)
+    check_optimizer(r.optimizer, r.model)
+
+
 def test_optimizer_holds_only_trainable_and_state_is_small(tiny):
     r = Recipe(tiny(freeze__trainable="[fc]")).setup()
     ids = {id(p) for g in r.optimizer.param_groups for p in g["params"]}

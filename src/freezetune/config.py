@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from freezetune.errors import ConfigError, MissingExtraError, first_line
 
@@ -137,6 +137,37 @@ class FreezeConfig(_Strict):
         return self
 
 
+class LoraSpec(_Strict):
+    """Low-rank adapters on convolutions (``adapt.method: lora``), made by Hugging Face peft."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # fnmatch patterns over convolution names (layer4.*.conv2); None: every convolution of the
+    # stages the freeze selectors leave trainable.
+    target: list[str] | None = Field(None, min_length=1)
+
+
+class AdaptConfig(_Strict):
+    """A small parameter set that trains while every other pretrained weight stays frozen.
+
+    ``bn`` trains the affine parameters of every BatchNorm layer (Frankle et al., ICLR 2021), ``bias``
+    every bias (BitFit), ``lora`` low-rank adapters beside the convolutions (Hu et al. 2022, through
+    peft); the head always trains. The freeze selectors still apply on top: a stage they freeze
+    keeps its BatchNorm parameters and biases frozen too, and gets no adapters.
+    """
+
+    method: Literal["none", "bn", "bias", "lora"] = "none"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+
+    @model_validator(mode="after")
+    def _lora_needs_lora(self) -> AdaptConfig:
+        # Against the defaults, not the keys given: a dumped config (a run's config.yaml) lists them all.
+        if self.method != "lora" and self.lora != LoraSpec():
+            raise ValueError(f"lora options apply only with method: lora (method is {self.method})")
+        return self
+
+
 class DataConfig(_Strict):
     """Where the images come from and how they are batched."""
 
@@ -235,6 +266,7 @@ class Config(_Strict):
     device: str = "auto"
     model: ModelConfig = Field(default_factory=ModelConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -245,6 +277,20 @@ class Config(_Strict):
     def _device_value(cls, v: str) -> str:
         if not _DEVICE_RE.match(v):
             raise ValueError(f"{v!r} is not one of auto, cpu, cuda, cuda:N")
+        return v
+
+    @field_validator("adapt")
+    @classmethod
+    def _adapt_alone(cls, v: AdaptConfig, info: ValidationInfo) -> AdaptConfig:
+        freeze = info.data.get("freeze")
+        if v.method == "none" or freeze is None:
+            return v
+        if freeze.schedule:
+            raise ValueError(f"method {v.method} cannot be combined with freeze.schedule: an unfreezing phase "
+                             f"would train the weights that {v.method} keeps frozen")
+        if freeze.auto is not None:
+            raise ValueError(f"method {v.method} cannot be combined with freeze.auto: adaptive freezing measures "
+                             "whole stages learning, and here only a sliver of each stage trains")
         return v
 
     def to_dict(self) -> dict[str, Any]:

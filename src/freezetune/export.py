@@ -4,6 +4,8 @@ The checkpoint format itself (what is saved, the base hash, merging) is
 :mod:`freezetune.training.trainable`; this module rebuilds the base a run started from and
 writes the merged weights as one ``.safetensors`` file (:func:`export_run`), or the folded
 eval-mode network as ONNX, checked with onnxruntime before it is written (:func:`export_onnx`).
+A LoRA run's adapters are merged into the weights for both; :func:`export_peft` writes them in
+peft's own adapter format instead.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from torch import nn
 from freezetune import __version__
 from freezetune.atomic import TEMP_SUFFIX, atomic_write, write_error
 from freezetune.errors import FreezetuneError, MissingExtraError, RunDirError, WeightsError, first_line
+from freezetune.freezing.plan import apply_freeze
 from freezetune.lock import hold
+from freezetune.models.catalog import stages
+from freezetune.models.lora import has_lora, lora_layers, merge_lora, require_peft, save_peft_adapter
 from freezetune.models.weights import LoadedModel, build_model
 from freezetune.training.run_dir import RunDir
 from freezetune.training.trainable import META_KEY, Trainable, load_trainable, merge
@@ -53,7 +58,10 @@ def rebuild_base(run_dir: str | Path, trainable: Trainable, base: str | Path | N
     model_cfg = cfg.model.model_copy(update={"weights": weights})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_model(model_cfg)
+        loaded = build_model(model_cfg)
+        if cfg.adapt.method == "lora":  # the adapters' names, as the run's checkpoint has them
+            apply_freeze(loaded.model, cfg.freeze, cfg.model.name, cfg.adapt)
+        return loaded
 
 
 def export_run(
@@ -83,6 +91,10 @@ def export_run(
     out = Path(out)
     _check_out(out, ".safetensors", overwrite)
     merged, trainable, loaded = merged_state(run_dir, base)
+    if has_lora(loaded.model):  # the adapters folded into the convolutions: plain names, no peft needed
+        model = loaded.model.cpu().float()
+        model.load_state_dict(merged)
+        merged = merge_lora(model).state_dict()
     meta = _export_meta(run_dir, trainable, loaded)
     m = trainable.manifest
     data = save({n: t.contiguous() for n, t in merged.items()}, metadata={META_KEY: json.dumps(meta)})
@@ -166,6 +178,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, base: str | Path | None = 
     _check_out(out, ".onnx", overwrite, data_file)
     require_onnx()
     model, meta = merged_model(run_dir, base)
+    if has_lora(model):
+        merge_lora(model)  # one convolution per adapted layer: the graph ONNX gets is the plain network
     size = RunDir(run_dir).config().data.image_size
     inputs = check_inputs(size)
     with torch.no_grad():
@@ -184,6 +198,54 @@ def export_onnx(run_dir: str | Path, out: str | Path, base: str | Path | None = 
             "base": meta["base"], "input": [None, 3, size, size], "opset": _opset(proto),
             "fold": {**fold, "onnx_batchnorm_ops": _count_ops(proto, "BatchNormalization")},
             "check": check, "seconds": time.perf_counter() - start}
+
+
+def export_peft(run_dir: str | Path, out: str | Path, base: str | Path | None = None,
+                overwrite: bool = False) -> dict:
+    """Writes a LoRA run's adapter in peft's format (``adapter_model.safetensors``, ``adapter_config.json``).
+
+    ``peft.PeftModel.from_pretrained(model, out)`` on the run's base model (its architecture with
+    ``num_classes`` outputs and the weights it started from) gives the fine-tuned model back: the
+    adapters, and the head as a module trained whole (``modules_to_save``).
+
+    Args:
+        run_dir: The folder of a run with ``adapt.method: lora``.
+        out: The folder to write (it must not exist, unless ``overwrite``).
+        base: Weights file to use as the base instead of rebuilding it from the run's config.
+        overwrite: Whether an existing ``out`` may be replaced.
+
+    Returns:
+        ``{"out", "bytes", "tensors", "step", "base", "rank", "targets"}``.
+
+    Raises:
+        ExportError: If the run trained no adapters.
+        MissingExtraError: If peft is not installed.
+        RunDirError: If ``out`` exists (without ``overwrite``) or its folder does not.
+        WeightsError: If the base does not match the checkpoint.
+    """
+    out = Path(out)
+    cfg = RunDir(run_dir).config()
+    if cfg.adapt.method != "lora":
+        raise ExportError(f"{run_dir}: --format peft writes LoRA adapters, and this run trained none "
+                          f"(adapt.method: {cfg.adapt.method}); use safetensors or onnx")
+    require_peft("--format peft")
+    if out.exists() and not overwrite:
+        raise RunDirError(f"--out {out}: already exists; choose another path or pass --overwrite")
+    if not out.parent.is_dir():
+        raise RunDirError(f"--out {out}: folder {out.parent} does not exist")
+    model, meta = merged_model(run_dir, base)
+    fresh = rebuild_base(run_dir, load_trainable(run_dir), base).model
+    merge_lora(fresh)  # untrained adapters (B = 0) folded away: the plain base model
+    head = list(stages(cfg.model.name)["head"])
+    with hold(out.parent, "export", create=False), tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        tensors = save_peft_adapter(model, fresh, cfg.adapt.lora, head, staged)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    return {"out": str(out), "bytes": size, "tensors": tensors, "step": meta["step"], "base": meta["base"],
+            "rank": cfg.adapt.lora.rank, "targets": len(lora_layers(model))}
 
 
 def merged_state(run_dir: str | Path, base: str | Path | None = None,

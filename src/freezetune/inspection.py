@@ -28,6 +28,7 @@ from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import FreezePlan, apply_freeze, set_train_mode, unfreeze_all
 from freezetune.measure.flops import forward_flops_by_module, step_flops
 from freezetune.measure.memory import SavedActivations
+from freezetune.models.lora import has_lora, merge_lora
 from freezetune.models.weights import LoadedModel, build_model, imagenet_state_dict
 from freezetune.speed.execution import plan_execution
 
@@ -161,8 +162,10 @@ def inspect_config(config: Config, depth: int = 2) -> Inspection:
     torch.manual_seed(config.seed)
     loaded = load_for_inspection(config.model)
     model = loaded.model
-    plan = apply_freeze(model, config.freeze, config.model.name)
+    plan = apply_freeze(model, config.freeze, config.model.name, config.adapt)
     full = copy.deepcopy(model)
+    if has_lora(full):
+        merge_lora(full)  # full fine-tuning has no adapters: the plain network, everything training
     unfreeze_all(full)
     batch, size, classes = config.data.batch_size, config.data.image_size, config.model.num_classes
 
@@ -346,6 +349,7 @@ def _freeze_summary(config: Config, plan: FreezePlan) -> dict:
         "frozen": spec.frozen,
         "until": spec.until,
         "batchnorm": spec.batchnorm,
+        "adapt": plan.adapt,
         "frozen_batchnorm_layers": len(plan.frozen_bn),
         "trainable_tensors": len(plan.trainable),
         "frozen_tensors": len(plan.frozen),

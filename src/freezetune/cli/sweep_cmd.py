@@ -31,7 +31,8 @@ def sweep(
     out: Path = typer.Option(None, "--out", help="Sweep folder \\[default: <output.dir>/sweep].", show_default=False),
     arms: Path = typer.Option(None, "--arms", help="YAML list of {name, label, overrides} arms that add to or "
                               "replace the defaults (full and one per freeze point).", show_default=False),
-    only: str = typer.Option(None, "--only", help="Run only these arms, comma-separated.", show_default=False),
+    only: str = typer.Option(None, "--only", help="Run only these arms, comma-separated; also picks the arms "
+                              "that run only when named: bn, bias and lora-r8 (adapt.method).", show_default=False),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds seed, seed+1, ...; figures become mean ± sd."),
     target: float = typer.Option(None, "--target", help="Target validation accuracy for time to target, a "
                                  "fraction \\[default: the best arm's mean final accuracy minus the tolerance].",
@@ -148,11 +149,11 @@ def _config(config: Path | None, overrides: list[str] | None, device: str | None
 
 
 def _arms(cfg, arms_file: Path | None, only: str | None):
-    from freezetune.sweep import default_arms, load_arms_file, merge_arms
+    from freezetune.sweep import default_arms, load_arms_file, merge_arms, optional_arms
 
     extra = load_arms_file(arms_file) if arms_file is not None else []
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
-    return merge_arms(default_arms(cfg), extra, names)
+    return merge_arms(default_arms(cfg), extra, names, optional_arms(cfg))
 
 
 def _finish(result: dict) -> None:

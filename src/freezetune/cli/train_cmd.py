@@ -77,7 +77,7 @@ def validate(
     from freezetune.freezing.params import count_params, trainable_line
     from freezetune.freezing.plan import preview
 
-    model, _ = preview(cfg.model, cfg.freeze)
+    model, _ = preview(cfg.model, cfg.freeze, cfg.adapt)
     console.print(Syntax(dump_config(cfg), "yaml", theme="ansi_dark", background_color="default"))
     console.print(trainable_line(count_params(model)))
     console.print(f"[green]ok[/]: {config} is valid")

@@ -108,6 +108,12 @@ def run_comparison(
     """
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1 (got {steps})")
+    if config.adapt.method != "none":
+        # Each arm is a freeze spec on top of the config; a sliver method on top of "full" would
+        # no longer be the baseline every speedup is measured against.
+        method = config.adapt.method
+        raise ConfigError(f"compare measures freeze specs against full fine-tuning; adapt.method: {method} "
+                          f"belongs in train or in a sweep arm (--only full,{method})")
     warmup = config.train.warmup_steps if warmup is None else warmup
     if warmup < 0:
         raise ConfigError(f"--warmup must be 0 or more (got {warmup})")

@@ -16,6 +16,8 @@ from torch import nn
 from freezetune.config import Config
 from freezetune.errors import RunDirError, WeightsError, first_line
 from freezetune.export import merged_model
+from freezetune.freezing.plan import apply_freeze
+from freezetune.models.lora import is_lora_parameter
 from freezetune.models.weights import build_model, read_weights_file, safe_torch_load
 from freezetune.training.checkpoint import CHECKPOINT_NAME, full_model_state
 from freezetune.training.trainable import FORMAT, META_KEY, TRAINABLE_NAME
@@ -52,7 +54,7 @@ def load_weights(run_dir: Path, cfg: Config, checkpoint: str | Path | None = Non
         state, step, kind = _torch_file(path)
     else:
         raise WeightsError(f"--checkpoint {path}: expected a .pt, .pth or .safetensors file")
-    model = _architecture(cfg)
+    model = _architecture(cfg, lora=any(is_lora_parameter(k) for k in state))
     _load_strict(model, state, path)
     return Weights(model, path, kind, step)
 
@@ -64,10 +66,17 @@ def _default_checkpoint(run_dir: Path) -> Path:
     raise RunDirError(f"{run_dir}: no {CHECKPOINT_NAME} or {TRAINABLE_NAME}; pass --checkpoint PATH")
 
 
-def _architecture(cfg: Config) -> nn.Module:
-    """The run's network with its head, randomly initialised (every tensor is then loaded)."""
+def _architecture(cfg: Config, lora: bool = False) -> nn.Module:
+    """The run's network with its head, randomly initialised (every tensor is then loaded).
+
+    With ``lora``, peft's adapters too, as the run trained them (a checkpoint of an
+    ``adapt.method: lora`` run; its exported weights have them merged, and load without).
+    """
     with torch.random.fork_rng(devices=[]):
-        return build_model(cfg.model.model_copy(update={"weights": "none"})).model
+        model = build_model(cfg.model.model_copy(update={"weights": "none"})).model
+        if lora:
+            apply_freeze(model, cfg.freeze, cfg.model.name, cfg.adapt)
+        return model
 
 
 def _safetensors_meta(path: Path) -> dict:

@@ -7,6 +7,14 @@ held directly by a module that has submodules (ViT's ``class_token`` on the mode
 result is a :class:`FreezePlan` that the rest of freezetune reads: which parameters train, which
 BatchNorm layers are frozen, and how to put the model in training mode without letting frozen
 BatchNorm statistics drift.
+
+``adapt.method`` narrows what trains further, to a sliver spread through the whole network: the
+BatchNorm affine parameters (``bn``), the biases (``bias``) or low-rank adapters injected beside the
+convolutions (``lora``), plus the head. It is the same
+``requires_grad`` mask, so the integrity check, the optimizer check, the trainable-only checkpoint
+and the FLOP count need nothing of their own for it. A BatchNorm layer with a trainable parameter
+is in training mode, as in any stage that trains, so a ``bn`` arm also updates the running
+statistics: the method (Frankle et al.) trains BatchNorm, statistics included.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from freezetune.config import FreezeConfig, ModelConfig
+from freezetune.config import AdaptConfig, FreezeConfig, ModelConfig
 from freezetune.errors import FreezeError
 from freezetune.models.catalog import meta_model, replace_head, stages
+from freezetune.models.lora import has_lora, inject_lora, is_lora_parameter, lora_targets
 
 
 @dataclass
@@ -31,12 +40,14 @@ class FreezePlan:
         frozen: Names of parameters with ``requires_grad=False``.
         frozen_bn: Names of BatchNorm modules kept in eval mode (``batchnorm: frozen``).
         batchnorm: The BatchNorm policy, ``frozen`` or ``train``.
+        adapt: The ``adapt.method`` that narrowed what trains (``none``, ``bn``, ``bias`` or ``lora``).
     """
 
     trainable: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
     frozen_bn: list[str] = field(default_factory=list)
     batchnorm: str = "frozen"
+    adapt: str = "none"
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -160,22 +171,75 @@ def modules_until(model_name: str, stage: str) -> tuple[str, ...]:
     raise AssertionError("unreachable")
 
 
-def apply_freeze(model: nn.Module, spec: FreezeConfig, model_name: str) -> FreezePlan:
-    """Sets ``requires_grad`` on every parameter according to the spec.
+ADAPT_METHODS = {"bn": "BatchNorm affine parameters", "bias": "biases", "lora": "low-rank adapters"}
+
+
+def adapted_parameters(model: nn.Module, method: str) -> set[str]:
+    """The parameters an ``adapt.method`` trains besides the head (empty for ``none``).
+
+    ``bn``: the weight and bias of every BatchNorm layer. ``bias``: every parameter named ``bias``
+    (in a torchvision ResNet, whose convolutions have none, that is BatchNorm's beta). ``lora``:
+    the injected adapters' ``lora_A`` and ``lora_B``.
+    """
+    if method == "bn":
+        return {f"{owner}.{name}" for owner, mod in model.named_modules()
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm) for name, _ in mod.named_parameters(recurse=False)}
+    if method == "bias":
+        return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+    if method == "lora":
+        return {n for n, _ in model.named_parameters() if is_lora_parameter(n)}
+    return set()
+
+
+def adapt_frozen(model: nn.Module, adapt: AdaptConfig | None, model_name: str, frozen: set[str]) -> set[str]:
+    """The parameters ``adapt`` freezes on top of ``frozen`` (the spec's): all but its sliver and the head.
+
+    With ``lora``, first puts the adapters beside the convolutions ``adapt.lora`` targets (in place;
+    a model that has them already keeps them).
+
+    Raises:
+        FreezeError: If the method finds nothing of its kind outside the frozen layers.
+        MissingExtraError: For ``lora`` without peft.
+    """
+    method = "none" if adapt is None else adapt.method
+    if method == "none":
+        return set()
+    head = match_parameters(model, list(stages(model_name)["head"]))
+    if method == "lora" and not has_lora(model):
+        # The stages the spec froze get no adapters, so their parameter names stay as they were.
+        inject_lora(model, adapt.lora, lora_targets(model, adapt.lora, frozen, head))
+    sliver = adapted_parameters(model, method) - frozen - head
+    if not sliver:
+        where = "outside the head and the frozen layers" if frozen else "outside the head"
+        raise FreezeError(f"adapt.method: {method} trains {ADAPT_METHODS[method]}, and {model_name} has none "
+                          f"{where}; use another method or freeze less")
+    return {n for n, _ in model.named_parameters() if n not in sliver | head}
+
+
+def apply_freeze(model: nn.Module, spec: FreezeConfig, model_name: str,
+                 adapt: AdaptConfig | None = None) -> FreezePlan:
+    """Sets ``requires_grad`` on every parameter according to the spec and the adapt method.
+
+    With ``adapt.method: lora`` the model changes first: peft's adapters are injected beside the
+    targeted convolutions (see :mod:`freezetune.models.lora`), whose weights are then named
+    ``<conv>.base_layer.weight``. Build the model and load its weights before calling this.
 
     Args:
         model: The model to freeze in place.
         spec: The ``freeze`` config section.
         model_name: torchvision name, for ``until`` freeze points.
+        adapt: The ``adapt`` config section (None: ``method: none``).
 
     Returns:
         The FreezePlan describing the result.
 
     Raises:
-        FreezeError: On a pattern that matches nothing, or when nothing is left to train.
+        FreezeError: On a pattern that matches nothing, an adapt method with nothing to train, or
+            when nothing is left to train.
     """
     frozen = frozen_parameters(model, spec, model_name)
-    plan = FreezePlan(batchnorm=spec.batchnorm)
+    frozen |= adapt_frozen(model, adapt, model_name, frozen)
+    plan = FreezePlan(batchnorm=spec.batchnorm, adapt="none" if adapt is None else adapt.method)
     for name, param in model.named_parameters():
         is_frozen = name in frozen
         param.requires_grad_(not is_frozen)
@@ -198,7 +262,8 @@ def unfreeze_all(model: nn.Module) -> FreezePlan:
     return apply_freeze(model, FreezeConfig(), "")
 
 
-def preview(model_cfg: ModelConfig, spec: FreezeConfig) -> tuple[nn.Module, FreezePlan]:
+def preview(model_cfg: ModelConfig, spec: FreezeConfig,
+            adapt: AdaptConfig | None = None) -> tuple[nn.Module, FreezePlan]:
     """Applies a freeze spec to a model of the configured shape, built on the meta device.
 
     The split into trainable and frozen parameters does not depend on weight values, so this
@@ -208,7 +273,7 @@ def preview(model_cfg: ModelConfig, spec: FreezeConfig) -> tuple[nn.Module, Free
     """
     model = meta_model(model_cfg.name)
     replace_head(model, model_cfg.num_classes)
-    return model, apply_freeze(model, spec, model_cfg.name)
+    return model, apply_freeze(model, spec, model_cfg.name, adapt)
 
 
 def set_train_mode(model: nn.Module, plan: FreezePlan, mode: bool = True) -> None:

@@ -96,6 +96,8 @@ class ConsoleReporter(Reporter):
         c.print(trainable_line(run.freeze.initial_params))
         bn = run.plan.frozen_bn
         c.print(f"batchnorm: {run.plan.batchnorm} ({len(bn)} BatchNorm layers kept in eval mode)")
+        if run.plan.adapt != "none":
+            c.print(f"adapt.method: {run.plan.adapt} (every other pretrained weight frozen; the head trains)")
 
     def train_start(self, total_steps: int, start_step: int) -> None:
         """Starts the progress bar."""

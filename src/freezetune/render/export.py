@@ -29,3 +29,12 @@ def onnx_lines(done: dict) -> list[str]:
         f"checked: {check['runtime']} at batch {', '.join(map(str, check['batches']))}: max |diff| "
         f"{check['max_abs_diff']:.2e} (tolerance {check['atol']:g} + {check['rtol']:g}*|logit|)",
     ]
+
+
+def peft_lines(done: dict) -> list[str]:
+    """The lines for a written peft adapter, from the dict ``export_peft`` returns."""
+    return [
+        f"wrote {done['out']} ({fmt_bytes(done['bytes'])}): LoRA rank {done['rank']} on {done['targets']} "
+        f"convolutions and the head, {done['tensors']} tensors, step {done['step']}, base {done['base']}",
+        f"load it with: peft.PeftModel.from_pretrained(<the base model>, {done['out']!r})",
+    ]

@@ -55,6 +55,8 @@ def header(data: dict) -> Text:
     if given:
         value = f[given[0]]
         spec = f"freeze.{given[0]}: " + (f"[{', '.join(value)}]" if isinstance(value, list) else value)
+    if f.get("adapt", "none") != "none":
+        spec += f"  adapt.method: {f['adapt']}"
     p = data["params"]
     return Text.from_markup(
         f"[bold]{data['model']}[/]  weights: {escape(data['weights_source'])}  "

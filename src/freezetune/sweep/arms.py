@@ -1,9 +1,10 @@
 """The arms of a sweep: which configs run, and the one config each (arm, seed) trains with.
 
 By default a sweep has ``full`` (everything trains) and one arm per freeze point of the model, named
-as in ``compare depths`` and taken from the model catalog. An arms file adds arms or replaces
-default ones; each arm is the user's config with its freeze selectors removed (the BatchNorm
-policy kept) and the arm's overrides applied.
+as in ``compare depths`` and taken from the model catalog. ``bn``, ``bias`` and ``lora-r8`` (every
+pretrained weight frozen, a sliver trained) join when named. An arms file adds arms or replaces default ones;
+each arm is the user's config with its freeze selectors and ``adapt`` removed (the BatchNorm policy
+kept) and the arm's overrides applied.
 """
 
 from __future__ import annotations
@@ -116,6 +117,27 @@ def default_arms(config: Config) -> list[SweepArm]:
     return arms
 
 
+# Every pretrained weight frozen, a sliver trains (adapt.method), each arm at ten times the
+# config's rate at the centre of the sweep's grid: BitFit tuned its biases at rates 10-50x those
+# of full fine-tuning, and a method that moves so few parameters needs larger steps to move as far.
+SLIVER_LR_SCALE = 10.0
+SLIVER_ARMS = {
+    "bn": ("BatchNorm only (adapt.method: bn)", {"adapt.method": "bn"}),
+    "bias": ("biases only (adapt.method: bias)", {"adapt.method": "bias"}),
+    "lora-r8": ("LoRA rank 8 on every conv (adapt.method: lora)", {"adapt.method": "lora", "adapt.lora.rank": 8}),
+}
+
+
+def optional_arms(config: Config) -> list[SweepArm]:
+    """Arms a sweep runs only when named (``--only`` or an arms-file entry without overrides).
+
+    ``bn``, ``bias`` and ``lora-r8`` train a sliver of every stage instead of a suffix of stages;
+    they are not default arms until a measurement shows they pay for their place.
+    """
+    lr = float(f"{config.optim.lr * SLIVER_LR_SCALE:.12g}")
+    return [SweepArm(name, label, {**overrides, "optim.lr": lr}) for name, (label, overrides) in SLIVER_ARMS.items()]
+
+
 def load_arms_file(path: str | Path) -> list[SweepArm]:
     """Reads an arms file: a YAML list of ``{name, label (optional), overrides}``.
 
@@ -145,20 +167,33 @@ def load_arms_file(path: str | Path) -> list[SweepArm]:
     return arms
 
 
-def merge_arms(defaults: list[SweepArm], extra: list[SweepArm], only: list[str] | None = None) -> list[SweepArm]:
+def merge_arms(defaults: list[SweepArm], extra: list[SweepArm], only: list[str] | None = None,
+               optional: list[SweepArm] | None = None) -> list[SweepArm]:
     """Defaults with the file's arms replacing same-named ones and the rest appended; ``only`` selects.
+
+    An ``optional`` arm (see :func:`optional_arms`) joins when ``only`` names it, or when the file
+    has an entry of its name without overrides (the entry's label and ``lr_grid`` still apply).
 
     Raises:
         ConfigError: If ``only`` names an unknown arm, or fewer than two arms are left.
     """
     by_name = {a.name: a for a in defaults}
+    builtin = {a.name: a for a in optional or []}
     for arm in extra:
+        base = builtin.get(arm.name)
+        if base is not None and not arm.overrides:
+            arm = SweepArm(arm.name, base.label if arm.label == arm.name else arm.label, dict(base.overrides),
+                           arm.lr_grid)
         by_name[arm.name] = arm
+    for name in only or []:
+        if name not in by_name and name in builtin:
+            by_name[name] = builtin[name]
     arms = list(by_name.values())
     if only:
         unknown = [n for n in only if n not in by_name]
         if unknown:
-            raise ConfigError(f"--only: unknown arm(s) {', '.join(unknown)}; the arms are {', '.join(by_name)}")
+            known = list(by_name) + [n for n in builtin if n not in by_name]
+            raise ConfigError(f"--only: unknown arm(s) {', '.join(unknown)}; the arms are {', '.join(known)}")
         arms = [a for a in arms if a.name in only]
     if len(arms) < 2:
         raise ConfigError(f"a sweep needs at least two arms to compare (got {', '.join(a.name for a in arms)})")
@@ -190,6 +225,7 @@ def arm_config(config: Config, arm: SweepArm, seed: int, run_dir: Path, feature_
         )
     data = config.to_dict()
     data["freeze"] = {"batchnorm": config.freeze.batchnorm}
+    data["adapt"] = {}  # like the freeze selectors, what trains is the arm's to say
     data["seed"] = seed
     data["train"]["feature_cache"] = feature_cache
     data["output"] = {"dir": str(run_dir), "overwrite": True}

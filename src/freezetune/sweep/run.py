@@ -304,7 +304,7 @@ def arm_facts(config: Config, summary: dict) -> dict:
     ``summary.json`` says; with the feature cache, FLOPs are those of a step after the first
     epoch, which reads the frozen prefix's output instead of computing it.
     """
-    model, _ = preview(config.model, config.freeze)
+    model, _ = preview(config.model, config.freeze, config.adapt)
     params = count_params(model)
     speed = summary.get("speed", {})
     cached = bool(speed.get("feature_cache", {}).get("enabled", False))

@@ -213,7 +213,7 @@ class FreezeController:
         return FreezePlan(trainable=plan.trainable + [n for n in plan.frozen if n in mid_run],
                           frozen=[n for n in plan.frozen if n not in mid_run],
                           frozen_bn=[n for n in plan.frozen_bn if not any(k.startswith(n + ".") for k in mid_run)],
-                          batchnorm=plan.batchnorm)
+                          batchnorm=plan.batchnorm, adapt=plan.adapt)
 
     def base_sha256(self) -> str:
         """The combined hash of the trainable checkpoint's base: what :meth:`base_plan` freezes, as it froze."""

@@ -119,7 +119,7 @@ class Recipe:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         self.loaded = build_model(cfg.model)
-        plan = apply_freeze(self.loaded.model, cfg.freeze, cfg.model.name)
+        plan = apply_freeze(self.loaded.model, cfg.freeze, cfg.model.name, cfg.adapt)
         self.freeze = FreezeController(cfg, self.loaded.model, plan, self.plain_baseline)
 
     def _setup_data(self) -> None:
@@ -429,6 +429,7 @@ class Recipe:
             steps=self.state.step, epochs_completed=self.state.epoch,
             weights={"source": loaded.weights_source, "notice": loaded.notice, "head_replaced": loaded.head_replaced},
             params=self.freeze.initial_params, batchnorm=plan.batchnorm, frozen_batchnorm_layers=len(plan.frozen_bn),
+            adapt=plan.adapt,
             speed=self.engine.speed(), cache_bytes=cache.nbytes if cache else 0,
             cache_on_disk=bool(cache and cache.on_disk), optimizer=self.optimizer, saved_step=self.progress.saved_step,
             schedule=[p.as_dict() for p in self.freeze.phases],

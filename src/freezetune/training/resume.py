@@ -11,7 +11,7 @@ from freezetune.training.run_dir import CONFIG_NAME, RunDir
 from freezetune.training.state import RunState
 
 # What may differ between a run and its resumption: how long and where it trains, not what.
-_FIXED_SECTIONS = ("seed", "model", "freeze", "data", "optim", "output")
+_FIXED_SECTIONS = ("seed", "model", "freeze", "adapt", "data", "optim", "output")
 
 
 def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:

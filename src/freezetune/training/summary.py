@@ -64,10 +64,11 @@ class RunParams(ParamCounts):
 
 
 class RunFreeze(Record):
-    """The BatchNorm policy, and how many BatchNorm layers it keeps in eval mode."""
+    """The BatchNorm policy, how many BatchNorm layers it keeps in eval mode, and ``adapt.method``."""
 
     batchnorm: str
     frozen_batchnorm_layers: int
+    adapt: str = "none"  # absent from summaries written before adapt.method
 
 
 class RunTiming(TimingStats):
@@ -346,6 +347,7 @@ class RunFacts:
         params: Parameter counts as the run started.
         batchnorm: The BatchNorm policy.
         frozen_batchnorm_layers: BatchNorm layers kept in eval mode.
+        adapt: The ``adapt.method``.
         speed: The execution path (``summary.json``'s ``speed`` without the cache's size).
         cache_bytes: Bytes of the feature cache (0 without one).
         cache_on_disk: Whether the cache is memory-mapped from the run folder.
@@ -370,6 +372,7 @@ class RunFacts:
     params: dict
     batchnorm: str
     frozen_batchnorm_layers: int
+    adapt: str
     speed: dict
     cache_bytes: int
     cache_on_disk: bool
@@ -403,7 +406,8 @@ def build_summary(facts: RunFacts) -> dict:
         model=cfg.model.name,
         weights=facts.weights,
         params=facts.params,
-        freeze={"batchnorm": facts.batchnorm, "frozen_batchnorm_layers": facts.frozen_batchnorm_layers},
+        freeze={"batchnorm": facts.batchnorm, "frozen_batchnorm_layers": facts.frozen_batchnorm_layers,
+                "adapt": facts.adapt},
         steps=facts.steps,
         epochs_completed=facts.epochs_completed,
         timing={**timing_stats([r["step_time_s"] for r in timed], bs),
