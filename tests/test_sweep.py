@@ -244,13 +244,15 @@ def test_arm_config_replaces_the_freeze_spec_and_keeps_batchnorm(tiny, tmp_path)
     assert deep.output.dir == str(tmp_path / "r") and deep.data == cfg.data
 
 
-def test_the_sliver_arms_join_only_when_named_at_ten_times_the_rate(tiny, tmp_path):
+def test_the_sliver_arms_join_only_when_named_each_at_its_own_rate(tiny, tmp_path):
     cfg = tiny(optim__lr=0.03, adapt__method="bias")
     assert {"bn", "bias", "lora-r8"}.isdisjoint(a.name for a in default_arms(cfg))
-    picked = merge_arms(default_arms(cfg), [], ["full", "bn", "bias"], optional_arms(cfg))
-    assert [a.name for a in picked] == ["full", "bn", "bias"]
+    picked = merge_arms(default_arms(cfg), [], ["full", "bn", "bias", "lora-r8"], optional_arms(cfg))
+    assert [a.name for a in picked] == ["full", "bn", "bias", "lora-r8"]
     bn = arm_config(cfg, picked[1], 0, tmp_path / "bn")
-    assert bn.adapt.method == "bn" and bn.optim.lr == 0.3 and bn.freeze.until is None
+    assert bn.adapt.method == "bn" and bn.optim.lr == 0.3 and bn.freeze.until is None  # 10x the config's
+    lora = arm_config(cfg, picked[3], 0, tmp_path / "lora")
+    assert lora.adapt.method == "lora" and lora.adapt.lora.rank == 8 and lora.optim.lr == 0.03
     # The user's own adapt.method is, like the freeze selectors, the arm's to decide.
     assert arm_config(cfg, picked[0], 0, tmp_path / "full").adapt.method == "none"
     # An arms-file entry of the same name without overrides takes the built-in, with its own grid.
