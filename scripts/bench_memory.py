@@ -32,10 +32,16 @@ ARMS = {  # name: (label, overrides)
     "lora-r4": ("LoRA r4, every conv", ["adapt.method=lora", "adapt.lora.rank=4"]),
     "lora-r16": ("LoRA r16, every conv", ["adapt.method=lora", "adapt.lora.rank=16"]),
     "lora-l34": ("LoRA r8 on layer3-4, rest frozen", ["adapt.method=lora", "freeze.until=layer2"]),
+    # train.lean_backward: the same arms keeping less for backward (models/lean.py)
+    "full-lean": ("full fine-tuning, lean backward", ["train.lean_backward=true"]),
+    "bn-lean": ("BatchNorm only, lean backward", ["adapt.method=bn", "train.lean_backward=true"]),
+    "bias-lean": ("biases only, lean backward", ["adapt.method=bias", "train.lean_backward=true"]),
+    "lora-r4-lean": ("LoRA r4, every conv, lean backward",
+                     ["adapt.method=lora", "adapt.lora.rank=4", "train.lean_backward=true"]),
 }
 
 
-def measure(size: int, batch: int, device: str) -> dict:
+def measure(size: int, batch: int, device: str, names: list[str] | None = None) -> dict:
     """Every arm's memory record at one image size, each from a process of its own."""
     from freezetune.compare.arms import ArmSpec
     from freezetune.compare.run import memory_pass
@@ -44,6 +50,8 @@ def measure(size: int, batch: int, device: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         configs, specs = [], []
         for name, (label, overrides) in ARMS.items():
+            if names and name not in names and name != "full":
+                continue
             cfg = load_config(None, ["model.weights=none", f"data.image_size={size}", f"data.batch_size={batch}",
                                      f"data.train_size={batch * 4}", "data.val_size=0", f"device={device}",
                                      "train.feature_cache=off", f"output.dir={tmp}/{name}", *overrides])
@@ -76,20 +84,21 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), help="Only these arms (and full).")
     parser.add_argument("--json", type=Path, help="Write the raw records here.")
     args = parser.parse_args()
     import torch
 
     start = time.time()
-    results = {str(size): measure(size, args.batch_size, args.device) for size in args.sizes}
+    results = {str(size): measure(size, args.batch_size, args.device, args.arms) for size in args.sizes}
     print("\n".join(table(results)))
     if args.json:
         record = {"command": "python scripts/bench_memory.py " + " ".join(
                       [f"--sizes {' '.join(map(str, args.sizes))}", f"--batch-size {args.batch_size}",
-                       f"--device {args.device}"]),
+                       f"--device {args.device}"] + ([f"--arms {' '.join(args.arms)}"] if args.arms else [])),
                   "when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "seconds": time.time() - start,
                   "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
-                  "torch": torch.__version__, "batch_size": args.batch_size, "arms": {k: v[0] for k, v in ARMS.items()},
+                  "torch": torch.__version__, "batch_size": args.batch_size, "arms": {k: v[0] for k, v in ARMS.items() if not args.arms or k in args.arms or k == "full"},
                   "results": results}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 

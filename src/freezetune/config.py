@@ -242,6 +242,9 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    # Convolutions with frozen weights keep no input for backward, ReLU keeps a 1-bit mask, max
+    # pooling its indices only (models/lean.py). Same numbers bit for bit, less memory.
+    lean_backward: bool = False
     threads: int | None = Field(None, ge=1)
 
     @field_validator("feature_cache", mode="before")

@@ -28,6 +28,7 @@ from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import FreezePlan, apply_freeze, set_train_mode, unfreeze_all
 from freezetune.measure.flops import forward_flops_by_module, step_flops
 from freezetune.measure.memory import SavedActivations
+from freezetune.models.lean import make_lean
 from freezetune.models.lora import has_lora, merge_lora
 from freezetune.models.weights import LoadedModel, build_model, imagenet_state_dict
 from freezetune.speed.execution import plan_execution
@@ -163,6 +164,8 @@ def inspect_config(config: Config, depth: int = 2) -> Inspection:
     loaded = load_for_inspection(config.model)
     model = loaded.model
     plan = apply_freeze(model, config.freeze, config.model.name, config.adapt)
+    if config.train.lean_backward:
+        make_lean(model)  # and so the full baseline, copied from it: both keep what the run would
     full = copy.deepcopy(model)
     if has_lora(full):
         merge_lora(full)  # full fine-tuning has no adapters: the plain network, everything training

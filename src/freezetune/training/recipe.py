@@ -33,6 +33,7 @@ from freezetune.freezing.plan import apply_freeze
 from freezetune.measure.device import resolve_device
 from freezetune.measure.memory import reset_peak_memory
 from freezetune.measure.timing import synchronize
+from freezetune.models.lean import make_lean
 from freezetune.models.weights import build_model
 from freezetune.speed.precision import grad_scaler
 from freezetune.training import distributed as dist
@@ -120,6 +121,8 @@ class Recipe:
         torch.manual_seed(cfg.seed)
         self.loaded = build_model(cfg.model)
         plan = apply_freeze(self.loaded.model, cfg.freeze, cfg.model.name, cfg.adapt)
+        if cfg.train.lean_backward:
+            make_lean(self.loaded.model)  # after the adapters, so that their frozen base convs are lean too
         self.freeze = FreezeController(cfg, self.loaded.model, plan, self.plain_baseline)
 
     def _setup_data(self) -> None:
