@@ -98,7 +98,8 @@ def main() -> None:
                        f"--device {args.device}"] + ([f"--arms {' '.join(args.arms)}"] if args.arms else [])),
                   "when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "seconds": time.time() - start,
                   "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
-                  "torch": torch.__version__, "batch_size": args.batch_size, "arms": {k: v[0] for k, v in ARMS.items() if not args.arms or k in args.arms or k == "full"},
+                  "torch": torch.__version__, "batch_size": args.batch_size,
+                  "arms": {k: v[0] for k, v in ARMS.items() if not args.arms or k in args.arms or k == "full"},
                   "results": results}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 

@@ -1,4 +1,4 @@
-"""``train.lean_backward``: lean ReLU, convolution and max pooling, the same numbers bit for bit, less kept for backward."""
+"""``train.lean_backward``: lean ReLU, convolution and max pooling; the same numbers, bit for bit, less kept."""
 
 from __future__ import annotations
 

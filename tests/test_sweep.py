@@ -187,7 +187,7 @@ def test_pruned_arms_stop_and_are_reported_as_pruned(base, tmp_path, monkeypatch
 def test_the_auto_arm_freezes_during_the_sweep_and_is_a_point_of_its_own(base, tmp_path):
     cfg = load_config(None, [*tiny_overrides(tmp_path / "run"), "train.epochs=3", "data.train_size=8",
                              "freeze.auto.criterion=threshold", "freeze.auto.threshold=1e9",
-                             "freeze.auto.max_stage=layer2"])
+                             "freeze.auto.max_stage=layer2", "freeze.auto.every_steps=2", "freeze.auto.min_steps=2"])
     result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "auto")), prune=False, memory=False, lr_grid=ONE)
     summary = json.loads((tmp_path / "s/runs/auto/seed-0/summary.json").read_text())
     assert summary["auto_freeze"]["stages_frozen"] == ["stem", "layer1", "layer2"]
@@ -226,11 +226,11 @@ def test_default_arms_are_full_and_every_freeze_point(base):
 
 
 def test_the_auto_arm_keeps_the_configs_own_auto_options(tiny, tmp_path):
-    cfg = tiny(freeze__auto__every=2, freeze__auto__max_stage="layer2")
+    cfg = tiny(freeze__auto__every_steps=2, freeze__auto__max_stage="layer2")
     auto = default_arms(cfg)[-1]
-    assert auto.overrides == {"freeze.auto": {"every": 2, "max_stage": "layer2"}}
+    assert auto.overrides == {"freeze.auto": {"every_steps": 2, "max_stage": "layer2"}}
     made = arm_config(cfg, auto, 0, tmp_path / "r")
-    assert made.freeze.auto.every == 2 and made.freeze.auto.max_stage == "layer2" and made.freeze.until is None
+    assert made.freeze.auto.every_steps == 2 and made.freeze.auto.max_stage == "layer2" and made.freeze.until is None
     fixed = arm_config(cfg, default_arms(cfg)[1], 0, tmp_path / "s")
     assert fixed.freeze.auto is None  # the fixed arms do not inherit adaptive freezing
 

@@ -24,6 +24,14 @@ from freezetune.errors import ConfigError, MissingExtraError, first_line
 MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 WEIGHTS_KEYWORDS = ("imagenet", "auto", "none")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+# freeze.auto: intervals with fewer measured steps than this freeze nothing. Below it, the spread
+# of the per-step gradient norms (the noise the rule holds each change against) is itself too
+# uncertain to trust (docs/auto-freeze.md, "The minimum").
+MIN_STEPS = 8
+# One accuracy point: how far below the best an arm may end and still count as reaching it (the
+# sweep's default --tolerance), and how far below its best so far a freeze.auto run may fall after
+# a freeze before it says so.
+DEFAULT_TOLERANCE = 0.01
 
 
 class _Strict(BaseModel):
@@ -59,28 +67,42 @@ class UnfreezeStep(_Strict):
 
 
 class AutoFreezeConfig(_Strict):
-    """Adaptive freezing (``freeze.auto``): stages freeze, input side first, once they stop learning.
+    """Adaptive freezing (``freeze.auto``): stages freeze, input side first, once they clearly stop learning.
 
-    At the start of epochs ``first_check``, ``first_check + every``, ... each trainable stage's mean
-    gradient norm over the last ``every`` epochs is compared with the ``every`` epochs before; the
-    longest run of trainable stages from the input side whose relative change is below the cut
-    freezes (never the head, never past ``max_stage``). See docs/auto-freeze.md.
+    The run is cut into intervals of ``every_steps`` optimizer steps (by default the budget over
+    ``checks``). After the step that closes an interval, mid-epoch included, each trainable stage's
+    mean gradient norm over it is compared with the interval before, against the noise of both
+    means; the longest run of trainable stages from the input side whose change is below the cut
+    *beyond that noise* freezes (never the head, never past ``max_stage``). See docs/auto-freeze.md.
     """
 
-    every: int = Field(1, ge=1)
-    start_epoch: int | None = Field(None, ge=2)  # None: as soon as two intervals exist (2 x every)
+    checks: int = Field(10, ge=2)
+    every_steps: int | None = Field(None, ge=1)
+    min_steps: int = Field(MIN_STEPS, ge=2)
+    noise_z: float = Field(2.0, ge=0)
     criterion: Literal["percentile", "threshold"] = "percentile"
     percentile: float = Field(50.0, gt=0, lt=100)
     threshold: float = Field(0.05, gt=0)
     max_stage: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epoch_intervals_retired(cls, data: Any) -> Any:
+        # Run folders written before step-level checks hold every: 1 and start_epoch: null (the
+        # defaults then): read them, so such a run still evaluates and exports. Any other value
+        # meant epochs, which no longer exist here.
+        if isinstance(data, dict) and ("every" in data or "start_epoch" in data):
+            data = dict(data)
+            every, start = data.pop("every", 1), data.pop("start_epoch", None)
+            if every != 1 or start is not None:
+                raise ValueError("every and start_epoch counted epochs and are gone: checks are now in steps; "
+                                 "use checks (checks per run) or every_steps (steps per interval)")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> AutoFreezeConfig:
-        if self.start_epoch is not None and self.start_epoch < 2 * self.every:
-            raise ValueError(
-                f"start_epoch {self.start_epoch} is too early: the first check compares two intervals "
-                f"of every={self.every} epochs, so start_epoch must be at least {2 * self.every}"
-            )
+        if self.every_steps is not None and self.checks != type(self).model_fields["checks"].default:
+            raise ValueError("give checks or every_steps, not both (every_steps sets the interval itself)")
         # A changed option the criterion ignores is a mistake (the defaults are what dump_config writes).
         unused = {"percentile": "threshold", "threshold": "percentile"}
         for key, other in unused.items():
@@ -88,10 +110,9 @@ class AutoFreezeConfig(_Strict):
                 raise ValueError(f"{key} applies only with criterion: {key} (criterion is {other})")
         return self
 
-    @property
-    def first_check(self) -> int:
-        """The first epoch (0-based) at whose start stages may freeze."""
-        return self.start_epoch if self.start_epoch is not None else 2 * self.every
+    def interval(self, total_steps: int) -> int:
+        """Optimizer steps per interval for a run of ``total_steps``."""
+        return self.every_steps if self.every_steps is not None else max(1, total_steps // self.checks)
 
 
 class FreezeConfig(_Strict):

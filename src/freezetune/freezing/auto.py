@@ -1,27 +1,37 @@
-"""Adaptive freezing (``freeze.auto``): stages freeze, input side first, once they stop learning.
+"""Adaptive freezing (``freeze.auto``): stages freeze, input side first, once they clearly stop learning.
 
-The criterion follows AutoFreeze (Liu et al., 2021). Every step, after the update, the gradient
-norm of each trainable stage is added to a running sum (on the device, no synchronization). At an
-interval boundary (an epoch start) the sums become per-step means, and each stage's *change* is
-``|mean_now - mean_before| / mean_before`` against the interval before. A stage whose gradient
-norm has stopped changing has stopped moving in a new direction: it is converging. The longest run
-of trainable stages from the input side whose change is below the cut freezes, so the frozen
-prefix only grows; the head never freezes, nor anything past ``max_stage``.
+The criterion follows AutoFreeze (Liu et al., 2021), with checks measured in steps as there. Every
+step, after the update, the gradient norm of each trainable stage and its square are added to
+running sums (on the device, no synchronization). The run is cut into intervals of a fixed number
+of steps (``freeze.auto.checks`` per run, or ``every_steps``). After the step that closes one,
+mid-epoch included, each stage's *change* is ``|mean_now - mean_before| / mean_before`` against
+the interval before: a stage whose gradient norm has stopped changing has stopped moving in a new
+direction.
+
+On little data those means are mostly noise, and a rule that reads them at face value freezes
+on it (the issue that brought this in: 60 steps, every stage frozen by epoch 5, 18 points lost).
+So a stage freezes only when its change is below the cut *by more than the noise*: the change
+plus ``noise_z`` standard errors of the difference of the two means (from the spread of the
+per-step norms in each interval) must stay below the cut, and an interval of fewer than
+``min_steps`` steps freezes nothing at all. The longest run of such stages from the input side
+freezes, so the frozen prefix only grows; the head never freezes, nor anything past ``max_stage``.
 
 The cut is the ``percentile`` of the changes of every trainable stage (head included), as in
-AutoFreeze, or a fixed ``threshold``. This module makes the ``requires_grad`` decisions and
-records each frozen tensor's sha256 at that moment; the recipe removes the parameters from the
-optimizer and rebuilds the execution path.
+AutoFreeze, or a fixed ``threshold``. :func:`judge` is the whole decision, a pure function of the
+two intervals' statistics. This module makes the ``requires_grad`` decisions and records each
+frozen tensor's sha256 at that moment; the freeze controller removes the parameters from the
+optimizer and the recipe rebuilds the execution path.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from freezetune.config import AutoFreezeConfig
+from freezetune.config import DEFAULT_TOLERANCE, AutoFreezeConfig
 from freezetune.errors import FreezeError
 from freezetune.freezing.integrity import combined_sha256, fingerprint
 from freezetune.freezing.plan import FreezePlan
@@ -37,16 +47,17 @@ class FreezeEvent:
 
     Attributes:
         step: Optimizer steps taken when it froze (it is frozen from step ``step + 1``).
-        epoch: The epoch at whose start it froze.
+        epoch: The epoch it froze in (0-based; mid-epoch when the step is not an epoch's last).
         stage: The freeze point, as ``freezetune models`` names it.
         change: Its relative change of mean gradient norm between the last two intervals.
-        cut: The value ``change`` had to be below (the percentile, or the threshold).
+        cut: The value ``bound`` had to be below (the percentile, or the threshold).
         criterion: ``percentile`` or ``threshold``.
         grad_norm: Its mean gradient norm per step over the last interval.
         tensors: Parameters (and, with ``batchnorm: frozen``, BatchNorm buffers) frozen.
         params: Scalar parameters frozen.
         optimizer_bytes_freed: Momentum-buffer bytes released (set by the recipe).
         sha256: Combined digest of the stage's tensors at that moment.
+        bound: ``change`` plus ``noise_z`` standard errors: what was held to the cut.
         hashes: Per-tensor digests, kept in the checkpoint and checked at the end of the run.
     """
 
@@ -61,6 +72,7 @@ class FreezeEvent:
     params: int
     sha256: str
     optimizer_bytes_freed: int = 0
+    bound: float | None = None  # None in checkpoints written before the noise-aware rule
     hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def as_dict(self, hashes: bool = False) -> dict:
@@ -72,12 +84,50 @@ class FreezeEvent:
 
     @property
     def line(self) -> str:
-        """The console line, e.g. ``step 120: froze layer1 (grad change 0.8% < 2.1%, ...)``."""
+        """The console line, e.g. ``step 120: froze layer1 (grad change 0.8% ± 0.6% < 2.1%, ...)``."""
         cut = f"{self.cut:.1%}"
         if self.criterion == "threshold":
             cut += " threshold"
-        return (f"step {self.step}: froze {self.stage} (grad change {self.change:.1%} < {cut}; "
+        noise = f" + noise {self.bound - self.change:.1%}" if self.bound is not None else ""
+        return (f"step {self.step}: froze {self.stage} (grad change {self.change:.1%}{noise} < {cut}; "
                 f"{self.params:,} params, {self.optimizer_bytes_freed / 2**20:.1f} MiB freed)")
+
+
+@dataclass
+class AccuracyDrop:
+    """A validation accuracy more than the tolerance below the run's best so far, after a freeze.
+
+    Attributes:
+        epoch: The epoch validated.
+        step: Optimizer steps taken by then.
+        accuracy: Its validation accuracy.
+        best: The best validation accuracy before it, and ``best_epoch`` the epoch that had it.
+        drop: ``best - accuracy``.
+        tolerance: The drop allowed (the sweep's default tolerance).
+        frozen: The stages ``freeze.auto`` had frozen by then.
+    """
+
+    epoch: int
+    step: int
+    accuracy: float
+    best: float
+    best_epoch: int
+    drop: float
+    tolerance: float
+    frozen: list[str]
+
+    @property
+    def line(self) -> str:
+        """The console line: what fell, from where, and what had frozen."""
+        return (f"epoch {self.epoch}: val accuracy {self.accuracy:.3f} is {self.drop:.3f} below the best so far "
+                f"({self.best:.3f}, epoch {self.best_epoch}) since freeze.auto froze {', '.join(self.frozen)}; "
+                f"full fine-tuning may do better here (more than the {self.tolerance:g} tolerance)")
+
+
+def fell(best: float | None, accuracy: float, tolerance: float = DEFAULT_TOLERANCE) -> bool:
+    """The guard's rule: whether ``accuracy`` is more than ``tolerance`` below the ``best`` so far."""
+    # 1e-9: 0.80 - 0.79 is 0.010000000000000009 in floating point, and exactly the tolerance is within it.
+    return best is not None and best - accuracy > tolerance + 1e-9
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -91,41 +141,87 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def relative_changes(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
-    """``|now - before| / before`` for every stage measured in both intervals (a zero norm counts as moving)."""
-    return {s: abs(now[s] - before[s]) / before[s] if before[s] > 0 else float("inf")
-            for s in now if s in before}
+@dataclass(frozen=True)
+class StageStats:
+    """One stage's gradient norm over one interval: its mean and spread per step, and the step count."""
+
+    mean: float
+    sd: float
+    steps: int
+
+    @classmethod
+    def of(cls, total: float, squares: float, steps: int) -> StageStats:
+        """From running sums of the norm and its square (the sample standard deviation; 0 from one step)."""
+        mean = total / steps
+        var = (squares - total * total / steps) / (steps - 1) if steps > 1 else 0.0
+        return cls(mean, math.sqrt(max(var, 0.0)), steps)
 
 
-def choose(changes: dict[str, float], candidates: list[str], cfg: AutoFreezeConfig) -> tuple[list[str], float]:
-    """The pure decision: which candidate stages freeze now, and the cut they were held to.
+@dataclass(frozen=True)
+class Verdict:
+    """One check's decision and everything it was made from (``summary.json``'s ``auto_freeze.checks``).
+
+    Attributes:
+        changes: Each stage's relative change of mean norm (head included).
+        bounds: The change plus ``noise_z`` standard errors of the difference of the two means,
+            relative to the earlier mean: what a stage's change could be, given the noise.
+        cut: What a candidate's bound had to be below.
+        froze: The candidates that freeze, input side first.
+        reason: Why nothing may freeze at this check, or None.
+    """
+
+    changes: dict[str, float]
+    bounds: dict[str, float]
+    cut: float
+    froze: list[str]
+    reason: str | None = None
+
+
+def judge(now: dict[str, StageStats], before: dict[str, StageStats], candidates: list[str],
+          cfg: AutoFreezeConfig) -> Verdict:
+    """The pure decision of one check: which candidate stages freeze, and why.
 
     Args:
-        changes: Relative change per trainable stage (head included, for the percentile).
+        now: Each trainable stage's statistics over the interval that just closed (head included).
+        before: The same over the interval before it.
         candidates: Trainable stages that may freeze, in input-to-output order.
-        cfg: The criterion.
+        cfg: The criterion (``percentile`` or ``threshold``, ``noise_z``, ``min_steps``).
 
     Returns:
-        The leading candidates whose change is below the cut (the prefix only grows), and the cut.
+        The leading candidates whose change is below the cut by more than the noise (the prefix
+        only grows), with the figures behind the decision.
     """
+    common = [s for s in now if s in before]
+    changes, bounds = {}, {}
+    for s in common:
+        a, b = before[s], now[s]
+        if a.mean <= 0:  # a zero norm counts as moving
+            changes[s] = bounds[s] = math.inf
+            continue
+        changes[s] = abs(b.mean - a.mean) / a.mean
+        noise = math.sqrt(a.sd ** 2 / a.steps + b.sd ** 2 / b.steps) / a.mean
+        bounds[s] = changes[s] + cfg.noise_z * noise
     if not changes:
-        return [], 0.0
+        return Verdict({}, {}, 0.0, [], "no stage measured in both intervals")
     cut = percentile(list(changes.values()), cfg.percentile) if cfg.criterion == "percentile" else cfg.threshold
+    fewest = min(min(now[s].steps, before[s].steps) for s in common)
+    if fewest < cfg.min_steps:
+        return Verdict(changes, bounds, cut, [], f"{fewest} steps in an interval, fewer than min_steps "
+                                                  f"{cfg.min_steps}")
     chosen = []
     for stage in candidates:
-        if stage not in changes or not changes[stage] < cut:
+        if stage not in bounds or not bounds[stage] < cut:
             break
         chosen.append(stage)
-    return chosen, cut
+    return Verdict(changes, bounds, cut, chosen)
 
 
 class GradNormMeter:
-    """Sums each stage's gradient norm per step on the device; read once per interval.
+    """Sums each stage's gradient norm, and its square, per step on the device; read once per interval.
 
     One ``torch._foreach_norm`` over the trainable gradients and an ``index_add_`` per step, with
-    no host synchronization. Measured (scripts/bench_auto.py, full fine-tuning, 64 px, batch 32,
-    2-core CPU): steps took 3.5% longer with it (643 against 622 ms, medians of 40 interleaved
-    rounds; raw: benchmarks/auto-freeze/meter-cpu-2threads-torch2.14.1.json).
+    no host synchronization. Measured end to end in docs/auto-freeze.md ("What the meter costs",
+    scripts/bench_auto.py).
     """
 
     def __init__(self, groups: dict[str, list[nn.Parameter]]):
@@ -134,8 +230,9 @@ class GradNormMeter:
         self._owner = [i for i, s in enumerate(self.stages) for _ in groups[s]]
         self._index: torch.Tensor | None = None
         self.sum: torch.Tensor | None = None  # float64 per stage, on the gradients' device
+        self.squares: torch.Tensor | None = None
         self.steps: torch.Tensor | None = None
-        self._restored: tuple[list[float], int] | None = None
+        self._restored: tuple[list[float], list[float], int] | None = None
 
     def observe(self) -> None:
         """Adds this step's per-stage gradient norms (call after the update; grads are unscaled then)."""
@@ -149,45 +246,49 @@ class GradNormMeter:
         else:
             index = torch.tensor([i for i, _ in with_grad], device=device)
         norms = torch.stack(torch._foreach_norm([g for _, g in with_grad])).double()
-        per_stage = torch.zeros_like(self.sum).index_add_(0, index, norms * norms).sqrt()
-        finite = torch.isfinite(per_stage).all()  # an fp16 step skipped for overflow is not counted
-        self.sum += torch.where(finite, per_stage, torch.zeros_like(per_stage))
+        squared = torch.zeros_like(self.sum).index_add_(0, index, norms * norms)
+        finite = torch.isfinite(squared).all()  # an fp16 step skipped for overflow is not counted
+        self.sum += torch.where(finite, squared.sqrt(), torch.zeros_like(squared))
+        self.squares += torch.where(finite, squared, torch.zeros_like(squared))
         self.steps += finite.long()
 
     def _allocate(self, device: torch.device) -> None:
         if self.sum is not None:
             return
         self._index = torch.tensor(self._owner, device=device)
-        sums, steps = self._restored or ([0.0] * len(self.stages), 0)
+        sums, squares, steps = self._restored or ([0.0] * len(self.stages), [0.0] * len(self.stages), 0)
         self.sum = torch.tensor(sums, dtype=torch.float64, device=device)
+        self.squares = torch.tensor(squares, dtype=torch.float64, device=device)
         self.steps = torch.tensor(steps, dtype=torch.long, device=device)
 
-    def means(self) -> dict[str, float]:
-        """Mean gradient norm per step of each stage since the last reset (empty if no step counted)."""
-        sums, steps = self._values()
-        return {s: v / steps for s, v in zip(self.stages, sums, strict=True)} if steps else {}
+    def stats(self) -> dict[str, StageStats]:
+        """Each stage's mean norm per step and its spread since the last reset (empty if no step counted)."""
+        sums, squares, steps = self._values()
+        if not steps:
+            return {}
+        return {s: StageStats.of(v, q, steps) for s, v, q in zip(self.stages, sums, squares, strict=True)}
 
     def reset(self) -> None:
         """Starts a new interval."""
-        self.sum = self.steps = None
+        self.sum = self.squares = self.steps = None
         self._restored = None
 
-    def _values(self) -> tuple[list[float], int]:
+    def _values(self) -> tuple[list[float], list[float], int]:
         if self.sum is None:
-            return self._restored or ([0.0] * len(self.stages), 0)
-        return self.sum.tolist(), int(self.steps.item())
+            return self._restored or ([0.0] * len(self.stages), [0.0] * len(self.stages), 0)
+        return self.sum.tolist(), self.squares.tolist(), int(self.steps.item())
 
     def state_dict(self) -> dict:
         """The running sums as plain floats (float64 round-trips exactly)."""
-        sums, steps = self._values()
-        return {"stages": list(self.stages), "sum": sums, "steps": steps}
+        sums, squares, steps = self._values()
+        return {"stages": list(self.stages), "sum": sums, "squares": squares, "steps": steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Continues the interval a checkpoint was saved in."""
         if list(state["stages"]) != self.stages:
             raise ValueError(f"grad-norm meter stages {state['stages']} differ from {self.stages}")
         self.reset()
-        self._restored = (list(state["sum"]), int(state["steps"]))
+        self._restored = (list(state["sum"]), list(state["squares"]), int(state["steps"]))
 
 
 class AutoFreezer:
@@ -215,10 +316,13 @@ class AutoFreezer:
         last = cfg.max_stage or points[-1]
         self.may_freeze = points[: points.index(last) + 1]
         self.events: list[FreezeEvent] = []
-        self.checks: list[dict] = []  # every boundary's criterion values, frozen or not
-        self.previous: dict[str, float] | None = None
-        self.last_boundary = -1
+        self.checks: list[dict] = []  # every check's figures and verdict, frozen or not
+        self.previous: dict[str, StageStats] | None = None
+        self.interval: int | None = None  # steps per interval, set by start()
+        self.last_check = 0  # the step of the last check
         self.meter = GradNormMeter(self._groups())
+        self.best: tuple[float, int] | None = None  # the best validation accuracy so far, and its epoch
+        self.drops: list[AccuracyDrop] = []
 
     def _groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters per stage, in model order; a parameter belongs to its first stage."""
@@ -234,28 +338,31 @@ class AutoFreezer:
         trainable = set(self.meter.stages)
         return [s for s in self.may_freeze if s in trainable]
 
-    def is_boundary(self, epoch: int) -> bool:
-        """Whether an interval ends at the start of ``epoch`` (and has not been handled yet)."""
-        return epoch > self.last_boundary and epoch > 0 and (epoch - self.cfg.first_check) % self.cfg.every == 0
+    def start(self, total_steps: int) -> None:
+        """Sets the interval for a run of ``total_steps`` (a resumed run keeps its checkpoint's)."""
+        if self.interval is None:
+            self.interval = self.cfg.interval(total_steps)
 
-    def at_epoch_start(self, epoch: int, step: int) -> list[FreezeEvent]:
-        """Closes an interval if one ends here and freezes the stages the criterion chooses.
+    def at_step(self, step: int, epoch: int) -> list[FreezeEvent]:
+        """After optimizer step ``step``: closes an interval if one ends here, and freezes what :func:`judge` chooses.
+
+        Calling it again for the same step does nothing, so a resumed run can call it for the
+        step its checkpoint was saved at (saved before that step's check ran).
 
         Returns:
             The new events (their ``optimizer_bytes_freed`` is for the caller to fill in).
         """
-        if not self.is_boundary(epoch):
+        if self.interval is None or step <= self.last_check or step % self.interval or not self.candidates():
             return []
-        self.last_boundary = epoch
-        now = self.meter.means()
+        self.last_check = step
+        now = self.meter.stats()
         events: list[FreezeEvent] = []
-        if now and self.previous is not None and epoch >= self.cfg.first_check:
-            changes = relative_changes(now, self.previous)
-            chosen, cut = choose(changes, self.candidates(), self.cfg)
-            self.checks.append({"epoch": epoch, "step": step, "changes": changes, "cut": cut,
-                                "candidates": self.candidates(), "froze": chosen})
-            events = [self._freeze(stage, epoch, step, changes[stage], cut, now[stage]) for stage in chosen]
-        self.previous = {s: v for s, v in now.items() if s not in {e.stage for e in events}} if now else None
+        if now and self.previous is not None:
+            verdict = judge(now, self.previous, self.candidates(), self.cfg)
+            self.checks.append(_check_record(step, epoch, now, verdict, self.candidates()))
+            events = [self._freeze(stage, epoch, step, verdict, now[stage].mean) for stage in verdict.froze]
+        frozen = {e.stage for e in events}
+        self.previous = {s: v for s, v in now.items() if s not in frozen} if now else None
         if events:
             self.meter = GradNormMeter(self._groups())
         else:
@@ -263,12 +370,29 @@ class AutoFreezer:
         self.events += events
         return events
 
-    def _freeze(self, stage: str, epoch: int, step: int, change: float, cut: float, norm: float) -> FreezeEvent:
+    def validated(self, epoch: int, step: int, accuracy: float) -> AccuracyDrop | None:
+        """The guard: after each validation, whether the run fell below its best so far since a freeze.
+
+        It only reports: stages stay frozen (unfreezing would have to undo the optimizer's and the
+        cache's changes, and a drop on a small validation split can be noise too). The drop is
+        returned for the caller to say; it is kept for the summary and the checkpoint.
+        """
+        drop = None
+        if self.events and self.best is not None and fell(self.best[0], accuracy):
+            drop = AccuracyDrop(epoch, step, accuracy, self.best[0], self.best[1], self.best[0] - accuracy,
+                                DEFAULT_TOLERANCE, [e.stage for e in self.events])
+            self.drops.append(drop)
+        if self.best is None or accuracy > self.best[0]:
+            self.best = (accuracy, epoch)
+        return drop
+
+    def _freeze(self, stage: str, epoch: int, step: int, verdict: Verdict, norm: float) -> FreezeEvent:
         newly = freeze_stage(self.model, self.plan, self.order[stage])
         hashes = fingerprint(self.model, FreezePlan(frozen=newly, frozen_bn=self._stage_bn(stage)))
-        return FreezeEvent(step=step, epoch=epoch, stage=stage, change=change, cut=cut, criterion=self.cfg.criterion,
-                           grad_norm=norm, tensors=len(hashes), params=_numel(self.model, newly),
-                           sha256=combined_sha256(hashes), hashes=hashes)
+        return FreezeEvent(step=step, epoch=epoch, stage=stage, change=verdict.changes[stage], cut=verdict.cut,
+                           criterion=self.cfg.criterion, grad_norm=norm, tensors=len(hashes),
+                           params=_numel(self.model, newly), sha256=combined_sha256(hashes),
+                           bound=verdict.bounds[stage], hashes=hashes)
 
     def _stage_bn(self, stage: str) -> list[str]:
         return [n for n in self.plan.frozen_bn if stage_members_cover(n, self.order[stage])]
@@ -279,22 +403,32 @@ class AutoFreezer:
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly: events, the last interval, the meter."""
+        previous = None if self.previous is None else {s: asdict(v) for s, v in self.previous.items()}
         return {"events": [e.as_dict(hashes=True) for e in self.events], "checks": self.checks,
-                "previous": self.previous,
-                "last_boundary": self.last_boundary, "meter": self.meter.state_dict()}
+                "previous": previous, "interval": self.interval, "last_check": self.last_check,
+                "meter": self.meter.state_dict(), "best": self.best, "drops": [asdict(d) for d in self.drops]}
 
     def load_state_dict(self, state: dict) -> list[FreezeEvent]:
         """Re-freezes the stages a checkpoint had frozen, in order, and continues its interval.
 
         Returns:
             The replayed events (the caller removes their parameters from the optimizer).
+
+        Raises:
+            FreezeError: For a checkpoint of the epoch-level rule this version replaced.
         """
+        if "interval" not in state:
+            raise FreezeError("the checkpoint's freeze.auto state is from an earlier version that checked once "
+                              "per epoch; it cannot continue under step-level checks: train the run again")
         for data in state["events"]:
             freeze_stage(self.model, self.plan, self.order[data["stage"]])
             self.events.append(FreezeEvent(**data))
-        self.checks = list(state.get("checks", []))
-        self.previous = state["previous"]
-        self.last_boundary = int(state["last_boundary"])
+        self.checks = list(state["checks"])
+        self.previous = None if state["previous"] is None else {
+            s: StageStats(**v) for s, v in state["previous"].items()}
+        self.interval, self.last_check = state["interval"], int(state["last_check"])
+        self.best = None if state["best"] is None else (float(state["best"][0]), int(state["best"][1]))
+        self.drops = [AccuracyDrop(**d) for d in state["drops"]]
         self.meter = GradNormMeter(self._groups())
         self.meter.load_state_dict(state["meter"])
         return list(self.events)
@@ -304,7 +438,19 @@ class AutoFreezer:
         return {"config": self.cfg.model_dump(mode="json"), "events": [e.as_dict() for e in self.events],
                 "checks": self.checks, "stages_frozen": [e.stage for e in self.events],
                 "params_frozen": sum(e.params for e in self.events),
-                "optimizer_bytes_freed": sum(e.optimizer_bytes_freed for e in self.events)}
+                "optimizer_bytes_freed": sum(e.optimizer_bytes_freed for e in self.events),
+                "guard": {"tolerance": DEFAULT_TOLERANCE, "best_accuracy": self.best[0] if self.best else None,
+                          "best_epoch": self.best[1] if self.best else None,
+                          "drops": [asdict(d) for d in self.drops]}}
+
+
+def _check_record(step: int, epoch: int, now: dict[str, StageStats], verdict: Verdict,
+                  candidates: list[str]) -> dict:
+    """One check as ``summary.json`` lists it: the figures, the cut and the decision."""
+    return {"step": step, "epoch": epoch, "changes": verdict.changes, "bounds": verdict.bounds, "cut": verdict.cut,
+            "steps": min((v.steps for v in now.values()), default=0),
+            "grad_norm": {s: [v.mean, v.sd] for s, v in now.items()},
+            "candidates": candidates, "froze": verdict.froze, "reason": verdict.reason}
 
 
 def freeze_stage(model: nn.Module, plan: FreezePlan, members: tuple[str, ...]) -> list[str]:

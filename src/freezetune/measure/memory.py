@@ -121,6 +121,10 @@ class SavedActivations:
         return sum(self._saved.values())
 
 
+# The keys of memory_parts, for the readers that copy them (the sweep's memory pass).
+MEMORY_PARTS = ("param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes")
+
+
 def memory_parts(model: nn.Module, optimizer_state_bytes: int, saved_activation_bytes: int | None) -> dict:
     """What a training step's memory is made of, beside its measured peak.
 
@@ -134,6 +138,7 @@ def memory_parts(model: nn.Module, optimizer_state_bytes: int, saved_activation_
         ``optimizer_state_bytes`` and ``saved_activation_bytes``.
     """
     params = list(model.parameters())
-    return {"param_bytes": sum(p.numel() * p.element_size() for p in params),
-            "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-            "optimizer_state_bytes": optimizer_state_bytes, "saved_activation_bytes": saved_activation_bytes}
+    values = (sum(p.numel() * p.element_size() for p in params),
+              sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+              optimizer_state_bytes, saved_activation_bytes)
+    return dict(zip(MEMORY_PARTS, values, strict=True))

@@ -67,17 +67,24 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """Dimensions from the largest stride to the smallest: ``t.permute`` of them is contiguous if ``t`` is dense."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
 class _MaskedReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         out = torch.relu_(x) if inplace else torch.relu(x)
         if inplace:
             ctx.mark_dirty(x)
-        # Packed in memory order: a channels-last output as its (N, H, W, C) view, so that the
-        # mask unpacks straight into the output's layout.
-        ctx.channels_last = _layout(out) == torch.channels_last
-        dense = out.permute(0, 2, 3, 1) if ctx.channels_last else out.contiguous()
-        ctx.dense_shape = dense.shape
+        # Packed in memory order (a channels-last output as its N, H, W, C view), so that the mask
+        # unpacks straight into the output's strides.
+        order = _memory_order(out)
+        dense = out.permute(order)
+        if not dense.is_contiguous():  # an overlapping or strided view: logical order, restrided later
+            order, dense = list(range(out.dim())), out.contiguous()
+        ctx.order, ctx.dense_shape, ctx.stride = order, dense.shape, out.stride()
         # Not "out > 0": a NaN output passes its gradient in PyTorch's rule (threshold_backward).
         # save_for_backward, not an attribute: saved-tensor hooks (the memory count) see it.
         ctx.save_for_backward(pack_mask(dense.le(0).logical_not_()))
@@ -86,13 +93,20 @@ class _MaskedReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (packed,) = ctx.saved_tensors
-        passes = unpack_mask(packed, ctx.dense_shape)
-        if ctx.channels_last:
-            passes = passes.permute(0, 3, 1, 2)
-        # threshold_backward's rule and layout: the gradient where the output was not <= 0, else +0,
-        # laid out as the output was (the layout picks the next backward's kernel). Not
-        # threshold_backward itself on the mask: it would promote the mask to a float copy.
-        return torch.where(passes, grad, 0.0), None
+        passes = unpack_mask(packed, ctx.dense_shape).permute(sorted(range(len(ctx.order)), key=ctx.order.__getitem__))
+        if passes.stride() != ctx.stride:
+            passes = torch.empty_strided(passes.shape, ctx.stride, dtype=torch.bool, device=grad.device).copy_(passes)
+        # threshold_backward's rule: the gradient where the output was not <= 0, else +0, in the
+        # layout threshold_backward would give, which picks the next backward's kernel. Where the
+        # gradient and the output share their strides and no dimension has size 1, torch.where
+        # with the mask laid out as the output gives that layout without a float copy. Otherwise
+        # (the last ReLU, whose gradient comes from the pooling laid out differently, or a 1x1
+        # map) TensorIterator's choice is subtler, so ask threshold_backward itself, on a float
+        # stand-in of the output's strides: the same kernel, the same layout.
+        if grad.stride() == ctx.stride and 1 not in grad.shape:
+            return torch.where(passes, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None
+        stand_in = torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(passes)
+        return torch.ops.aten.threshold_backward(grad, stand_in, 0), None
 
 
 def masked_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:

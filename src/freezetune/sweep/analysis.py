@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-DEFAULT_TOLERANCE = 0.01  # one accuracy point
+from freezetune.config import DEFAULT_TOLERANCE  # noqa: F401  (the sweep's callers read it here)
 
 
 @dataclass(frozen=True)

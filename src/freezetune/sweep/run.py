@@ -40,6 +40,7 @@ from freezetune.freezing.params import count_params
 from freezetune.freezing.plan import preview
 from freezetune.lock import hold
 from freezetune.measure.device import device_description, resolve_device
+from freezetune.measure.memory import MEMORY_PARTS
 from freezetune.render.sweep_plot import sweep_plot
 from freezetune.speed.prefix import training_step_flops
 from freezetune.sweep.analysis import DEFAULT_TOLERANCE, rungs
@@ -401,8 +402,7 @@ def _measure_memory(out: Path, manifest: Manifest, configs: dict) -> dict:
             specs.append(ArmSpec(arm.name, arm.label, cfg.freeze.model_dump(mode="json"),
                                  "full" if arm.name == BASELINE else "optimized"))
         peaks = memory_pass(cfgs, specs)
-    parts = ("param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes")
-    return {name: {"peak_bytes": m.get("peak_bytes"), "kind": m.get("kind"), **{k: m.get(k) for k in parts}}
+    return {name: {"peak_bytes": m.get("peak_bytes"), "kind": m.get("kind"), **{k: m.get(k) for k in MEMORY_PARTS}}
             for name, m in peaks.items()}
 
 

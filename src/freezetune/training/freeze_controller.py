@@ -1,7 +1,8 @@
 """The freeze controller: the one owner of every change to what trains while a run is under way.
 
 Shaped like Lightning's ``BaseFinetuning`` callback: the recipe calls one hook at each epoch start
-(:meth:`FreezeController.on_epoch_start`) and one after each step (:meth:`FreezeController.on_step`);
+(:meth:`FreezeController.on_epoch_start`, the unfreeze schedule) and one after each step
+(:meth:`FreezeController.on_step`, ``freeze.auto``'s checks, which fall on step counts);
 each returns the :class:`FreezeChange` it made, or None. The controller owns:
 
 - the ``freeze.schedule`` phases (gradual unfreezing) and ``freeze.auto`` (adaptive freezing);
@@ -76,20 +77,26 @@ class FreezeController:
     # ----------------------------------------------------------------------------------------
     # the hooks
 
+    def plan_checks(self, total_steps: int) -> None:
+        """Tells ``freeze.auto`` the run's length, which sets its interval (``checks`` per run)."""
+        if self.auto is not None:
+            self.auto.start(total_steps)
+
     def on_epoch_start(self, epoch: int, step: int) -> FreezeChange | None:
-        """Applies the unfreeze phases due by ``epoch`` and the freezes ``freeze.auto`` chooses."""
+        """Applies the unfreeze phases due by ``epoch``."""
+        del step
         change = FreezeChange()
         self.apply_phases(phases_due(self.config.freeze.schedule, epoch), change)
-        self._auto_freeze(epoch, step, change)
-        return change if change.phases or change.events else None
+        return change if change.phases else None
 
-    def on_step(self, step: int) -> FreezeChange | None:
-        """The step-level hook: no rule changes the freeze state between epochs yet, so None.
+    def on_step(self, step: int, epoch: int) -> FreezeChange | None:
+        """After optimizer step ``step`` (mid-epoch included): the freezes ``freeze.auto`` chooses.
 
-        It is called after every optimizer step, so a rule that acts mid-epoch needs no new seam.
+        Calling it twice for one step changes nothing the second time.
         """
-        del step
-        return None
+        change = FreezeChange()
+        self._auto_freeze(epoch, step, change)
+        return change if change.events else None
 
     def apply_phases(self, upto: int, change: FreezeChange | None = None) -> None:
         """Applies phases until ``upto`` are in effect; each proves its tensors never moved first."""
@@ -114,7 +121,7 @@ class FreezeController:
         """Freezes the stages that stopped learning: they leave the optimizer and join the integrity check."""
         if self.auto is None:
             return
-        events = self.auto.at_epoch_start(epoch, step)
+        events = self.auto.at_step(step, epoch)
         if not events:
             return
         for event in events:
@@ -222,6 +229,8 @@ class FreezeController:
 
     def logged_event_kept(self, row: dict) -> bool:
         """Whether an event row of an interrupted process is one the checkpoint holds (else it recurs)."""
-        if row.get("event") != "auto_freeze":
-            return True
-        return self.auto is not None and row.get("stage") in {e.stage for e in self.auto.events}
+        if row.get("event") == "auto_freeze":
+            return self.auto is not None and row.get("stage") in {e.stage for e in self.auto.events}
+        if row.get("event") == "accuracy_drop":
+            return self.auto is not None and row.get("epoch") in {d.epoch for d in self.auto.drops}
+        return True

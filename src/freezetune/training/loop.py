@@ -94,9 +94,11 @@ class TrainingLoop:
         start, steps, stopping, progress = time.perf_counter(), 0, False, self.progress
         io = wait = 0.0
         self._apply(self.freeze.on_epoch_start(epoch, self.state.step))
-        set_train_mode(self.freeze.model, self.freeze.plan, True)
-        cached = self.engine.cache is not None and self.engine.cache.complete
-        batches = iter(self.batches(epoch))
+        # The check of the step a resumed run's checkpoint was saved at (saved before it ran);
+        # a no-op otherwise, the step's check having run already.
+        self._apply(self.freeze.on_step(self.state.step, epoch))
+        batches, cached = self._start_batches(epoch)
+        epoch_cached = cached  # a cached epoch is one that read no image
         while True:
             asked = time.perf_counter()
             batch = next(batches, None)  # the wait for data: loading, decoding, or the cache
@@ -112,7 +114,11 @@ class TrainingLoop:
             handed = time.perf_counter()
             yield record
             io += time.perf_counter() - handed
-            self._apply(self.freeze.on_step(self.state.step))
+            if self._apply(self.freeze.on_step(self.state.step, epoch)):
+                # Mid-epoch: the rest of the epoch comes through the new execution path (and the
+                # new cache, when it was filled at once from the old one), from where it stands.
+                batches, cached = self._start_batches(epoch)
+                epoch_cached = epoch_cached and cached
             stopping = self._stop_now()
             if stopping or self.state.step >= self.budget.total:
                 break
@@ -120,7 +126,7 @@ class TrainingLoop:
         synchronize(self.device)
         seconds = time.perf_counter() - start - io
         mean_loss = self.state.epoch_loss_sum / self.state.batch_in_epoch if self.state.batch_in_epoch else None
-        end = EpochEnd(epoch, seconds, steps, cached, self.state.epoch_seconds + seconds, mean_loss, io, wait)
+        end = EpochEnd(epoch, seconds, steps, epoch_cached, self.state.epoch_seconds + seconds, mean_loss, io, wait)
         progress.epoch_times.append(end.as_dict())
         self._say_if_input_bound(end)
         self.state.epoch_seconds = end.epoch_seconds
@@ -131,6 +137,12 @@ class TrainingLoop:
             self.state.epoch, self.state.batch_in_epoch, self.state.epoch_seconds = self.state.epoch + 1, 0, 0.0
             self.state.epoch_loss_sum = 0.0
         return end
+
+    def _start_batches(self, epoch: int) -> tuple[Iterator[Batch], bool]:
+        """The epoch's remaining batches through the current engine, and whether they come from its cache."""
+        set_train_mode(self.freeze.model, self.freeze.plan, True)  # a stage frozen since is in eval mode
+        cached = self.engine.cache is not None and self.engine.cache.complete
+        return iter(self.batches(epoch)), cached
 
     def _share_cache(self) -> None:
         """Under torchrun, gives every rank the features the others cached (timed with the epoch).
@@ -153,25 +165,30 @@ class TrainingLoop:
             workers = worker_count(data, self.device, self.info.local_world_size)
             self._say(input_bound_notice(share, workers, data.num_workers, self.device.type), None, True)
 
-    def _apply(self, change: FreezeChange | None) -> None:
+    def _apply(self, change: FreezeChange | None) -> bool:
         """Rebuilds the execution path once for a freeze change, and says what changed.
 
         When the frozen prefix grew, the new feature cache is filled at once from the old one where
-        there was a complete one in memory (see :func:`extend_cache`), and otherwise this epoch.
+        there was a complete one in memory (see :func:`extend_cache`), and otherwise from the
+        batches that follow.
+
+        Returns:
+            Whether there was a change (the caller then restarts its batches through the new engine).
         """
         if change is None:
-            return
+            return False
         self.state.phases = len(self.freeze.phases)
         before = self.engine
         self.engine = self._rebuild()
         if change.froze and extend_cache(before, self.engine, self.config.data.batch_size):
             self._say(f"feature cache of {', '.join(self.engine.execution.frozen_prefix)} filled from the "
-                      "cached output of the shorter prefix: this epoch trains from it", None, False)
+                      "cached output of the shorter prefix: training reads it from here", None, False)
         del before  # our last reference to the old engine: its cache is not kept to the next epoch
         for line in change.lines:
             self._say(line, None, True)
         for event in change.events:
             self._say(event.line, {"event": "auto_freeze", **event.as_dict()}, True)
+        return True
 
     def _step(self, batch: Batch, epoch: int, cached: bool, warmup: bool, data_wait: float = 0.0) -> StepRecord | None:
         """Trains one batch at this step's learning rate; None if the loss was not finite."""

@@ -21,6 +21,7 @@ import gc
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -130,6 +131,7 @@ class Recipe:
         self.data = build_data(cfg.data, cfg.model.num_classes, cfg.seed)
         per_epoch = math.ceil(len(self.data.train) // self.dist.world_size / cfg.data.batch_size)
         self.budget = Budget.of(cfg.train.epochs, cfg.train.max_steps, per_epoch)
+        self.freeze.plan_checks(self.budget.total)
 
     def _setup_run_dir(self) -> None:
         # Rank 0 writes the folder, so it alone holds the folder's lock, until cleanup().
@@ -321,6 +323,7 @@ class Recipe:
             val_s = time.perf_counter() - start
             self.progress.outcome.val = val
             self.reporter.validation(end.epoch, val)
+            self._guard(end.epoch, val["accuracy"])
         record = EpochRecord(
             epoch=end.epoch, step=self.state.step, steps=end.steps, train_s=end.epoch_seconds, cached=end.cached,
             train_loss=end.train_loss, io_s=end.io_seconds, data_wait_s=end.data_wait_seconds,
@@ -331,6 +334,12 @@ class Recipe:
         self.logs.epoch(record)
         self.save()
         return record
+
+    def _guard(self, epoch: int, accuracy: float) -> None:
+        """Says when a ``freeze.auto`` run fell below its best accuracy so far after a freeze (console, logs)."""
+        drop = self.auto.validated(epoch, self.state.step, accuracy) if self.auto is not None else None
+        if drop is not None:
+            self._say(drop.line, {"event": "accuracy_drop", **asdict(drop)}, True)
 
     def end_training(self) -> None:
         """Closes the logs; call it once the loop has ended or raised (:meth:`finish` does)."""

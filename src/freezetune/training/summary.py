@@ -176,17 +176,47 @@ class AutoFreezeEvent(Record):
     params: int
     sha256: str
     optimizer_bytes_freed: int
+    bound: float | None = None  # change + noise_z standard errors; absent before the noise-aware rule
 
 
 class AutoFreezeCheck(Record):
-    """One interval boundary's criterion values, whether a stage froze or not."""
+    """One check's criterion values, whether a stage froze or not (the step that closed an interval)."""
 
-    epoch: int
+    epoch: int  # the epoch the step fell in
     step: int
     changes: dict[str, float]  # per trainable stage, its relative change of mean gradient norm
     cut: float
     candidates: list[str]
     froze: list[str]
+    # The noise-aware rule's figures (absent from summaries written before it): each stage's
+    # change plus noise_z standard errors, the steps each interval measured, each stage's
+    # [mean, sd] gradient norm per step over the interval, and why nothing could freeze, if so.
+    bounds: dict[str, float] = {}
+    steps: int | None = None
+    grad_norm: dict[str, list[float]] = {}
+    reason: str | None = None
+
+
+class AccuracyDropRecord(Record):
+    """One validation more than the tolerance below the best so far, after a freeze (``freezing.auto.AccuracyDrop``)."""
+
+    epoch: int
+    step: int
+    accuracy: float
+    best: float
+    best_epoch: int
+    drop: float
+    tolerance: float
+    frozen: list[str]
+
+
+class AutoFreezeGuard(Record):
+    """The accuracy guard: the best validation accuracy so far, and every drop below it after a freeze."""
+
+    tolerance: float
+    best_accuracy: float | None
+    best_epoch: int | None
+    drops: list[AccuracyDropRecord]
 
 
 class AutoFreezeSummary(Record):
@@ -200,6 +230,7 @@ class AutoFreezeSummary(Record):
     stages_frozen: list[str]
     params_frozen: int
     optimizer_bytes_freed: int
+    guard: AutoFreezeGuard | None = None  # absent from summaries written before the guard
 
 
 class OptimizerGroup(Record):
