@@ -67,6 +67,17 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _stand_in(shape: torch.Size, layout: torch.memory_format, like: torch.Tensor) -> torch.Tensor:
+    """An input for a backward kernel that reads only its shape and layout (a conv's input gradient, pooling's).
+
+    A contiguous one needs no storage of its own (an expanded scalar, as torch.nn.grad.conv2d_input
+    uses); a channels-last one is allocated, so that the kernel sees the layout.
+    """
+    if layout == torch.channels_last:
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
+    return like.new_empty(1).expand(shape)
+
+
 def _memory_order(t: torch.Tensor) -> list[int]:
     """Dimensions from the largest stride to the smallest: ``t.permute`` of them is contiguous if ``t`` is dense."""
     return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
@@ -129,9 +140,7 @@ class _FrozenWeightConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(weight)  # a parameter, held by the model anyway; not the input
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.input_shape = x.shape
-        ctx.channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous()
+        ctx.input_shape, ctx.layout = x.shape, _layout(x)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -139,13 +148,8 @@ class _FrozenWeightConvFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        # Only the input's shape (and layout) is read for the input gradient: a stand-in with
-        # no storage of its own, as torch.nn.grad.conv2d_input does.
-        shape = ctx.input_shape
-        if ctx.channels_last:
-            stand_in = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last)
-        else:
-            stand_in = grad.new_empty(1).expand(shape)
+        # Only the input's shape and layout are read for the input gradient.
+        stand_in = _stand_in(ctx.input_shape, ctx.layout, grad)
         need_input, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_input, _, grad_bias = torch.ops.aten.convolution_backward(
             grad, stand_in, weight, ctx.bias_shape if need_bias else None, stride, padding, dilation, False,
@@ -179,12 +183,8 @@ class _MaxPoolFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
-        # The gradient is scattered by the indices; the input contributes its shape and layout. A
-        # contiguous one needs no storage (an expanded scalar, as torch.nn.grad.conv2d_input uses).
-        if ctx.layout == torch.channels_last:
-            stand_in = torch.empty(ctx.input_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout)
-        else:
-            stand_in = grad.new_empty(1).expand(ctx.input_shape)
+        # The gradient is scattered by the indices; the input contributes its shape and layout.
+        stand_in = _stand_in(ctx.input_shape, ctx.layout, grad)
         grad_input = torch.ops.aten.max_pool2d_with_indices_backward(grad, stand_in, *ctx.pool, indices)
         return grad_input, None, None, None, None, None
 
