@@ -24,6 +24,8 @@ BASE = {
     "freeze.auto.every_steps": 3, "freeze.auto.min_steps": 2,
 }
 CHECK = 6  # the step stem and layer1 freeze after (epoch 1, its second step)
+# freeze.auto measures and freezes blocks by default: layer1 freezes as its two blocks.
+FROZEN = ["stem", "layer1.0", "layer1.1"]
 
 
 def overrides(out: Path, **extra) -> list[str]:
@@ -108,9 +110,40 @@ def test_auto_freezer_passes_over_stages_frozen_from_the_start(resnet18):
     cfg = load_config(None, ["freeze.trainable=[layer1,layer3,fc]", "freeze.auto=true"])
     plan = apply_freeze(resnet18, cfg.freeze, "resnet18")
     auto = AutoFreezer(cfg.freeze.auto, resnet18, plan, "resnet18")
-    assert auto.candidates() == ["layer1", "layer3"]
+    assert auto.candidates() == ["layer1.0", "layer1.1", "layer3.0", "layer3.1"]
+    by_stage = AutoFreezer(cfg.freeze.auto.model_copy(update={"units": "stages"}), resnet18, plan, "resnet18")
+    assert by_stage.candidates() == ["layer1", "layer3"]
     with pytest.raises(FreezeError, match="max_stage: 'layer9' is not a freeze point of resnet18"):
         AutoFreezer(cfg.freeze.auto.model_copy(update={"max_stage": "layer9"}), resnet18, plan, "resnet18")
+
+
+def test_max_stage_names_a_stage_or_a_block_and_a_stage_means_its_last_block(resnet18):
+    from freezetune.freezing.plan import apply_freeze
+
+    cfg = load_config(None, ["freeze.auto=true"]).freeze.auto
+    plan = apply_freeze(resnet18, load_config(None, []).freeze, "resnet18")
+    assert AutoFreezer(cfg.model_copy(update={"max_stage": "layer2"}), resnet18, plan, "resnet18").may_freeze == [
+        "stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    assert AutoFreezer(cfg.model_copy(update={"max_stage": "layer2.0"}), resnet18, plan,
+                       "resnet18").may_freeze[-1] == "layer2.0"
+    stages = cfg.model_copy(update={"units": "stages"})
+    with pytest.raises(FreezeError, match="'layer2.0' is not a freeze point of resnet18 in these units"):
+        AutoFreezer(stages.model_copy(update={"max_stage": "layer2.0"}), resnet18, plan, "resnet18")
+
+
+def test_a_checkpoint_measured_in_other_units_is_refused_in_one_line(straight, tmp_path, cli):
+    import shutil
+
+    out_straight, _ = straight
+    out = tmp_path / "copy"
+    shutil.copytree(out_straight, out)
+    # As a folder from before block units reads: its config.yaml had no units, so it said stages then.
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("units: blocks", "units: stages"))
+    result = cli("train", "--resume", out, "train.max_steps=20")
+    assert result.exit_code == 2
+    assert "not the config's units (stages); set units: blocks under freeze.auto" in result.stderr
+    assert "Traceback" not in result.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,14 +193,14 @@ def test_a_bad_max_stage_is_one_line_and_exit_2(tiny_yaml, cli):
 def test_stages_freeze_mid_epoch_at_the_check_and_are_reported(straight):
     out, summary = straight
     events = summary["auto_freeze"]["events"]
-    assert [(e["stage"], e["step"], e["epoch"]) for e in events] == [("stem", CHECK, 1), ("layer1", CHECK, 1)]
+    assert [(e["stage"], e["step"], e["epoch"]) for e in events] == [(s, CHECK, 1) for s in FROZEN]
     assert all(e["change"] <= e["bound"] < e["cut"] and e["params"] > 0 and len(e["sha256"]) == 64 for e in events)
     logged = [r for r in read_jsonl(out / "events.jsonl") if r.get("event") == "auto_freeze"]
-    assert [r["stage"] for r in logged] == ["stem", "layer1"] and "hashes" not in logged[0]
+    assert [r["stage"] for r in logged] == FROZEN and "hashes" not in logged[0]
     checks = summary["auto_freeze"]["checks"]
     assert [c["step"] for c in checks] == [CHECK]  # nothing left that may freeze: no more measuring
-    assert checks[0]["steps"] == 3 and set(checks[0]["grad_norm"]) == {"stem", "layer1", "layer2", "layer3",
-                                                                         "layer4", "head"}
+    assert checks[0]["steps"] == 3 and set(checks[0]["grad_norm"]) == {
+        "stem", *(f"layer{i}.{b}" for i in range(1, 5) for b in range(2)), "head"}
     assert [r["step"] for r in step_rows(out)] == list(range(1, 17))  # events are not steps
 
 
@@ -227,7 +260,7 @@ def growing(tmp_path_factory):
 
 def test_a_grown_prefix_fills_its_cache_from_the_old_one_and_trains_from_it_at_once(growing, tmp_path, monkeypatch):
     out, summary = growing
-    assert [e["stage"] for e in summary["auto_freeze"]["events"]] == ["layer1"]
+    assert [e["stage"] for e in summary["auto_freeze"]["events"]] == ["layer1.0", "layer1.1"]
     epochs = read_jsonl(out / "epochs.jsonl")
     assert [e["cached"] for e in epochs] == [False, True, True, True]  # epoch 1 read no image, before or after
     # The same run filling layer1's cache from images instead: the same losses, bit for bit.
@@ -282,7 +315,7 @@ def test_export_merges_the_stages_frozen_mid_run(straight, tmp_path):
 def _same_as_straight(out_straight: Path, out: Path) -> None:
     assert [r["loss"] for r in step_rows(out)] == [r["loss"] for r in step_rows(out_straight)]
     events = [r for r in read_jsonl(out / "events.jsonl") if "event" in r]
-    assert [r["stage"] for r in events] == ["stem", "layer1"]  # neither lost nor logged twice
+    assert [r["stage"] for r in events] == FROZEN  # neither lost nor logged twice
     a, b = (load_checkpoint(d / "checkpoint.pt") for d in (out_straight, out))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["auto_freeze"]["events"] == b["auto_freeze"]["events"]
@@ -294,7 +327,7 @@ def test_resume_across_a_mid_epoch_freeze_is_bit_identical(straight, tmp_path, s
     out_straight, _ = straight
     out = tmp_path / "split"
     first = run(load_config(None, overrides(out, train__checkpoint_every=2, train__max_steps=stop_at)))
-    assert len(first["auto_freeze"]["events"]) == (2 if stop_at > CHECK else 0)
+    assert len(first["auto_freeze"]["events"]) == (len(FROZEN) if stop_at > CHECK else 0)
     result = cli("train", "--resume", out, "train.max_steps=16")
     assert result.exit_code == 0, result.output
     _same_as_straight(out_straight, out)
@@ -332,7 +365,7 @@ def test_resume_refuses_a_checkpoint_whose_frozen_stage_was_tampered_with(tmp_pa
     torch.save(ckpt, out / "checkpoint.pt")
     result = cli("train", "--resume", out, "train.max_steps=16")
     assert result.exit_code == 2
-    assert f"layer1 (frozen at step {CHECK}) does not match its hash" in result.stderr
+    assert f"layer1.0 (frozen at step {CHECK}) does not match its hash" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,11 +419,12 @@ def test_a_drop_after_a_freeze_is_said_logged_and_summarized(tmp_path, scripted_
     guard = summary["auto_freeze"]["guard"]
     assert (guard["tolerance"], guard["best_accuracy"], guard["best_epoch"]) == (0.01, 0.81, 3)
     assert [(d["epoch"], d["best"], d["best_epoch"], d["frozen"]) for d in guard["drops"]] == [
-        (2, 0.80, 1, ["stem", "layer1"])]
+        (2, 0.80, 1, FROZEN)]
     assert guard["drops"][0]["drop"] == pytest.approx(0.20)
     said = [line for line in lines if "below the best so far" in line]
     assert said == ["epoch 2: val accuracy 0.600 is 0.200 below the best so far (0.800, epoch 1) since freeze.auto "
-                    "froze stem, layer1; full fine-tuning may do better here (more than the 0.01 tolerance)"]
+                    "froze stem, layer1.0, layer1.1; full fine-tuning may do better here (more than the 0.01 "
+                    "tolerance)"]
     logged = [r for r in read_jsonl(out / "events.jsonl") if r.get("event") == "accuracy_drop"]
     assert [r["epoch"] for r in logged] == [2]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

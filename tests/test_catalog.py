@@ -234,3 +234,22 @@ def test_models_command_lists_families_and_details(cli):
     assert data["params"] == torchvision.models.ViT_B_16_Weights.DEFAULT.meta["num_params"]
     bad = cli("models", "resnet19")
     assert bad.exit_code == 2 and "did you mean" in bad.output
+    resnet = json.loads(cli("models", "resnet50", "--json").stdout)["models"][0]
+    assert resnet["blocks"][:4] == ["layer1.0", "layer1.1", "layer1.2", "layer2.0"] and len(resnet["blocks"]) == 16
+    assert "layer3.0..layer3.5" in " ".join(cli("models", "resnet50").stdout.split())
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("resnet18", (2, 2, 2, 2)), ("resnet50", (3, 4, 6, 3)),
+                                             ("resnet101", (3, 4, 23, 3))])
+def test_resnet_block_points_are_the_variants_own_blocks(name, blocks):
+    points = zoo.block_points(name)
+    expected = ["stem", *(f"layer{i + 1}.{b}" for i, n in enumerate(blocks) for b in range(n)), "head"]
+    assert list(points) == expected
+    assert zoo.is_block_point(name, "layer2.0") and not zoo.is_block_point(name, "layer2")
+    assert zoo.stage_of(name, "layer3.1") == "layer3" and zoo.stage_of(name, "stem") == "stem"
+    assert zoo.forward_modules(name)[:6] == ("conv1", "bn1", "relu", "maxpool", "layer1.0", "layer1.1")
+    assert zoo.forward_modules(name)[-2:] == ("avgpool", "fc")
+
+
+def test_other_families_have_no_finer_points_than_their_stages():
+    assert zoo.block_points("mobilenet_v3_small") == zoo.stages("mobilenet_v3_small")

@@ -76,6 +76,20 @@ def test_depth_arms_run_every_mode_per_freeze_point(tiny):
                                       "layer4:plain", "layer4", "layer4:cached"]
 
 
+def test_depth_arms_take_block_points_in_depth_order(tiny):
+    cfg = tiny()
+    arms = compare.depth_arms(cfg, stages=("layer3", "layer2.0", "stem"), modes=("optimized",))
+    assert [(a.name, a.freeze.get("until"), a.depth) for a in arms[1:]] == [
+        ("stem", "stem", "stem"), ("layer2.0", "layer2.0", "layer2.0"), ("layer3", "layer3", "layer3")]
+    every = compare.depth_arms(cfg, stages=("blocks",), modes=("optimized",))
+    assert [a.name for a in every][1:] == ["stem", *(f"layer{i}.{b}" for i in range(1, 5) for b in range(2))]
+    assert every[-1].label == "fc only"
+    with pytest.raises(ConfigError, match="layer1 and layer1.1 freeze the same parameters"):
+        compare.depth_arms(cfg, stages=("layer1", "layer1.1"))
+    with pytest.raises(ConfigError, match="unknown freeze point.*layer2.7.*layer1.0"):
+        compare.depth_arms(cfg, stages=("layer2.7",))
+
+
 @pytest.mark.parametrize("modes,message", [(("fast",), "unknown mode"), (("plain", "cached"), "include optimized")])
 def test_bad_modes_are_refused(tiny, modes, message):
     with pytest.raises(ConfigError, match=message):
@@ -276,6 +290,21 @@ def test_cli_depths(tmp_path, tiny_yaml):
     assert result["data"]["batch_size"] == 2
     assert len(list(csv.DictReader((out / "depths.csv").open()))) == 16
     assert (out / "depths.png").is_file()
+
+
+def test_cli_depths_through_block_points(tmp_path, tiny_yaml):
+    path = tiny_yaml()
+    res = CliRunner().invoke(app, ["compare", "depths", "--config", str(path), "--steps", "1", "--warmup", "0",
+                                   "--no-memory", "--modes", "optimized,cached", "--points", "layer2,layer2.0,layer1",
+                                   "data.batch_size=2"])
+    assert res.exit_code == 0, res.output
+    arms = json.loads((tmp_path / "run" / "depths" / "depths.json").read_text())["arms"]
+    assert list(arms) == ["full", *(f"{p}{m}" for p in ("layer1", "layer2.0", "layer2") for m in ("", ":cached"))]
+    flops = [arms[p]["flops_per_step"] for p in ("full", "layer1", "layer2.0", "layer2")]
+    assert flops == sorted(flops, reverse=True) and len(set(flops)) == 4  # each block point costs less
+    assert arms["layer2.0:cached"]["flops_per_step"] < arms["layer2.0"]["flops_per_step"]
+    assert arms["layer2.0:cached"]["loss_max_abs_diff_vs_optimized"] <= 1e-5
+    assert arms["layer2.0"]["freeze_integrity"]["ok"]
 
 
 def test_cli_refuses_bad_modes(tmp_path, tiny_yaml):

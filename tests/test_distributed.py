@@ -63,13 +63,13 @@ def test_unfreeze_phase_rebuilds_ddp(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
 def test_auto_freeze_rewraps_ddp_and_every_rank_agrees(tmp_path):
-    # layer1 freezes after step 4 (checks every 2 steps); DDP built for layer1 + fc would then wait
+    # layer1's blocks freeze after step 4 (checks every 2 steps); DDP built for layer1 + fc would then wait
     # forever for layer1's gradients, so the run only finishes if it was re-wrapped.
     proc = torchrun(tmp_path / "auto", "data.batch_size=4", "train.epochs=3", "freeze.trainable=[layer1,fc]",
                     "freeze.auto.criterion=threshold", "freeze.auto.threshold=1e9", "freeze.auto.every_steps=2",
                     "freeze.auto.min_steps=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
-    assert [e["stage"] for e in summary["auto_freeze"]["events"]] == ["layer1"]
+    assert [e["stage"] for e in summary["auto_freeze"]["events"]] == ["layer1.0", "layer1.1"]
     assert summary["freeze_integrity"]["ranks_ok"] == [True, True] and summary["steps"] == 12
-    assert "froze layer1" in proc.stdout
+    assert "froze layer1.0" in proc.stdout and "froze layer1.1" in proc.stdout

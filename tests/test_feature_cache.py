@@ -37,6 +37,19 @@ def test_cached_training_matches_uncached(tiny, tmp_path, max_bytes):
     assert cached["freeze_integrity"]["ok"] and plain["freeze_integrity"]["ok"]
 
 
+def test_a_prefix_ending_inside_a_stage_is_cached_and_stays_frozen(tiny, tmp_path):
+    common = dict(freeze__until="layer2.0", train__epochs=2, data__val_size=0, optim__lr=0.05)
+    plain = run(tiny(**common, output__dir=str(tmp_path / "plain")))
+    cached = run(tiny(**common, train__feature_cache="on", output__dir=str(tmp_path / "cached")))
+    assert cached["speed"]["frozen_prefix"] == ["stem", "layer1", "layer2.0"]
+    a, b = read_jsonl(tmp_path / "plain/metrics.jsonl"), read_jsonl(tmp_path / "cached/metrics.jsonl")
+    assert [r["cached"] for r in b] == [False] * 4 + [True] * 4
+    torch.testing.assert_close([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4, atol=1e-5)
+    assert cached["freeze_integrity"]["ok"] and plain["freeze_integrity"]["ok"]
+    # layer2.1 trained: the block after the prefix is not frozen with it.
+    assert cached["params"]["by_module"]["layer2"]["trainable"] > 0 < cached["params"]["by_module"]["layer2"]["frozen"]
+
+
 def test_stale_disk_cache_is_not_reused(tmp_path):
     c = FeatureCache(4, tmp_path, key="A", max_bytes=0)
     c.put(torch.arange(4), torch.ones(4, 2, 1, 1), torch.tensor([0, 1, 0, 1]))

@@ -1,6 +1,6 @@
 from freezetune.config import FreezeConfig
 from freezetune.freezing.plan import apply_freeze
-from freezetune.measure.flops import step_flops
+from freezetune.measure.flops import forward_flops_by_module, step_flops
 
 BATCH, SIZE, CLASSES = 4, 32, 10  # CLASSES: the head of the resnet18 fixture
 
@@ -99,3 +99,21 @@ def test_a_batchnorm_only_step_costs_about_two_thirds_of_full(resnet18):
     assert bn_only["forward"] == full["forward"]
     assert 0.60 <= bn_only["total"] / full["total"] <= 0.72
     assert bn_only["by_module"]["layer1"]["backward"] < full["by_module"]["layer1"]["backward"] * 0.55
+
+
+def test_a_cached_block_prefix_skips_exactly_its_blocks_forward(resnet18):
+    from freezetune.config import load_config
+    from freezetune.speed.prefix import training_step_flops
+
+    apply_freeze(resnet18, FreezeConfig(until="layer2.0"), "resnet18")
+    cfg = load_config(None, [f"data.batch_size={BATCH}", f"data.image_size={SIZE}", f"model.num_classes={CLASSES}"])
+    full = training_step_flops(resnet18, cfg, None)
+    by_stage = training_step_flops(resnet18, cfg, ["stem", "layer1"])
+    by_block = training_step_flops(resnet18, cfg, ["stem", "layer1", "layer2.0"])
+    # The whole-stage prefix leaves by_module as before: its modules are gone, nothing else moved.
+    assert "layer1" not in by_stage["by_module"] and by_stage["by_module"]["layer2"] == full["by_module"]["layer2"]
+    block = forward_flops_by_module(resnet18, SIZE)["layer2.0"] * BATCH
+    assert block > 0
+    assert by_block["total"] == by_stage["total"] - block
+    assert by_block["by_module"]["layer2"]["forward"] == full["by_module"]["layer2"]["forward"] - block
+    assert by_block["backward"] == full["backward"]

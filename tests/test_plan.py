@@ -158,3 +158,22 @@ def test_a_method_with_nothing_to_train_is_one_line():
     assert "\n" not in line and "adapt.method: bn" in line and "convnext_tiny" in line
     with pytest.raises(FreezeError, match="outside the head and the frozen layers"):
         preview(ModelConfig(weights="none"), FreezeConfig(until="layer4"), AdaptConfig(method="bias"))
+
+
+@pytest.mark.parametrize(("point", "frozen", "trains"), [
+    ("layer2.0", ["conv1", "layer1.1", "layer2.0"], ["layer2.1", "layer3", "fc"]),
+    ("layer1.0", ["bn1", "layer1.0"], ["layer1.1", "layer2"]),
+    ("layer4.1", ["layer4.1"], ["fc"]),
+])
+def test_until_a_block_freezes_that_block_and_everything_before_it(resnet18, point, frozen, trains):
+    apply_freeze(resnet18, FreezeConfig(until=point), "resnet18")
+    assert not any(p.requires_grad for m in frozen for p in resnet18.get_submodule(m).parameters())
+    assert all(p.requires_grad for m in trains for p in resnet18.get_submodule(m).parameters())
+
+
+def test_until_a_block_that_does_not_exist_names_the_blocks_there_are():
+    with pytest.raises(FreezeError, match=r"'layer2.2' is not a freeze point of resnet18; did you mean 'layer2.1'\? "
+                                          r"use one of stem, layer1, layer2, layer3, layer4, or a block: layer1.0 .. "
+                                          r"layer4.1"):
+        modules_until("resnet18", "layer2.2")
+    assert modules_until("resnet50", "layer3.5")[-2:] == ("layer3.4", "layer3.5")

@@ -129,3 +129,55 @@ def test_a_longer_prefix_continues_from_a_shorter_ones_output_bit_for_bit(channe
     assert torch.equal(long.features_after(short.features(x), short.names), long.features(x))
     with pytest.raises(ValueError, match="not the start of the prefix"):
         long.features_after(short.features(x), ["layer1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A prefix that ends inside a stage (block freeze points)
+
+
+@pytest.mark.parametrize("spec,prefix", [
+    (FreezeConfig(until="layer2.0"), ["stem", "layer1", "layer2.0"]),
+    (FreezeConfig(until="layer1.1"), ["stem", "layer1"]),  # a stage's last block is the stage
+    (FreezeConfig(trainable=["layer2.1", "layer3", "layer4", "fc"]), ["stem", "layer1", "layer2.0"]),
+    (FreezeConfig(trainable=["layer1.0", "layer2", "layer3", "layer4", "fc"]), ["stem"]),
+])
+def test_the_prefix_ends_inside_a_stage_at_its_last_frozen_block(resnet18, spec, prefix):
+    apply_freeze(resnet18, spec, "resnet18")
+    assert frozen_prefix(resnet18, "resnet18") == prefix
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_block_prefix_splits_the_forward_and_trains_the_rest_of_its_stage(channels_last, fold):
+    m = model_with_real_bn_stats()
+    plan = apply_freeze(m, FreezeConfig(until="layer2.0"), "resnet18")
+    set_train_mode(m, plan)
+    split = SplitForward(m, "resnet18", ["stem", "layer1", "layer2.0"], fold=fold, prefix_channels_last=channels_last)
+    assert split.names[-3:] == ["layer1.0", "layer1.1", "layer2.0"] and split.suffix[0] == "layer2.1"
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()  # the reference without batch statistics; the split's prefix is frozen either way
+    with torch.no_grad():
+        ref = m(x)
+    out = split(x)
+    if fold or channels_last:  # a folded convolution, or another layout's kernel, rounds differently
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    else:  # the model's own modules in the model's own order: the same operations
+        assert torch.equal(out, ref)
+    out.sum().backward()
+    assert m.layer2[1].conv1.weight.grad is not None and m.layer2[0].conv1.weight.grad is None
+
+
+@pytest.mark.parametrize(("short", "long"), [
+    (["stem", "layer1"], ["stem", "layer1", "layer2.0"]),  # a stage grows into the next one's first block
+    (["stem", "layer1", "layer2.0"], ["stem", "layer1", "layer2"]),  # a block grows into its whole stage
+    (["stem"], ["stem", "layer1.0"]),
+])
+def test_a_prefix_grown_by_blocks_continues_the_shorter_one_bit_for_bit(short, long):
+    m = model_with_real_bn_stats()
+    apply_freeze(m, FreezeConfig(until="layer2"), "resnet18")
+    m.eval()
+    a = SplitForward(m, "resnet18", short, fold=True, prefix_channels_last=True)
+    b = SplitForward(m, "resnet18", long, fold=True, prefix_channels_last=True)
+    x = torch.randn(6, 3, 32, 32)
+    assert b.continues(a.names)
+    assert torch.equal(b.features_after(a.features(x), a.names), b.features(x))

@@ -356,13 +356,14 @@ def test_extend_cache_runs_only_the_newly_frozen_stages_over_the_old_cache(resne
     x, y = images(8)
     fill_cache(old, [image_batch(x, y)])
     calls = []
-    hooks = [getattr(new.split.prefix, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    hooks = [new.split.prefix_module(name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
              for name in new.split.names]
     assert extend_cache(old, new, batch_size=3)
     for hook in hooks:
         hook.remove()
-    # Batches of 3 over 8 cached samples, through layer1 and layer2 only: the stem never runs again.
-    assert calls == ["layer1", "layer2"] * 3
+    # Batches of 3 over 8 cached samples, through layer1 and layer2 only (block by block): the stem
+    # never runs again.
+    assert calls == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"] * 3
     assert new.cache.complete
     h, labels = new.cache.get(torch.arange(8))
     assert torch.equal(h, new.split.features(x))  # as if filled from the images, bit for bit

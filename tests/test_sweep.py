@@ -190,7 +190,7 @@ def test_the_auto_arm_freezes_during_the_sweep_and_is_a_point_of_its_own(base, t
                              "freeze.auto.max_stage=layer2", "freeze.auto.every_steps=2", "freeze.auto.min_steps=2"])
     result = sweep(cfg, tmp_path / "s", _arms(cfg, ("full", "auto")), prune=False, memory=False, lr_grid=ONE)
     summary = json.loads((tmp_path / "s/runs/auto/seed-0/summary.json").read_text())
-    assert summary["auto_freeze"]["stages_frozen"] == ["stem", "layer1", "layer2"]
+    assert summary["auto_freeze"]["stages_frozen"] == ["stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1"]
     assert summary["freeze_integrity"]["ok"] and summary["freeze_integrity"]["frozen_mid_run"] > 0
     auto = result["arms"]["auto"]
     assert auto["status"] == "completed" and auto["wall_s"]["mean"] > 0
@@ -261,6 +261,16 @@ def test_the_sliver_arms_join_only_when_named_each_at_its_own_rate(tiny, tmp_pat
     assert merged[-1].overrides == {"adapt.method": "bn", "optim.lr": 0.3} and merged[-1].lr_grid == (1.0, 3.0)
     with pytest.raises(ConfigError, match="the arms are full, .*auto, bn, bias, lora-r8"):
         merge_arms(default_arms(cfg), [], ["full", "lora"], optional_arms(cfg))
+
+
+def test_block_points_inside_a_stage_are_arms_that_join_when_named(tiny, tmp_path):
+    cfg = tiny()
+    names = [a.name for a in optional_arms(cfg)]
+    assert names[-4:] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]  # a stage's last block is the stage
+    picked = merge_arms(default_arms(cfg), [], ["full", "layer2.0", "layer2"], optional_arms(cfg))
+    assert [a.name for a in picked] == ["full", "layer2", "layer2.0"]
+    block = arm_config(cfg, picked[2], 0, tmp_path / "b")
+    assert block.freeze.until == "layer2.0" and block.optim.lr == cfg.optim.lr
 
 
 def test_shipped_arms_file_makes_valid_configs(tiny, tmp_path):

@@ -73,7 +73,9 @@ class AutoFreezeConfig(_Strict):
     ``checks``). After the step that closes an interval, mid-epoch included, each trainable stage's
     mean gradient norm over it is compared with the interval before, against the noise of both
     means; the longest run of trainable stages from the input side whose change is below the cut
-    *beyond that noise* freezes (never the head, never past ``max_stage``). See docs/auto-freeze.md.
+    *beyond that noise* freezes (never the head, never past ``max_stage``). ``units: blocks`` (the
+    default) measures and freezes a ResNet block by block (``layer2.0``), ``stages`` a stage at a
+    time; models without block points use their stages either way. See docs/auto-freeze.md.
     """
 
     checks: int = Field(10, ge=2)
@@ -84,6 +86,7 @@ class AutoFreezeConfig(_Strict):
     percentile: float = Field(50.0, gt=0, lt=100)
     threshold: float = Field(0.05, gt=0)
     max_stage: str | None = None
+    units: Literal["blocks", "stages"] = "blocks"
 
     @model_validator(mode="before")
     @classmethod

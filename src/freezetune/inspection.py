@@ -25,7 +25,7 @@ from torch import nn
 from freezetune.config import Config, ModelConfig
 from freezetune.errors import WeightsError
 from freezetune.freezing.params import count_params
-from freezetune.freezing.plan import FreezePlan, apply_freeze, set_train_mode, unfreeze_all
+from freezetune.freezing.plan import FreezePlan, apply_freeze, unfreeze_all
 from freezetune.measure.flops import forward_flops_by_module, step_flops
 from freezetune.measure.memory import SavedActivations
 from freezetune.models.lean import make_lean
@@ -176,7 +176,7 @@ def inspect_config(config: Config, depth: int = 2) -> Inspection:
     full_flops = step_flops(full, batch, size, classes)
     graphs = {"frozen": trace_graph(model, batch, size), "full": trace_graph(full, batch, size)}
     outside = set(graphs["frozen"].modules_outside_graph)
-    rows = module_rows(model, depth, _forward_flops(model, plan, size), outside)
+    rows = module_rows(model, depth, forward_flops_by_module(model, size), outside)
     saved = graphs["full"].saved_bytes - graphs["frozen"].saved_bytes
     return Inspection(
         model=config.model.name,
@@ -317,16 +317,6 @@ def graph_nodes(root) -> list:
         seen[id(node)] = node
         stack.extend(nxt for nxt, _ in node.next_functions)
     return list(seen.values())
-
-
-def _forward_flops(model: nn.Module, plan: FreezePlan, image_size: int) -> dict[str, int]:
-    # forward_flops_by_module runs one image; in train mode BatchNorm refuses a single value per
-    # channel (layer4 is 1x1 at 32 px). FLOPs do not depend on the mode, so count in eval mode.
-    model.eval()
-    try:
-        return forward_flops_by_module(model, image_size)
-    finally:
-        set_train_mode(model, plan, True)
 
 
 def _record_requires_grad(name: str, out: list[str]):

@@ -98,20 +98,26 @@ def depths(
     block: int = BLOCK_OPTION,
     no_memory: bool = NO_MEMORY_OPTION,
     modes: str = MODES_OPTION,
+    points: str = typer.Option(
+        None, "--points", show_default=False,
+        help="Freeze points to sweep, comma-separated: stages or ResNet blocks (layer1,layer2.0,layer3), or "
+        "blocks for every block \\[default: the model's stages]."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Sweep the freeze point: full, then frozen through stem, layer1 ... layer4 (fc only).
 
-    Each freeze point runs in every mode of --modes. The config's freeze selectors are ignored (its
-    batchnorm policy applies). Writes depths.json, depths.csv and depths.png.
+    Each freeze point runs in every mode of --modes. --points blocks sweeps a ResNet block by block
+    (layer1.0 ... layer4.1). The config's freeze selectors are ignored (its batchnorm policy
+    applies). Writes depths.json, depths.csv and depths.png.
     """
     from freezetune import compare
     from freezetune.render.compare import depths_table, files_line
 
     cfg = _config(config, overrides, device)
     chosen = _modes(modes)
-    with _progress(len(compare.depth_arms(cfg, modes=chosen)), steps, warmup, cfg) as report:
-        result = compare.depths(cfg, out, steps, warmup, block, not no_memory, report, chosen)
+    where = None if points is None else tuple(p.strip() for p in points.split(",") if p.strip())
+    with _progress(len(compare.depth_arms(cfg, where, modes=chosen)), steps, warmup, cfg) as report:
+        result = compare.depths(cfg, out, steps, warmup, block, not no_memory, report, chosen, where)
     _print_notice(result)
     console.print(depths_table(result, compare.by_depth(result["arms"])))
     console.print(files_line(result))

@@ -32,7 +32,9 @@ def sweep(
     arms: Path = typer.Option(None, "--arms", help="YAML list of {name, label, overrides} arms that add to or "
                               "replace the defaults (full and one per freeze point).", show_default=False),
     only: str = typer.Option(None, "--only", help="Run only these arms, comma-separated; also picks the arms "
-                              "that run only when named: bn, bias and lora-r8 (adapt.method).", show_default=False),
+                              "that run only when named: bn, bias and lora-r8 (adapt.method), and a ResNet's "
+                              "block points inside a stage (layer2.0: frozen through layer2's first block).",
+                              show_default=False),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Seeds seed, seed+1, ...; figures become mean ± sd."),
     target: float = typer.Option(None, "--target", help="Target validation accuracy for time to target, a "
                                  "fraction \\[default: the best arm's mean final accuracy minus the tolerance].",

@@ -43,9 +43,13 @@ class ArmSpec:
     depth: str | None = None
 
 
-def freeze_points(model_name: str) -> tuple[str, ...]:
-    """The model's freeze points from the catalog, shallowest first (``head`` excluded)."""
-    return tuple(s for s in catalog.stages(model_name) if s != "head")
+def freeze_points(model_name: str, blocks: bool = False) -> tuple[str, ...]:
+    """The model's freeze points from the catalog, shallowest first (``head`` excluded).
+
+    With ``blocks``, a ResNet's block points (``layer1.0`` ... ``layer4.N``) in place of its stages.
+    """
+    order = catalog.block_points(model_name) if blocks else catalog.stages(model_name)
+    return tuple(s for s in order if s != "head")
 
 
 def frozen_vs_full_arms(config: Config, modes: tuple[str, ...] = MODES) -> list[ArmSpec]:
@@ -76,24 +80,72 @@ def depth_arms(config: Config, stages: tuple[str, ...] | None = None, modes: tup
 
     Args:
         config: The base config.
-        stages: The freeze points to sweep, a subset of the model's (all of them by default).
+        stages: The freeze points to sweep: stages and, for a ResNet, block points (``layer2.0``),
+            or ``("blocks",)`` for every block point (the model's stages by default).
         modes: A subset of :data:`MODES` that includes ``optimized``.
 
     Raises:
         ConfigError: On a name that is not a freeze point of the model, or a bad mode.
     """
-    known = freeze_points(config.model.name)
-    points = known if stages is None else tuple(stages)
-    unknown = [s for s in points if s not in known]
-    if unknown:
-        raise ConfigError(f"unknown freeze point(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    name = config.model.name
+    points = chosen_points(name, stages)
     modes = check_modes(modes)
     bn = config.freeze.batchnorm
     arms = [ArmSpec(BASELINE, "all trainable", _freeze_dict(FreezeConfig(batchnorm=bn)), "full")]
-    for point in (s for s in known if s in points):
-        arms.extend(_mode_arms(point, _until_label(point, known, config.model.name),
+    for point in _by_depth(name, points):
+        arms.extend(_mode_arms(point, _until_label(point, freeze_points(name), name),
                                FreezeConfig(until=point, batchnorm=bn), modes, point))
     return arms
+
+
+def _by_depth(model_name: str, points: tuple[str, ...]) -> list[str]:
+    """Stages and block points, shallowest first (a stage where its last block would be)."""
+    order = []
+    for block in freeze_points(model_name, blocks=True):
+        order.append(block)
+        stage = catalog.stage_of(model_name, block)
+        if stage != block and _last_block(model_name, stage) == block:
+            order.append(stage)
+    return [p for p in order if p in points]
+
+
+def chosen_points(model_name: str, chosen: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The freeze points a depth sweep runs: the stages (None), every block point (``blocks``), or a selection.
+
+    A stage and its last block are the same freeze (``layer1`` and ``layer1.1`` in a ResNet18), so
+    ``blocks`` names each by its block and a selection may hold either, not both.
+
+    Raises:
+        ConfigError: On a name that is not a freeze point, or a stage given with its last block.
+    """
+    if chosen is None:
+        return freeze_points(model_name)
+    if tuple(chosen) == ("blocks",):
+        return freeze_points(model_name, blocks=True)
+    known = freeze_points(model_name) + freeze_points(model_name, blocks=True)
+    unknown = [s for s in chosen if s not in known]
+    if unknown:
+        choices = ", ".join(dict.fromkeys(known))
+        raise ConfigError(f"unknown freeze point(s) {', '.join(unknown)}; choose from {choices}")
+    same = [(s, b) for s in chosen for b in chosen if s != b and _same_point(model_name, s, b)]
+    if same:
+        raise ConfigError(f"{same[0][0]} and {same[0][1]} freeze the same parameters; give one of them")
+    return tuple(chosen)
+
+
+def inner_blocks(model_name: str) -> tuple[str, ...]:
+    """Block points that end inside a stage (``layer2.0`` in a ResNet18; a stage's last block is the stage)."""
+    return tuple(p for p in freeze_points(model_name, blocks=True) if catalog.is_block_point(model_name, p)
+                 and p != _last_block(model_name, catalog.stage_of(model_name, p)))
+
+
+def _same_point(model_name: str, stage: str, block: str) -> bool:
+    return stage in catalog.stages(model_name) and block == _last_block(model_name, stage)
+
+
+def _last_block(model_name: str, stage: str) -> str:
+    inside = [p for p in catalog.block_points(model_name) if p.startswith(stage + ".")]
+    return inside[-1] if inside else stage
 
 
 def check_modes(modes) -> tuple[str, ...]:
@@ -146,7 +198,7 @@ def _freeze_dict(spec: FreezeConfig) -> dict:
 
 
 def _until_label(point: str, points: tuple[str, ...], model_name: str) -> str:
-    if point != points[-1]:
+    if point != points[-1] and point != _last_block(model_name, points[-1]):
         return f"frozen ..{point}"
     return "fc only" if catalog.is_resnet(model_name) else "head only"
 

@@ -338,15 +338,17 @@ def depths(
     memory: bool = True,
     progress: Progress | None = None,
     modes: tuple[str, ...] = MODES,
+    points: tuple[str, ...] | None = None,
 ) -> dict:
     """Runs ``compare depths`` (full, then frozen through stem ... layer4) and writes depths.*.
 
     Arguments as for :func:`frozen_vs_full`; the output folder defaults to ``<output.dir>/depths``.
+    ``points`` chooses the freeze points (see :func:`freezetune.compare.arms.chosen_points`).
 
     Returns:
         The result; ``freeze_integrity.ok`` is true only if no arm's frozen tensors changed.
     """
-    arms = depth_arms(config, modes=modes)
+    arms = depth_arms(config, points, modes=modes)
     out_dir = Path(out or Path(config.output.dir) / "depths")
     with claim_run_dir(out_dir, config.output.overwrite, "compare depths"):
         result = measure(config, arms, out_dir, steps, warmup, block, memory, progress)

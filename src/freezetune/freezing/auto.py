@@ -35,7 +35,7 @@ from freezetune.config import DEFAULT_TOLERANCE, AutoFreezeConfig
 from freezetune.errors import FreezeError
 from freezetune.freezing.integrity import combined_sha256, fingerprint
 from freezetune.freezing.plan import FreezePlan
-from freezetune.models.catalog import stages
+from freezetune.models.catalog import block_points, stages
 from freezetune.models.structure import stage_members_cover
 
 HEAD = "head"
@@ -307,13 +307,10 @@ class AutoFreezer:
 
     def __init__(self, cfg: AutoFreezeConfig, model: nn.Module, plan: FreezePlan, model_name: str):
         self.cfg, self.model, self.plan = cfg, model, plan
-        self.order = stages(model_name)
+        self.order = block_points(model_name) if cfg.units == "blocks" else stages(model_name)
         points = [s for s in self.order if s != HEAD]
-        if cfg.max_stage is not None and cfg.max_stage not in points:
-            raise FreezeError(f"freeze.auto.max_stage: {cfg.max_stage!r} is not a freeze point of {model_name}; "
-                              f"use one of {', '.join(points)}")
-        # By default every stage but the head may freeze; the criterion decides how far it goes.
-        last = cfg.max_stage or points[-1]
+        # By default every unit but the head may freeze; the criterion decides how far it goes.
+        last = points[-1] if cfg.max_stage is None else _last_unit(model_name, cfg.max_stage, points)
         self.may_freeze = points[: points.index(last) + 1]
         self.events: list[FreezeEvent] = []
         self.checks: list[dict] = []  # every check's figures and verdict, frozen or not
@@ -323,6 +320,17 @@ class AutoFreezer:
         self.meter = GradNormMeter(self._groups())
         self.best: tuple[float, int] | None = None  # the best validation accuracy so far, and its epoch
         self.drops: list[AccuracyDrop] = []
+
+    def _check_units(self, state: dict) -> None:
+        """Refuses a checkpoint whose meter counted other units (``freeze.auto.units`` changed)."""
+        counted = list(state["meter"]["stages"]) + [e["stage"] for e in state["events"]]
+        if any(u not in self.order for u in counted):
+            # Only a folder written before block units (or a hand-edited config.yaml) gets here:
+            # a resume may not change freeze options.
+            other = "stages" if self.cfg.units == "blocks" else "blocks"
+            raise FreezeError(f"the checkpoint's freeze.auto measured {', '.join(state['meter']['stages'])}, "
+                              f"not the config's units ({self.cfg.units}); set units: {other} under freeze.auto in "
+                              "the run's config.yaml to resume it")
 
     def _groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters per stage, in model order; a parameter belongs to its first stage."""
@@ -420,6 +428,7 @@ class AutoFreezer:
         if "interval" not in state:
             raise FreezeError("the checkpoint's freeze.auto state is from an earlier version that checked once "
                               "per epoch; it cannot continue under step-level checks: train the run again")
+        self._check_units(state)
         for data in state["events"]:
             freeze_stage(self.model, self.plan, self.order[data["stage"]])
             self.events.append(FreezeEvent(**data))
@@ -442,6 +451,21 @@ class AutoFreezer:
                 "guard": {"tolerance": DEFAULT_TOLERANCE, "best_accuracy": self.best[0] if self.best else None,
                           "best_epoch": self.best[1] if self.best else None,
                           "drops": [asdict(d) for d in self.drops]}}
+
+
+def _last_unit(model_name: str, max_stage: str, points: list[str]) -> str:
+    """``max_stage`` as a unit: itself, or a stage's last block when the units are blocks.
+
+    Raises:
+        FreezeError: If it is not a freeze point of the model, or a block while the units are stages.
+    """
+    if max_stage in points:
+        return max_stage
+    inside = [p for p in points if p.startswith(max_stage + ".")]
+    if max_stage in stages(model_name) and inside:
+        return inside[-1]
+    raise FreezeError(f"freeze.auto.max_stage: {max_stage!r} is not a freeze point of {model_name} in these units; "
+                      f"use one of {', '.join(points)}")
 
 
 def _check_record(step: int, epoch: int, now: dict[str, StageStats], verdict: Verdict,

@@ -27,7 +27,7 @@ from torch import nn
 
 from freezetune.config import AdaptConfig, FreezeConfig, ModelConfig
 from freezetune.errors import FreezeError
-from freezetune.models.catalog import meta_model, replace_head, stages
+from freezetune.models.catalog import block_points, meta_model, replace_head, stages
 from freezetune.models.lora import has_lora, inject_lora, is_lora_parameter, lora_targets
 
 
@@ -145,30 +145,41 @@ def frozen_parameters(model: nn.Module, spec: FreezeConfig, model_name: str) -> 
     return set()
 
 
-def modules_until(model_name: str, stage: str) -> tuple[str, ...]:
-    """Returns the stage members from the input up to and including ``stage``.
+def modules_until(model_name: str, point: str) -> tuple[str, ...]:
+    """Returns the members of the freeze points from the input up to and including ``point``.
 
-    Members are module names and, for ViT, loose parameter names (``class_token``); see
-    :func:`freezetune.models.catalog.stages` for each model's freeze points.
+    ``point`` is a stage (``layer3``) or, for a ResNet, a block point (``layer3.0``: the stages
+    before ``layer3`` and its first block). Members are module names and, for ViT, loose parameter
+    names (``class_token``); see :func:`freezetune.models.catalog.stages` and
+    :func:`~freezetune.models.catalog.block_points` for each model's freeze points.
 
     Raises:
-        FreezeError: If ``stage`` is not a freeze point of the model.
+        FreezeError: If ``point`` is not a freeze point of the model.
     """
     order = stages(model_name)
-    if stage not in order or stage == "head":
-        points = [s for s in order if s != "head"]
-        close = difflib.get_close_matches(stage, points, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FreezeError(
-            f"freeze.until: {stage!r} is not a freeze point of {model_name}; "
-            f"{hint}use one of {', '.join(points)}"
-        )
+    if point in order and point != "head":
+        return _members_through(order, point)
+    fine = block_points(model_name)
+    if point in fine and point != "head":
+        return _members_through(fine, point)
+    points = [s for s in order if s != "head"]
+    close = difflib.get_close_matches(point, [*points, *fine], n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    blocks = [p for p in fine if p not in order]
+    also = f", or a block: {blocks[0]} .. {blocks[-1]}" if blocks else ""
+    raise FreezeError(
+        f"freeze.until: {point!r} is not a freeze point of {model_name}; "
+        f"{hint}use one of {', '.join(points)}{also}"
+    )
+
+
+def _members_through(order: dict[str, tuple[str, ...]], point: str) -> tuple[str, ...]:
     out: list[str] = []
     for name, mods in order.items():
         out.extend(mods)
-        if name == stage:
-            return tuple(out)
-    raise AssertionError("unreachable")
+        if name == point:
+            break
+    return tuple(out)
 
 
 ADAPT_METHODS = {"bn": "BatchNorm affine parameters", "bias": "biases", "lora": "low-rank adapters"}

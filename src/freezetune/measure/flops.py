@@ -82,16 +82,47 @@ def _count_step(model: nn.Module, batch_size: int, image_size: int, num_classes:
     return {"forward": forward, "backward": total - forward, "total": total, "by_module": by_module}
 
 
-def without_prefix(flops: dict, modules: list[str]) -> dict:
+def without_prefix(flops: dict, modules: list[str], forward_of: dict[str, int] | None = None) -> dict:
     """A :func:`step_flops` result minus the forward FLOPs of the given (frozen, cached) modules.
 
     With the feature cache, a step after the first epoch reads the frozen prefix's output instead of
     computing it; being frozen, the prefix had no backward FLOPs to begin with.
+
+    Args:
+        flops: A :func:`step_flops` result.
+        modules: Top-level modules (``conv1``) or submodules (a ResNet block, ``layer2.0``).
+        forward_of: Each submodule's forward FLOPs for the step's batch
+            (:func:`submodule_forward_flops`); top-level ones are read from ``flops``.
+
+    Returns:
+        The same shape; a top-level module with nothing left to count leaves ``by_module``.
     """
-    skipped = sum(flops["by_module"].get(m, {}).get("forward", 0) for m in modules)
-    by_module = {k: v for k, v in flops["by_module"].items() if k not in modules}
+    by_module = {k: dict(v) for k, v in flops["by_module"].items()}
+    skipped = 0
+    for m in modules:
+        if "." not in m:
+            skipped += by_module.pop(m, {}).get("forward", 0)
+            continue
+        top = m.split(".", 1)[0]
+        part = (forward_of or {})[m]
+        skipped += part
+        by_module[top]["forward"] -= part
+        if by_module[top] == {"forward": 0, "backward": 0}:
+            del by_module[top]
     return {"forward": flops["forward"] - skipped, "backward": flops["backward"],
             "total": flops["total"] - skipped, "by_module": by_module}
+
+
+def submodule_forward_flops(model: nn.Module, batch_size: int, image_size: int, modules: list[str]) -> dict[str, int]:
+    """Forward FLOPs of a batch through each dotted module of ``modules`` (top-level ones are left out).
+
+    Convolution and matmul FLOPs grow linearly with the batch, so one image is counted and scaled.
+    """
+    dotted = [m for m in modules if "." in m]
+    if not dotted:
+        return {}
+    per_image = forward_flops_by_module(model, image_size)
+    return {m: per_image.get(m, 0) * batch_size for m in dotted}
 
 
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
@@ -143,7 +174,9 @@ def _top_level(counts: dict[str, dict]) -> dict[str, int]:
 
 def forward_flops_by_module(model: nn.Module, image_size: int) -> dict[str, int]:
     """Forward FLOPs for one image per dotted module name (``""`` is the whole model)."""
-    meta = meta_copy(model)
+    # Eval mode: in train mode BatchNorm refuses one value per channel (layer4 is 1x1 at 32 px);
+    # FLOPs do not depend on the mode. The copy's mode changes, never the model's.
+    meta = meta_copy(model).eval()
     x = torch.empty(1, 3, image_size, image_size, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         meta(x)

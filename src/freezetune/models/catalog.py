@@ -46,7 +46,8 @@ RESNET_STAGES: dict[str, tuple[str, ...]] = {
 
 # How each family's freeze points are named, for `freezetune models` and the docs.
 FAMILY_RULES: dict[str, str] = {
-    "resnet": "stem (conv1 bn1 relu maxpool), layer1..layer4, head (avgpool fc)",
+    "resnet": "stem (conv1 bn1 relu maxpool), layer1..layer4, head (avgpool fc); "
+    "block points layer1.0 .. layer4.N cut each stage at its residual blocks",
     "mobilenet_v3": "stem (features.0), stageN: blocks grouped at each resolution change, "
     "last_conv (last features.K), head (avgpool classifier)",
     "mobilenet_v2": "stem (features.0), stageN: blocks grouped at each resolution change, "
@@ -165,6 +166,58 @@ def _stages(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
         check_model_name(name)
         return tuple(RESNET_STAGES.items())
     return tuple(derive_stages(name, meta_model(name)).items())
+
+
+def block_points(name: str) -> dict[str, tuple[str, ...]]:
+    """The model's finest freeze points: a ResNet's stages cut at every residual block.
+
+    ``stem``, ``layer1.0``, ``layer1.1`` ... ``layer4.N``, ``head`` for a ResNet (the block counts
+    are the variant's own: resnet50 has ``layer3.0`` to ``layer3.5``); each block point covers that
+    one block, so freezing through ``layer2.0`` leaves ``layer2.1`` training. A stage's last block
+    covers the same parameters as the stage. Other models have no finer points than their stages.
+
+    Raises:
+        ConfigError: If ``name`` is not a classification model.
+    """
+    return dict(_block_points(name))
+
+
+@functools.cache
+def _block_points(name: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    order = _stages(name)
+    if not is_resnet(name):
+        return order
+    return tuple(resnet_block_points(meta_model(name)).items())
+
+
+def resnet_block_points(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """:func:`block_points` read off a (meta or real) torchvision ResNet."""
+    points: dict[str, tuple[str, ...]] = {}
+    for stage, members in RESNET_STAGES.items():
+        if stage.startswith("layer"):
+            points.update((f"{stage}.{i}", (f"{stage}.{i}",)) for i in range(len(getattr(model, stage))))
+        else:
+            points[stage] = members
+    return points
+
+
+def is_block_point(name: str, point: str) -> bool:
+    """Whether ``point`` is one of the model's block points that is not also a stage (``layer2.0``)."""
+    return point not in stages(name) and point in block_points(name)
+
+
+def stage_of(name: str, point: str) -> str:
+    """The stage a freeze point belongs to: ``layer2`` for ``layer2.0``, the stage itself for a stage."""
+    return point if point in stages(name) else point.split(".", 1)[0]
+
+
+def forward_modules(name: str) -> tuple[str, ...]:
+    """A ResNet's forward as a sequence of modules, one per block point member, for splitting it anywhere.
+
+    ``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1.0`` ... ``layer4.N``, ``avgpool``, ``fc``:
+    running them in turn (flattening before ``fc``) is the model's own forward, operation for operation.
+    """
+    return tuple(m for members in block_points(name).values() for m in members)
 
 
 def derive_stages(name: str, model: nn.Module) -> dict[str, tuple[str, ...]]:

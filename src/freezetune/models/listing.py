@@ -28,6 +28,7 @@ from freezetune.models.catalog import (
     meta_model,
     model_names,
     replace_head,
+    resnet_block_points,
 )
 from freezetune.models.structure import stage_members_cover
 
@@ -48,6 +49,7 @@ class ModelInfo:
         trainable_until: Parameters still training with ``freeze.until: STAGE``, per stage.
         fast_path: Whether frozen-prefix execution (no-autograd prefix, BatchNorm folding, the
             feature cache) is available.
+        blocks: Finer freeze points than the stages (a ResNet's ``layer1.0`` ... ``layer4.N``).
     """
 
     name: str
@@ -60,6 +62,7 @@ class ModelInfo:
     stage_params: dict[str, int] = field(default_factory=dict)
     trainable_until: dict[str, int] = field(default_factory=dict)
     fast_path: bool = False
+    blocks: list[str] = field(default_factory=list)
 
     @property
     def freeze_points(self) -> list[str]:
@@ -115,6 +118,7 @@ def describe(name: str, num_classes: int = 1000) -> ModelInfo:
         stage_params=per_stage,
         trainable_until=trainable,
         fast_path=is_resnet(name),
+        blocks=[p for p in resnet_block_points(model) if p not in order] if is_resnet(name) else [],
     )
 
 

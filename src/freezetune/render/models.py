@@ -56,6 +56,9 @@ def model_detail(m: dict, num_classes: int) -> list[RenderableType]:
         f"family {m['family']}: {m['rule']}",
         f"head: {m['head']} is replaced to give model.num_classes outputs",
     ]
+    if m.get("blocks"):
+        parts.append(f"block points (freeze.until, compare depths --points, freeze.auto's units): "
+                     f"{compact_points(m['blocks'])}")
     if not m["fast_path"]:
         parts.append("frozen-prefix execution (folded BatchNorm, feature cache) is ResNet-only: plain forward")
     points = m["freeze_points"]

@@ -12,6 +12,7 @@ Figures are drawn from result records alone (plain dicts), so this module import
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from freezetune.atomic import atomic_write
-from freezetune.models.catalog import RESNET_STAGES
 from freezetune.render.format import fmt_speedup_short as _x
 from freezetune.render.format import share_text, size_text
 
@@ -135,10 +135,20 @@ def sweep_layout(arms: dict) -> Sweep:
             sweep.groups.append(group)
         sweep.cells.setdefault((group, mode), name)
         found_modes.add(mode)
-    known = [g for g in RESNET_STAGES if g in sweep.groups]  # ResNet's freeze points in depth order
+    known = sorted((g for g in sweep.groups if _resnet_depth(g) is not None), key=_resnet_depth)
     sweep.groups = known + [g for g in sweep.groups if g not in known]
     sweep.modes = [m for m in FROZEN_MODES if m in found_modes] + sorted(found_modes - set(FROZEN_MODES))
     return sweep
+
+
+def _resnet_depth(point: str) -> tuple[int, int] | None:
+    """Where a ResNet freeze point sits, for ordering: ``stem`` first, ``layer2.0`` before ``layer2``."""
+    if point == "stem":
+        return (0, 0)
+    match = re.fullmatch(r"layer(\d+)(?:\.(\d+))?", point)
+    if match is None:
+        return None
+    return (int(match.group(1)), int(match.group(2)) if match.group(2) is not None else 10**6)
 
 
 def needs_log(values, ratio: float = LOG_RATIO) -> bool:

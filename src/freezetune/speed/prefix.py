@@ -20,8 +20,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from freezetune.config import Config
 from freezetune.freezing.plan import FreezePlan
-from freezetune.measure.flops import step_flops, without_prefix
-from freezetune.models.catalog import is_resnet, stages
+from freezetune.measure.flops import step_flops, submodule_forward_flops, without_prefix
+from freezetune.models.catalog import block_points, forward_modules, is_resnet, stage_of, stages
 
 _CONV_BN = re.compile(r"^conv(\d+)$")
 
@@ -35,28 +35,41 @@ def supports_prefix(model_name: str) -> bool:
 
 
 def frozen_prefix(model: nn.Module, model_name: str) -> list[str]:
-    """Returns the stages, from the input on, whose parameters are all frozen (may be empty).
+    """Returns the freeze points, from the input on, whose parameters are all frozen (may be empty).
 
-    Always empty for models other than ResNets: splitting and folding are only implemented for
-    ResNet's layout, so every other model runs its plain forward.
+    Whole stages are named as stages (``layer1``); a stage frozen only in its first blocks adds
+    those block points (``layer2.0``), so the prefix can end inside a stage. Always empty for
+    models other than ResNets: splitting and folding are only implemented for ResNet's layout, so
+    every other model runs its plain forward.
     """
     if not supports_prefix(model_name):
         return []
     prefix = []
+    blocks = block_points(model_name)
     for stage, modules in stages(model_name).items():
         if stage == "head":
             break
-        if any(p.requires_grad for m in modules for p in getattr(model, m).parameters()):
-            break
-        prefix.append(stage)
+        if not _trains(model, modules):
+            prefix.append(stage)
+            continue
+        for point, members in blocks.items():
+            if point.startswith(stage + ".") and not _trains(model, members):
+                prefix.append(point)
+            elif point.startswith(stage + "."):
+                break
+        break
     return prefix
+
+
+def _trains(model: nn.Module, modules: tuple[str, ...]) -> bool:
+    return any(p.requires_grad for m in modules for p in model.get_submodule(m).parameters())
 
 
 def prefix_batchnorm_frozen(model: nn.Module, model_name: str, prefix: list[str], plan: FreezePlan) -> bool:
     """Whether every BatchNorm in the prefix is frozen (eval mode), so it may be folded or cached."""
     frozen = set(plan.frozen_bn)
     for name in prefix_modules(model_name, prefix):
-        for sub, mod in getattr(model, name).named_modules():
+        for sub, mod in model.get_submodule(name).named_modules():
             full = f"{name}.{sub}" if sub else name
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and full not in frozen:
                 return False
@@ -119,7 +132,7 @@ class SplitForward:
     Args:
         model: The (frozen-as-planned) ResNet; its modules are used for the suffix.
         model_name: torchvision name, for the stage order.
-        prefix: Stage names of the frozen prefix (see :func:`frozen_prefix`).
+        prefix: Freeze points of the frozen prefix, stages and blocks (see :func:`frozen_prefix`).
         fold: Fold BatchNorm into the prefix's convolutions (only valid when it is frozen).
         prefix_channels_last: Run the prefix in channels-last layout. On CPU this made the
             prefix 1.1-5.7x faster (ResNet18, 64 px, batch 32; through layer4 to stem): oneDNN's
@@ -135,14 +148,15 @@ class SplitForward:
         self.model = model
         names = prefix_modules(model_name, prefix)
         self.names = names
-        seq = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names))
+        # Sequential keys cannot hold dots: a block layer2.0 is keyed layer2_0.
+        seq = nn.Sequential(OrderedDict((_key(n), model.get_submodule(n)) for n in names))
         self.prefix_format = torch.channels_last if prefix_channels_last else None
         # Unfolded, the prefix is the model's own modules (its weights keep their layout; a
         # channels-last input still takes the channels-last kernels). Folded, it is a private copy.
         self.prefix = fold_batchnorm(seq, self.prefix_format) if fold else seq
         self._uncompiled = self.prefix  # kept apart: torch.compile may replace self.prefix
         self.folded_bytes = parameter_bytes(self.prefix) if fold else 0
-        self.suffix = [n for s in stages(model_name).values() for n in s if n not in names]
+        self.suffix = [n for n in forward_modules(model_name) if n not in names]
         self.folded = fold
         self.suffix_format = torch.channels_last if suffix_channels_last else torch.contiguous_format
 
@@ -175,15 +189,19 @@ class SplitForward:
             if self.prefix_format is not None:
                 h = h.contiguous(memory_format=self.prefix_format)
             for name in self.names[len(done):]:
-                h = getattr(self._uncompiled, name)(h)
+                h = self.prefix_module(name)(h)
             return h if self.prefix_format is None else h.contiguous(memory_format=self.suffix_format)
+
+    def prefix_module(self, name: str) -> nn.Module:
+        """The module the prefix runs for one of :attr:`names` (a folded copy when BatchNorm is folded)."""
+        return getattr(self._uncompiled, _key(name))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The trainable suffix from prefix features to logits."""
         for name in self.suffix:
             if name == "fc":
                 h = torch.flatten(h, 1)
-            h = getattr(self.model, name)(h)
+            h = self.model.get_submodule(name)(h)
         return h
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,9 +210,26 @@ class SplitForward:
 
 
 def prefix_modules(model_name: str, prefix: list[str]) -> list[str]:
-    """The top-level module names (``conv1``, ``bn1`` ... ``layer3``) of the prefix stages."""
+    """The modules the prefix's freeze points cover, one per block (``conv1`` ... ``layer2.0``).
+
+    A whole stage is listed block by block (``layer1`` as ``layer1.0``, ``layer1.1``), so a prefix
+    that grows from a stage into the next one's first block, or from a block to the whole stage,
+    continues the shorter one module for module (see :meth:`SplitForward.continues`).
+    """
+    fine = block_points(model_name)
     order = stages(model_name)
-    return [n for s in prefix for n in order[s]]
+    out: list[str] = []
+    for point in prefix:
+        if point in fine:
+            out.extend(fine[point])
+        else:  # a stage made of blocks
+            out.extend(m for p, members in fine.items() if stage_of(model_name, p) == point
+                       and p not in order for m in members)
+    return out
+
+
+def _key(module: str) -> str:
+    return module.replace(".", "_")
 
 
 def training_step_flops(model: nn.Module, config: Config, cached_prefix: list[str] | None) -> dict:
@@ -210,4 +245,5 @@ def training_step_flops(model: nn.Module, config: Config, cached_prefix: list[st
     flops = step_flops(model, data.batch_size, data.image_size, config.model.num_classes)
     if cached_prefix is None:
         return flops
-    return without_prefix(flops, prefix_modules(config.model.name, list(cached_prefix)))
+    modules = prefix_modules(config.model.name, list(cached_prefix))
+    return without_prefix(flops, modules, submodule_forward_flops(model, data.batch_size, data.image_size, modules))

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from freezetune.compare.arms import BASELINE, depth_arms
+from freezetune.compare.arms import BASELINE, depth_arms, inner_blocks
 from freezetune.config import Config, apply_overrides, read_yaml, validate_config
 from freezetune.errors import ConfigError
 
@@ -135,13 +135,16 @@ def optional_arms(config: Config) -> list[SweepArm]:
     """Arms a sweep runs only when named (``--only`` or an arms-file entry without overrides).
 
     ``bn``, ``bias`` and ``lora-r8`` train a sliver of every stage instead of a suffix of stages;
-    they are not default arms until a measurement shows they pay for their place.
+    they are not default arms until a measurement shows they pay for their place. A ResNet's
+    block points that end inside a stage (``layer2.0``: frozen through the first block of
+    ``layer2``) are finer steps between the default depths; each would add a whole arm's runs.
     """
     arms = []
     for name, (label, overrides, scale) in SLIVER_ARMS.items():
         rate = {} if scale == 1.0 else {"optim.lr": float(f"{config.optim.lr * scale:.12g}")}
         arms.append(SweepArm(name, label, {**overrides, **rate}))
-    return arms
+    return arms + [SweepArm(point, f"frozen ..{point} (a block point)", {"freeze.until": point})
+                   for point in inner_blocks(config.model.name)]
 
 
 def load_arms_file(path: str | Path) -> list[SweepArm]:
