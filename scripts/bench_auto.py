@@ -2,7 +2,9 @@
 
 One recipe (full fine-tuning, so every stage is measured), one fixed batch, and steps taken in
 alternating order with the meter on and off, so drift in the machine hits both alike. Medians
-after warm-up; the device is synchronized around every step (``train_step`` does it).
+after warm-up; the device is synchronized around every step (``train_step`` does it). The row
+also has the median of each round's difference with a 95% interval, and the meter's call timed
+alone (on CPU it returns when done; on a GPU it only queues its kernels, so read the steps).
 
     python scripts/bench_auto.py --config configs/quickstart.yaml --rounds 40
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
+import time
 
 import torch
 
@@ -46,16 +50,41 @@ def main() -> None:
             if i >= args.warmup:
                 times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # Each round's two steps ran back to back: their difference cancels the machine's drift, and
+    # the median difference, with a distribution-free 95% interval, is the meter's end-to-end cost.
+    diffs = sorted(a - b for a, b in zip(times["with meter"], times["without meter"], strict=True))
+    low, high = median_interval(diffs)
     row = {"device": str(recipe.device), "threads": torch.get_num_threads(), "image_size": cfg.data.image_size,
            "batch_size": cfg.data.batch_size, "rounds": args.rounds,
            "median_ms_with_meter": round(med["with meter"] * 1e3, 2),
            "median_ms_without_meter": round(med["without meter"] * 1e3, 2),
-           "overhead_pct": round(100 * (med["with meter"] / med["without meter"] - 1), 2)}
+           "overhead_pct": round(100 * (med["with meter"] / med["without meter"] - 1), 2),
+           "paired_overhead_pct": round(100 * statistics.median(diffs) / med["without meter"], 2),
+           "paired_overhead_pct_95": [round(100 * low / med["without meter"], 2),
+                                      round(100 * high / med["without meter"], 2)],
+           "meter_call_ms": round(time_meter(probe, args.rounds) * 1e3, 3)}
     print(json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:
             f.write(json.dumps({**row, "torch": torch.__version__, "command": " ".join(sys.argv)}, indent=2) + "\n")
     recipe.cleanup()
+
+
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A 95% confidence interval for the median of sorted values, from binomial order statistics."""
+    n = len(values)
+    half = 1.96 * math.sqrt(n) / 2
+    return values[max(0, math.floor(n / 2 - half))], values[min(n - 1, math.ceil(n / 2 + half))]
+
+
+def time_meter(probe, rounds: int) -> float:
+    """The meter's own call on the gradients the last step left: its median over ``rounds`` calls."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        probe()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

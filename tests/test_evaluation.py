@@ -115,21 +115,24 @@ def test_the_confusion_figure_stays_legible_with_100_classes():
     assert not ax.texts  # no per-cell counts at 100 classes
 
 
+@pytest.mark.parametrize(("trainable", "prefix"), [
+    ("[layer4,fc]", "stem, layer1, layer2, layer3"),
+    ("[layer2.1,layer3,layer4,fc]", "stem, layer1, layer2.0"),  # a prefix that ends inside a stage
+])
 def test_a_cached_runs_evaluation_goes_through_its_folded_prefix_as_its_validation_did(folder_run, tiny_at, tmp_path,
-                                                                                     cli):
+                                                                                     cli, trainable, prefix):
     # The run's validation ran the frozen prefix with BatchNorm folded (other kernels, other last
     # bits than the plain model): evaluate takes the same path, so top-1 and loss agree exactly.
     from freezetune.training.recipe import run
 
     _, _, root = folder_run
     cfg = tiny_at(tmp_path / "cached", data__source="imagefolder", data__root=str(root), model__num_classes=3,
-                  train__epochs=2, freeze__trainable="[layer4,fc]", train__feature_cache="on")
+                  train__epochs=2, freeze__trainable=trainable, train__feature_cache="on")
     summary = run(cfg)
     assert summary["speed"]["feature_cache"]["enabled"] and summary["speed"]["folded_batchnorm"]
     result = cli("evaluate", tmp_path / "cached")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "cached" / "eval.json").read_text())
-    assert any("through the frozen prefix (stem, layer1, layer2, layer3, BatchNorm folded)" in n
-               for n in record["notes"])
+    assert any(f"through the frozen prefix ({prefix}, BatchNorm folded)" in n for n in record["notes"])
     assert record["top1"]["correct"] == round(summary["val"]["accuracy"] * 9)
     assert record["loss"] == pytest.approx(summary["val"]["loss"], rel=1e-6, abs=1e-7)

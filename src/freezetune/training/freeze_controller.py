@@ -82,9 +82,8 @@ class FreezeController:
         if self.auto is not None:
             self.auto.start(total_steps)
 
-    def on_epoch_start(self, epoch: int, step: int) -> FreezeChange | None:
+    def on_epoch_start(self, epoch: int) -> FreezeChange | None:
         """Applies the unfreeze phases due by ``epoch``."""
-        del step
         change = FreezeChange()
         self.apply_phases(phases_due(self.config.freeze.schedule, epoch), change)
         return change if change.phases else None

@@ -93,7 +93,7 @@ class TrainingLoop:
         synchronize(self.device)
         start, steps, stopping, progress = time.perf_counter(), 0, False, self.progress
         io = wait = 0.0
-        self._apply(self.freeze.on_epoch_start(epoch, self.state.step))
+        self._apply(self.freeze.on_epoch_start(epoch))
         # The check of the step a resumed run's checkpoint was saved at (saved before it ran);
         # a no-op otherwise, the step's check having run already.
         self._apply(self.freeze.on_step(self.state.step, epoch))
