@@ -15,6 +15,8 @@ plus ``noise_z`` standard errors of the difference of the two means (from the sp
 per-step norms in each interval) must stay below the cut, and an interval of fewer than
 ``min_steps`` steps freezes nothing at all. The longest run of such stages from the input side
 freezes, so the frozen prefix only grows; the head never freezes, nor anything past ``max_stage``.
+A "stage" here is a unit of ``freeze.auto.units``: by default a ResNet's residual block
+(``layer2.0``, :func:`~freezetune.models.catalog.block_points`), or a whole stage (``layer2``).
 
 The cut is the ``percentile`` of the changes of every trainable stage (head included), as in
 AutoFreeze, or a fixed ``threshold``. :func:`judge` is the whole decision, a pure function of the
