@@ -95,7 +95,8 @@ def without_prefix(flops: dict, modules: list[str], forward_of: dict[str, int] |
             (:func:`submodule_forward_flops`); top-level ones are read from ``flops``.
 
     Returns:
-        The same shape; a top-level module with nothing left to count leaves ``by_module``.
+        The same shape: a cached top-level module leaves ``by_module``, and a cached submodule's
+        forward is taken from its top-level module's.
     """
     by_module = {k: dict(v) for k, v in flops["by_module"].items()}
     skipped = 0
@@ -107,8 +108,6 @@ def without_prefix(flops: dict, modules: list[str], forward_of: dict[str, int] |
         part = (forward_of or {})[m]
         skipped += part
         by_module[top]["forward"] -= part
-        if by_module[top] == {"forward": 0, "backward": 0}:
-            del by_module[top]
     return {"forward": flops["forward"] - skipped, "backward": flops["backward"],
             "total": flops["total"] - skipped, "by_module": by_module}
 

@@ -18,8 +18,7 @@ from torch import nn
 from freezetune.config import Config, TrainConfig
 from freezetune.errors import ConfigError
 from freezetune.freezing.plan import FreezePlan
-from freezetune.measure.flops import step_flops, submodule_forward_flops, without_prefix
-from freezetune.speed.prefix import frozen_prefix, prefix_batchnorm_frozen, prefix_modules, supports_prefix
+from freezetune.speed.prefix import cached_share, frozen_prefix, prefix_batchnorm_frozen, supports_prefix
 
 # train.feature_cache: auto caches only a prefix whose forward is at least this share of a step's
 # FLOPs. A cached step reads the prefix's output instead of computing it; below this share there
@@ -230,10 +229,7 @@ def plan_execution(model: nn.Module, plan: FreezePlan, config: Config, device: t
 
 def prefix_forward_share(model: nn.Module, model_name: str, prefix: list[str], image_size: int) -> float:
     """The prefix's forward FLOPs as a share of one training step's (counted on a meta copy, batch 2)."""
-    flops = step_flops(model, 2, image_size)
-    modules = prefix_modules(model_name, prefix)
-    rest = without_prefix(flops, modules, submodule_forward_flops(model, 2, image_size, modules))
-    return (flops["total"] - rest["total"]) / flops["total"] if flops["total"] else 0.0
+    return cached_share(model, model_name, prefix, 2, image_size)
 
 
 def _onoff(flag: bool) -> str:

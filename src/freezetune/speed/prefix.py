@@ -245,5 +245,24 @@ def training_step_flops(model: nn.Module, config: Config, cached_prefix: list[st
     flops = step_flops(model, data.batch_size, data.image_size, config.model.num_classes)
     if cached_prefix is None:
         return flops
-    modules = prefix_modules(config.model.name, list(cached_prefix))
-    return without_prefix(flops, modules, submodule_forward_flops(model, data.batch_size, data.image_size, modules))
+    return without_prefix(flops, *_cached_modules(model, config.model.name, cached_prefix, data.batch_size,
+                                                  data.image_size))
+
+
+def cached_share(model: nn.Module, model_name: str, prefix: list[str], batch_size: int, image_size: int) -> float:
+    """The prefix's forward FLOPs as a share of one training step's (what the feature cache can skip)."""
+    flops = step_flops(model, batch_size, image_size)
+    rest = without_prefix(flops, *_cached_modules(model, model_name, prefix, batch_size, image_size))
+    return (flops["total"] - rest["total"]) / flops["total"] if flops["total"] else 0.0
+
+
+def _cached_modules(model: nn.Module, model_name: str, prefix: list[str], batch_size: int,
+                    image_size: int) -> tuple[list[str], dict[str, int]]:
+    """The prefix's modules as :func:`~freezetune.measure.flops.without_prefix` takes them.
+
+    A whole stage is its top-level modules, whose FLOPs the step count has already; only a block
+    point needs its own count (one meta forward), so a prefix of whole stages costs no extra count.
+    """
+    order = stages(model_name)
+    modules = [m for point in prefix for m in (order[point] if point in order else prefix_modules(model_name, [point]))]
+    return modules, submodule_forward_flops(model, batch_size, image_size, modules)
