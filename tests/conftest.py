@@ -20,6 +20,20 @@ os.environ.setdefault("FREEZETUNE_OFFLINE", "1")  # never try the network from t
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """Puts the modules marked ``heavy`` first, heaviest first, the rest in their usual order.
+
+    With ``--dist loadscope`` a worker takes a whole module at a time; a long module taken last
+    would leave the other worker idle while it runs.
+    """
+
+    def seconds(item):
+        mark = item.get_closest_marker("heavy")
+        return -mark.args[0] if mark else 0
+
+    items.sort(key=seconds)  # stable: the tests of a module keep their order
+
+
 def tiny_overrides(out_dir, **extra) -> list[str]:
     """Overrides that make any config run in about a second on a CPU."""
     values = {

@@ -13,6 +13,8 @@ from freezetune.training.checkpoint import load_checkpoint
 from freezetune.training.recipe import Recipe, Reporter, run
 from freezetune.training.run_dir import read_jsonl
 
+pytestmark = pytest.mark.heavy(65)
+
 # 16 images in batches of 4: 4 steps per epoch, 16 in all. Checks every 3 steps, so the first
 # comparison of two intervals falls at step 6, in the middle of epoch 1; a threshold no change can
 # reach makes the decision certain there (and min_steps 2 lets 3-step intervals count).

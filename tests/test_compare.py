@@ -9,6 +9,8 @@ from freezetune import compare
 from freezetune.cli import app
 from freezetune.errors import ConfigError
 
+pytestmark = pytest.mark.heavy(55)
+
 TOP_KEYS = ("speedup", "freeze_integrity", "device", "versions", "fairness", "arms")
 ARM_PATHS = (
     ("params", "trainable"), ("params", "frozen"), ("flops_per_step",), ("timing", "step_median_s"),

@@ -14,6 +14,8 @@ from freezetune.sweep import SweepArm, collect, default_arms, emit, merge_arms, 
 from freezetune.sweep.arms import arm_config, load_arms_file
 from freezetune.training.recipe import run
 
+pytestmark = pytest.mark.heavy(95)
+
 ARMS = ("full", "layer3", "layer4")
 ONE = (1.0,)  # the single-rate sweep: these tests are about arms, not rates
 

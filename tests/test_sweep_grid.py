@@ -13,6 +13,8 @@ from freezetune.sweep.halving import HALVING_RULE
 from freezetune.sweep.jobs import read_manifest
 from freezetune.training.recipe import run
 
+pytestmark = pytest.mark.heavy(50)
+
 GRID = (0.5, 4.0)
 
 

@@ -1,7 +1,7 @@
 """``freezetune sweep --backend ray``: trials on a local Ray instance with 2 CPUs, against the in-process sweep.
 
 One Ray instance serves every test here (the module-scoped ``ray_cluster``), and the tests share
-one xdist worker (their group), so Ray starts once.
+one xdist worker (``--dist loadscope``), so Ray starts once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from freezetune.sweep.halving import HALVING_RULE
 from freezetune.sweep.ray_tune import RayOptions
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.xdist_group("ray")
+pytestmark = pytest.mark.heavy(140)
 
 GRID = (0.25, 4.0)  # 2 arms x 2 rates: the 4 runs of the issue, and halving keeps one rate of each arm
 RAY = RayOptions(cpus_per_trial=1, max_concurrent=2)
