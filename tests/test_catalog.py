@@ -249,7 +249,12 @@ def test_resnet_block_points_are_the_variants_own_blocks(name, blocks):
     assert zoo.stage_of(name, "layer3.1") == "layer3" and zoo.stage_of(name, "stem") == "stem"
     assert zoo.forward_modules(name)[:6] == ("conv1", "bn1", "relu", "maxpool", "layer1.0", "layer1.1")
     assert zoo.forward_modules(name)[-2:] == ("avgpool", "fc")
+    assert zoo.stage_blocks(name, "layer3") == tuple(f"layer3.{b}" for b in range(blocks[2]))
+    assert zoo.stage_blocks(name, "stem") == zoo.stage_blocks(name, "head") == ()
+    assert zoo.last_block(name, "layer4") == f"layer4.{blocks[3] - 1}" and zoo.last_block(name, "stem") == "stem"
 
 
 def test_other_families_have_no_finer_points_than_their_stages():
     assert zoo.block_points("mobilenet_v3_small") == zoo.stages("mobilenet_v3_small")
+    stage = next(iter(zoo.stages("mobilenet_v3_small")))
+    assert zoo.stage_blocks("mobilenet_v3_small", stage) == () and zoo.last_block("mobilenet_v3_small", stage) == stage

@@ -104,7 +104,7 @@ def _by_depth(model_name: str, points: tuple[str, ...]) -> list[str]:
     for block in freeze_points(model_name, blocks=True):
         order.append(block)
         stage = catalog.stage_of(model_name, block)
-        if stage != block and _last_block(model_name, stage) == block:
+        if stage != block and catalog.last_block(model_name, stage) == block:
             order.append(stage)
     return [p for p in order if p in points]
 
@@ -135,17 +135,11 @@ def chosen_points(model_name: str, chosen: tuple[str, ...] | None) -> tuple[str,
 
 def inner_blocks(model_name: str) -> tuple[str, ...]:
     """Block points that end inside a stage (``layer2.0`` in a ResNet18; a stage's last block is the stage)."""
-    return tuple(p for p in freeze_points(model_name, blocks=True) if catalog.is_block_point(model_name, p)
-                 and p != _last_block(model_name, catalog.stage_of(model_name, p)))
+    return tuple(p for stage in catalog.stages(model_name) for p in catalog.stage_blocks(model_name, stage)[:-1])
 
 
 def _same_point(model_name: str, stage: str, block: str) -> bool:
-    return stage in catalog.stages(model_name) and block == _last_block(model_name, stage)
-
-
-def _last_block(model_name: str, stage: str) -> str:
-    inside = [p for p in catalog.block_points(model_name) if p.startswith(stage + ".")]
-    return inside[-1] if inside else stage
+    return stage in catalog.stages(model_name) and block == catalog.last_block(model_name, stage)
 
 
 def check_modes(modes) -> tuple[str, ...]:
@@ -198,7 +192,7 @@ def _freeze_dict(spec: FreezeConfig) -> dict:
 
 
 def _until_label(point: str, points: tuple[str, ...], model_name: str) -> str:
-    if point != points[-1] and point != _last_block(model_name, points[-1]):
+    if point != points[-1] and point != catalog.last_block(model_name, points[-1]):
         return f"frozen ..{point}"
     return "fc only" if catalog.is_resnet(model_name) else "head only"
 

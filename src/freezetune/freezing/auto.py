@@ -37,7 +37,7 @@ from freezetune.config import DEFAULT_TOLERANCE, AutoFreezeConfig
 from freezetune.errors import FreezeError
 from freezetune.freezing.integrity import combined_sha256, fingerprint
 from freezetune.freezing.plan import FreezePlan
-from freezetune.models.catalog import block_points, stages
+from freezetune.models.catalog import block_points, last_block, stages
 from freezetune.models.structure import stage_members_cover
 
 HEAD = "head"
@@ -461,11 +461,10 @@ def _last_unit(model_name: str, max_stage: str, points: list[str]) -> str:
     Raises:
         FreezeError: If it is not a freeze point of the model, or a block while the units are stages.
     """
-    if max_stage in points:
-        return max_stage
-    inside = [p for p in points if p.startswith(max_stage + ".")]
-    if max_stage in stages(model_name) and inside:
-        return inside[-1]
+    as_block = last_block(model_name, max_stage) if max_stage in stages(model_name) else max_stage
+    for unit in (max_stage, as_block):
+        if unit in points:
+            return unit
     raise FreezeError(f"freeze.auto.max_stage: {max_stage!r} is not a freeze point of {model_name} in these units; "
                       f"use one of {', '.join(points)}")
 

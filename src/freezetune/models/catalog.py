@@ -211,6 +211,22 @@ def stage_of(name: str, point: str) -> str:
     return point if point in stages(name) else point.split(".", 1)[0]
 
 
+def stage_blocks(name: str, stage: str) -> tuple[str, ...]:
+    """The block points inside a stage, in order: ``layer2.0``, ``layer2.1`` for a ResNet18's ``layer2``.
+
+    Empty for a stage that is a single point (``stem``, ``head``, every stage of a model without
+    block points).
+    """
+    order = stages(name)
+    return tuple(p for p in block_points(name) if p not in order and stage_of(name, p) == stage)
+
+
+def last_block(name: str, stage: str) -> str:
+    """The block point that freezes what ``stage`` freezes: its last block, or the stage itself."""
+    inside = stage_blocks(name, stage)
+    return inside[-1] if inside else stage
+
+
 def forward_modules(name: str) -> tuple[str, ...]:
     """A ResNet's forward as a sequence of modules, one per block point member, for splitting it anywhere.
 

@@ -21,7 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from freezetune.config import Config
 from freezetune.freezing.plan import FreezePlan
 from freezetune.measure.flops import step_flops, submodule_forward_flops, without_prefix
-from freezetune.models.catalog import block_points, forward_modules, is_resnet, stage_of, stages
+from freezetune.models.catalog import block_points, forward_modules, is_resnet, stage_blocks, stages
 
 _CONV_BN = re.compile(r"^conv(\d+)$")
 
@@ -52,11 +52,10 @@ def frozen_prefix(model: nn.Module, model_name: str) -> list[str]:
         if not _trains(model, modules):
             prefix.append(stage)
             continue
-        for point, members in blocks.items():
-            if point.startswith(stage + ".") and not _trains(model, members):
-                prefix.append(point)
-            elif point.startswith(stage + "."):
+        for point in stage_blocks(model_name, stage):
+            if _trains(model, blocks[point]):
                 break
+            prefix.append(point)
         break
     return prefix
 
@@ -217,14 +216,10 @@ def prefix_modules(model_name: str, prefix: list[str]) -> list[str]:
     continues the shorter one module for module (see :meth:`SplitForward.continues`).
     """
     fine = block_points(model_name)
-    order = stages(model_name)
     out: list[str] = []
     for point in prefix:
-        if point in fine:
-            out.extend(fine[point])
-        else:  # a stage made of blocks
-            out.extend(m for p, members in fine.items() if stage_of(model_name, p) == point
-                       and p not in order for m in members)
+        inside = (point,) if point in fine else stage_blocks(model_name, point)  # a stage made of blocks
+        out.extend(m for p in inside for m in fine[p])
     return out
 
 
