@@ -361,17 +361,22 @@ def test_compare_depths_runs_a_non_resnet(tmp_path, tiny):
 
 
 def test_a_worker_process_error_keeps_its_type_in_the_parent(tiny, tmp_path):
-    from freezetune.compare.worker import ProcessArm
+    from freezetune.compare.forkserver import ForkServer
+    from freezetune.compare.worker import ProcessArm, worker_env
     from freezetune.errors import WeightsError
 
     cfg = tiny(model__weights=str(tmp_path / "missing.safetensors"))
-    arm = ProcessArm(cfg, compare.ArmSpec("frozen", "fc only", {"until": "layer4"}))
+    server = ForkServer(worker_env())
     try:
-        arm.submit("setup", 3)
-        with pytest.raises(WeightsError, match="missing.safetensors"):
-            arm.wait()
+        arm = ProcessArm(cfg, compare.ArmSpec("frozen", "fc only", {"until": "layer4"}), server)
+        try:
+            arm.submit("setup", 3)
+            with pytest.raises(WeightsError, match="missing.safetensors"):
+                arm.wait()
+        finally:
+            arm.close()
     finally:
-        arm.close()
+        server.close()
 
 
 def test_an_arm_refuses_a_command_outside_its_protocol(tiny):

@@ -1,13 +1,23 @@
-"""``python -m freezetune.compare FD``: the worker process of one comparison arm.
+"""``python -m freezetune.compare --forkserver FD``: the process that forks the comparison's memory workers.
 
-See :class:`freezetune.compare.worker.ProcessArm`. The entry point lives here rather than in
-``worker.py``: ``python -m freezetune.compare.worker`` would execute a second copy of a module that
-the package ``__init__`` has already imported (runpy warns about exactly that, once per worker).
+See :mod:`freezetune.compare.forkserver`: it imports the worker's modules once (here), then forks
+one worker per arm, each serving :func:`~freezetune.compare.worker.worker_main` on its socket. The
+entry point lives here rather than in ``forkserver.py``: ``python -m freezetune.compare.forkserver``
+would execute a second copy of a module that the package ``__init__`` has already imported (runpy
+warns about exactly that).
 """
 
+import os
 import sys
 from multiprocessing.connection import Connection
 
+from freezetune.compare.forkserver import serve
 from freezetune.compare.worker import worker_main
 
-worker_main(Connection(int(sys.argv[1])))
+if sys.argv[1:2] != ["--forkserver"] or len(sys.argv) != 3:
+    sys.exit("usage: python -m freezetune.compare --forkserver FD (started by freezetune compare)")
+serve(Connection(int(sys.argv[2])), worker_main)
+# Nothing is left to write or release: skip tearing down torch's modules (seconds on a small VM).
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)

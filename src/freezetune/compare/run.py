@@ -26,8 +26,9 @@ import torch
 
 from freezetune.atomic import atomic_write, write_json
 from freezetune.compare.arms import BASELINE, MODES, ArmSpec, arm_config, arm_folder, depth_arms, frozen_vs_full_arms
+from freezetune.compare.forkserver import ForkServer
 from freezetune.compare.result import CompareResult, assemble, headline, saved_bytes, to_csv
-from freezetune.compare.worker import InlineArm, ProcessArm
+from freezetune.compare.worker import InlineArm, ProcessArm, worker_env
 from freezetune.config import Config, FreezeConfig
 from freezetune.errors import ConfigError
 from freezetune.freezing.plan import apply_freeze
@@ -146,7 +147,16 @@ def run_arms(configs: list[Config], arms: list[ArmSpec], steps: int, warmup: int
     Returns:
         Per arm name: what setup knew, what finish measured, and (cached arms) the cache fill.
     """
-    runners = _start(configs, arms, isolate)
+    server = ForkServer(worker_env()) if isolate else None
+    try:
+        return _run_turns(_start(configs, arms, server), arms, steps, warmup, block, progress)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run_turns(runners: dict, arms: list[ArmSpec], steps: int, warmup: int, block: int,
+               progress: Progress | None) -> tuple[dict, dict, dict]:
     fills = {}
     try:
         infos = _call_all(runners, "setup", warmup + steps)
@@ -267,11 +277,12 @@ def _why_no_cache(config: Config, model, plan) -> str | None:
     return None if decision.enabled else decision.reason
 
 
-def _start(configs: list[Config], arms: list[ArmSpec], isolate: bool) -> dict:
+def _start(configs: list[Config], arms: list[ArmSpec], server: ForkServer | None) -> dict:
+    """One runner per arm: in this process, or forked by ``server`` when there is one."""
     runners = {}
     try:
         for cfg, arm in zip(configs, arms, strict=True):
-            runners[arm.name] = ProcessArm(cfg, arm) if isolate else InlineArm(cfg, arm)
+            runners[arm.name] = ProcessArm(cfg, arm, server) if server else InlineArm(cfg, arm)
     except BaseException:
         for runner in runners.values():
             runner.close()

@@ -6,8 +6,10 @@ in this process (:class:`InlineArm`) or in its own worker process (:class:`Proce
 over a socket. Only a worker process makes an arm's memory figure its own: on CPU the peak resident
 set size can only be attributed to one arm if nothing else shares the process.
 
-Workers are fresh interpreters, not forks: forking a process whose OpenMP thread pool already ran
-can deadlock, and a fresh interpreter also gives every arm the same clean starting RSS.
+Workers are forked from a server that has imported torch and never run it (see
+:mod:`freezetune.compare.forkserver`), never from the process that drives them: forking a process
+whose OpenMP thread pool already ran can deadlock, and the server gives every arm the same clean
+starting RSS.
 
 The protocol between the parent and an arm is :class:`ArmProtocol`: ``setup``, ``fill`` (cached
 arms), ``steps`` and ``finish``, in that order, each answered before the next is sent.
@@ -18,19 +20,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import socket
-import subprocess
-import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import asdict
-from multiprocessing.connection import Connection
 from typing import Protocol
 
 import torch
 
 from freezetune import errors
 from freezetune.compare.arms import ArmSpec
+from freezetune.compare.forkserver import ForkServer
 from freezetune.config import Config
 from freezetune.freezing.integrity import (
     batchnorm_drift,
@@ -266,28 +265,18 @@ def worker_env() -> dict[str, str]:
 
 
 class ProcessArm:
-    """Runs an :class:`ArmRunner` in a worker process (``python -m freezetune.compare``), one command at a time.
+    """Runs an :class:`ArmRunner` in a worker process of its own, one command at a time.
 
-    The worker is a fresh interpreter started with :mod:`subprocess` rather than
-    :mod:`multiprocessing`, whose spawn start method re-imports the caller's ``__main__`` and so
-    fails in scripts without an ``if __name__ == "__main__"`` guard. Commands and answers are
-    pickled over a socket pair, leaving the worker's stdout and stderr free for libraries.
+    The worker is forked by a :class:`~freezetune.compare.forkserver.ForkServer` (one per
+    comparison, shared by its arms), which imported torch once for all of them. Commands and
+    answers are pickled over a socket pair, leaving the worker's stdout and stderr free for
+    libraries.
     """
 
-    def __init__(self, config: Config, spec: ArmSpec):
+    def __init__(self, config: Config, spec: ArmSpec, server: ForkServer):
         self.spec = spec
-        parent, child = socket.socketpair()
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "freezetune.compare", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=worker_env(),
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        self._conn = Connection(parent.detach())
+        self._server = server
+        self._pid, self._conn = server.spawn()
         self._conn.send(("init", ({"config": config.to_dict(), "spec": asdict(spec)},)))
 
     def submit(self, command: str, *args) -> None:
@@ -304,7 +293,7 @@ class ProcessArm:
         try:
             status, payload = self._conn.recv()
         except (EOFError, ConnectionError):
-            code = self._proc.wait(5)
+            code = self._server.wait(self._pid, 5)
             raise RuntimeError(
                 f"arm {self.spec.name}: worker process died (exit code {code}); out of memory?"
             ) from None
@@ -320,11 +309,9 @@ class ProcessArm:
         """Lets the worker exit, and stops it if it does not."""
         with contextlib.suppress(OSError):
             self._conn.close()
-        try:
-            self._proc.wait(_JOIN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        with contextlib.suppress(RuntimeError):  # a dead server took its workers' exit codes with it
+            if self._server.wait(self._pid, _JOIN_TIMEOUT_S) is None:
+                self._server.kill(self._pid)
 
 
 def worker_main(conn) -> None:
