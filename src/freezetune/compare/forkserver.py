@@ -138,8 +138,9 @@ def serve(conn: Connection, child_main) -> None:
             elif message[0] == "wait":
                 answer = _wait(message[1], message[2], codes)
             else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(message[1], signal.SIGKILL)
+                if message[1] not in codes:  # a reaped child's pid may belong to another process by now
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(message[1], signal.SIGKILL)
                 answer = _wait(message[1], None, codes)
             conn.send(("ok", answer))
         except Exception as e:  # answer with the reason rather than leave the parent waiting
