@@ -20,6 +20,11 @@ def server():
     s.close()
 
 
+def _environ(pid: int) -> dict[bytes, bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+
+
 def _rss_file_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"^RssFile:\s+(\d+)", f.read(), re.MULTILINE).group(1))
@@ -45,8 +50,7 @@ def test_a_worker_starts_with_the_servers_libraries_mapped_and_its_environment(s
         while _rss_file_kib(pid) < wanted:
             assert time.monotonic() < deadline, (_rss_file_kib(pid), wanted)
             time.sleep(0.05)
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        env = _environ(pid)
         for key, value in MEMORY_WORKER_ENV.items():
             assert env[key.encode()] == os.environ.get(key, value).encode()
     finally:
@@ -88,3 +92,20 @@ def test_resident_file_pages_are_page_aligned_addresses_of_this_process():
     pages = resident_file_pages()
     size = os.sysconf("SC_PAGE_SIZE")
     assert len(pages) > 100 and all(a % size == 0 for a in pages[:1000])
+
+
+def test_where_forking_is_not_used_each_worker_is_a_fresh_interpreter_with_the_same_protocol():
+    server = ForkServer(worker_env(), fork=False)
+    pid, conn = server.spawn()
+    try:
+        assert all(_environ(pid)[k.encode()] == os.environ.get(k, v).encode() for k, v in MEMORY_WORKER_ENV.items())
+        conn.send(("steps", (1, False)))  # anything but init first
+        status, payload = conn.recv()
+        assert status == "error" and "worker expected init" in payload["traceback"]
+        assert server.wait(pid, 30) == 0
+    finally:
+        conn.close()
+    pid, conn = server.spawn()
+    assert server.wait(pid, 0.01) is None and server.kill(pid) == -signal.SIGKILL
+    conn.close()
+    server.close()

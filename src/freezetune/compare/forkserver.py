@@ -3,7 +3,8 @@
 A fresh interpreter spends seconds importing torch and torchvision before an arm can start (about
 7 s of CPU on a 2-core VM), once per arm. The fork server is one fresh interpreter, started with
 the memory worker's environment (:func:`~freezetune.compare.worker.worker_env`), that imports the
-worker's modules and then forks one child per arm on request. Forking is safe here because the
+worker's modules and then forks one child per arm on request (on Linux; elsewhere each worker is
+a fresh interpreter, see :class:`ForkServer`). Forking is safe here because the
 server never runs a torch operation: no OpenMP thread pool has run (forking after one has can
 deadlock) and CUDA is not initialized (it cannot be used in a child forked after that); the
 server checks the latter before every fork. Every arm starts from the same state, as a fresh
@@ -40,28 +41,36 @@ _ANSWER_TIMEOUT_S = 300.0
 
 
 class ForkServer:
-    """One server process; :meth:`spawn` gives a worker's pid and the parent's end of its connection."""
+    """One server process; :meth:`spawn` gives a worker's pid and the parent's end of its connection.
 
-    def __init__(self, env: dict[str, str]):
-        parent, child = socket.socketpair()
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "freezetune.compare", "--forkserver", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
-            )
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        self._conn = Connection(parent.detach())
+    Forking is used on Linux only. On macOS, system libraries may start threads that a forked
+    child cannot use (Python's multiprocessing stopped forking there for that reason), so
+    elsewhere every worker is a fresh interpreter (``python -m freezetune.compare --worker FD``),
+    started by :meth:`spawn` itself, and no server process runs.
+
+    Args:
+        env: The environment of the server, or of each fresh worker.
+        fork: Fork the workers; None: on Linux.
+    """
+
+    def __init__(self, env: dict[str, str], fork: bool | None = None):
+        self._env = env
+        self._fresh: dict[int, subprocess.Popen] | None = None
+        if not (sys.platform.startswith("linux") if fork is None else fork):
+            self._fresh = {}
+            return
+        self._proc, self._conn = _start(["--forkserver"], env)
 
     def spawn(self) -> tuple[int, Connection]:
-        """Forks a worker; returns its pid and this side of the socket it serves.
+        """Starts a worker; returns its pid and this side of the socket it serves.
 
         Raises:
             RuntimeError: If the server died or refused to fork.
         """
+        if self._fresh is not None:
+            proc, conn = _start(["--worker"], self._env)
+            self._fresh[proc.pid] = proc
+            return proc.pid, conn
         parent, child = socket.socketpair()
         try:
             self._ask("fork")
@@ -76,16 +85,26 @@ class ForkServer:
 
     def wait(self, pid: int, timeout: float) -> int | None:
         """The worker's exit code once it has exited, None if it still runs after ``timeout`` seconds."""
+        if self._fresh is not None:
+            try:
+                return self._fresh[pid].wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
         self._ask(("wait", pid, timeout))
         return self._answer(timeout + _ANSWER_TIMEOUT_S)
 
     def kill(self, pid: int) -> int:
         """Kills the worker (SIGKILL) and returns its exit code."""
+        if self._fresh is not None:
+            self._fresh[pid].kill()
+            return self._fresh[pid].wait()
         self._ask(("kill", pid))
         return self._answer(_ANSWER_TIMEOUT_S)
 
     def close(self) -> None:
         """Lets the server exit (it reaps the workers left), and stops it if it does not."""
+        if self._fresh is not None:
+            return  # each fresh worker was waited for (or killed) by its arm
         with contextlib.suppress(OSError):
             self._conn.close()
         try:
@@ -117,6 +136,20 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             code = None
         return f"the memory workers' fork server died (exit code {code})"
+
+
+def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Connection]:
+    """``python -m freezetune.compare ARGS FD``, FD its end of a socket pair; returns it and this end."""
+    parent, child = socket.socketpair()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "freezetune.compare", *args, str(child.fileno())],
+                                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return proc, Connection(parent.detach())
 
 
 def serve(conn: Connection, child_main) -> None:
