@@ -17,6 +17,9 @@ inflate its peak RSS growth (by 3.4 MiB for every ResNet18 arm at 64 px, batch 8
 fresh interpreter measures, so a child first touches every file-backed page the server had
 mapped (:func:`resident_file_pages`); the arms' figures then equal a fresh interpreter's.
 
+Not :mod:`multiprocessing`'s forkserver: its children re-import the caller's ``__main__``, which
+fails in scripts without an ``if __name__ == "__main__"`` guard.
+
 The server is the workers' parent, so it also reaps them and reports their exit codes. The
 protocol on its connection: ``"fork"`` then a file descriptor (answered with the child's pid),
 ``("wait", pid, timeout)`` (the exit code, or None while it runs) and ``("kill", pid)``.

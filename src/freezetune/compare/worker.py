@@ -6,10 +6,10 @@ in this process (:class:`InlineArm`) or in its own worker process (:class:`Proce
 over a socket. Only a worker process makes an arm's memory figure its own: on CPU the peak resident
 set size can only be attributed to one arm if nothing else shares the process.
 
-Workers are forked from a server that has imported torch and never run it (see
-:mod:`freezetune.compare.forkserver`), never from the process that drives them: forking a process
-whose OpenMP thread pool already ran can deadlock, and the server gives every arm the same clean
-starting RSS.
+On Linux workers are forked from a server that has imported torch and never run it (see
+:mod:`freezetune.compare.forkserver`; elsewhere they are fresh interpreters), never from the
+process that drives them: forking a process whose OpenMP thread pool already ran can deadlock, and
+the server gives every arm the same clean starting RSS.
 
 The protocol between the parent and an arm is :class:`ArmProtocol`: ``setup``, ``fill`` (cached
 arms), ``steps`` and ``finish``, in that order, each answered before the next is sent.
@@ -267,7 +267,7 @@ def worker_env() -> dict[str, str]:
 class ProcessArm:
     """Runs an :class:`ArmRunner` in a worker process of its own, one command at a time.
 
-    The worker is forked by a :class:`~freezetune.compare.forkserver.ForkServer` (one per
+    The worker is started by a :class:`~freezetune.compare.forkserver.ForkServer` (one per
     comparison, shared by its arms), which imported torch once for all of them. Commands and
     answers are pickled over a socket pair, leaving the worker's stdout and stderr free for
     libraries.
