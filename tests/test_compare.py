@@ -361,12 +361,12 @@ def test_compare_depths_runs_a_non_resnet(tmp_path, tiny):
 
 
 def test_a_worker_process_error_keeps_its_type_in_the_parent(tiny, tmp_path):
-    from freezetune.compare.forkserver import ForkServer
+    from freezetune.compare.forkserver import start_workers
     from freezetune.compare.worker import ProcessArm, worker_env
     from freezetune.errors import WeightsError
 
     cfg = tiny(model__weights=str(tmp_path / "missing.safetensors"))
-    server = ForkServer(worker_env())
+    server = start_workers(worker_env())
     try:
         arm = ProcessArm(cfg, compare.ArmSpec("frozen", "fc only", {"until": "layer4"}), server)
         try:

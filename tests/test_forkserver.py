@@ -8,7 +8,7 @@ import time
 import pytest
 
 from freezetune import compare
-from freezetune.compare.forkserver import ForkServer, resident_file_pages
+from freezetune.compare.forkserver import ForkServer, FreshWorkers, resident_file_pages, start_workers
 from freezetune.compare.worker import MEMORY_WORKER_ENV, ProcessArm, worker_env
 
 
@@ -95,7 +95,8 @@ def test_resident_file_pages_are_page_aligned_addresses_of_this_process():
 
 
 def test_where_forking_is_not_used_each_worker_is_a_fresh_interpreter_with_the_same_protocol():
-    server = ForkServer(worker_env(), fork=False)
+    server = start_workers(worker_env(), fork=False)
+    assert isinstance(server, FreshWorkers)
     pid, conn = server.spawn()
     try:
         assert all(_environ(pid)[k.encode()] == os.environ.get(k, v).encode() for k, v in MEMORY_WORKER_ENV.items())

@@ -4,7 +4,7 @@ A fresh interpreter spends seconds importing torch and torchvision before an arm
 7 s of CPU on a 2-core VM), once per arm. The fork server is one fresh interpreter, started with
 the memory worker's environment (:func:`~freezetune.compare.worker.worker_env`), that imports the
 worker's modules and then forks one child per arm on request (on Linux; elsewhere each worker is
-a fresh interpreter, see :class:`ForkServer`). Forking is safe here because the
+a fresh interpreter, see :func:`start_workers`). Forking is safe here because the
 server never runs a torch operation: no OpenMP thread pool has run (forking after one has can
 deadlock) and CUDA is not initialized (it cannot be used in a child forked after that); the
 server checks the latter before every fork. Every arm starts from the same state, as a fresh
@@ -43,71 +43,53 @@ from multiprocessing.reduction import recv_handle, send_handle
 _ANSWER_TIMEOUT_S = 300.0
 
 
-class ForkServer:
-    """One server process; :meth:`spawn` gives a worker's pid and the parent's end of its connection.
+def start_workers(env: dict[str, str], fork: bool | None = None) -> ForkServer | FreshWorkers:
+    """What starts the memory workers: a :class:`ForkServer` on Linux, else :class:`FreshWorkers`.
 
-    Forking is used on Linux only. On macOS, system libraries may start threads that a forked
-    child cannot use (Python's multiprocessing stopped forking there for that reason), so
-    elsewhere every worker is a fresh interpreter (``python -m freezetune.compare --worker FD``),
-    started by :meth:`spawn` itself, and no server process runs.
+    On macOS, system libraries may start threads that a forked child cannot use (Python's
+    multiprocessing stopped forking there for that reason), so elsewhere than on Linux every
+    worker is a fresh interpreter.
 
     Args:
         env: The environment of the server, or of each fresh worker.
         fork: Fork the workers; None: on Linux.
     """
+    if sys.platform.startswith("linux") if fork is None else fork:
+        return ForkServer(env)
+    return FreshWorkers(env)
 
-    def __init__(self, env: dict[str, str], fork: bool | None = None):
-        self._env = env
-        self._fresh: dict[int, subprocess.Popen] | None = None
-        if not (sys.platform.startswith("linux") if fork is None else fork):
-            self._fresh = {}
-            return
-        self._proc, self._conn = _start(["--forkserver"], env)
+
+class ForkServer:
+    """One server process; :meth:`spawn` gives a worker's pid and the parent's end of its connection."""
+
+    def __init__(self, env: dict[str, str]):
+        self._proc, self._conn = _connected(lambda fd: _python(["--forkserver", str(fd)], fd, env))
 
     def spawn(self) -> tuple[int, Connection]:
-        """Starts a worker; returns its pid and this side of the socket it serves.
+        """Forks a worker; returns its pid and this side of the socket it serves.
 
         Raises:
             RuntimeError: If the server died or refused to fork.
         """
-        if self._fresh is not None:
-            proc, conn = _start(["--worker"], self._env)
-            self._fresh[proc.pid] = proc
-            return proc.pid, conn
-        parent, child = socket.socketpair()
-        try:
-            self._ask("fork")
-            send_handle(self._conn, child.fileno(), self._proc.pid)
-            pid = self._answer(_ANSWER_TIMEOUT_S)
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        return pid, Connection(parent.detach())
+        return _connected(self._fork)
+
+    def _fork(self, fd: int) -> int:
+        self._ask("fork")
+        send_handle(self._conn, fd, self._proc.pid)
+        return self._answer(_ANSWER_TIMEOUT_S)
 
     def wait(self, pid: int, timeout: float) -> int | None:
         """The worker's exit code once it has exited, None if it still runs after ``timeout`` seconds."""
-        if self._fresh is not None:
-            try:
-                return self._fresh[pid].wait(timeout)
-            except subprocess.TimeoutExpired:
-                return None
         self._ask(("wait", pid, timeout))
         return self._answer(timeout + _ANSWER_TIMEOUT_S)
 
     def kill(self, pid: int) -> int:
         """Kills the worker (SIGKILL) and returns its exit code."""
-        if self._fresh is not None:
-            self._fresh[pid].kill()
-            return self._fresh[pid].wait()
         self._ask(("kill", pid))
         return self._answer(_ANSWER_TIMEOUT_S)
 
     def close(self) -> None:
         """Lets the server exit (it reaps the workers left), and stops it if it does not."""
-        if self._fresh is not None:
-            return  # each fresh worker was waited for (or killed) by its arm
         with contextlib.suppress(OSError):
             self._conn.close()
         try:
@@ -141,18 +123,59 @@ class ForkServer:
         return f"the memory workers' fork server died (exit code {code})"
 
 
-def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Connection]:
-    """``python -m freezetune.compare ARGS FD``, FD its end of a socket pair; returns it and this end."""
+class FreshWorkers:
+    """Starts every worker as a fresh interpreter (``python -m freezetune.compare --worker FD``).
+
+    Where forking is not used; the same interface as :class:`ForkServer`, with no server process.
+    """
+
+    def __init__(self, env: dict[str, str]):
+        self._env = env
+        self._procs: dict[int, subprocess.Popen] = {}
+
+    def spawn(self) -> tuple[int, Connection]:
+        """Starts a worker; returns its pid and this side of the socket it serves."""
+        proc, conn = _connected(lambda fd: _python(["--worker", str(fd)], fd, self._env))
+        self._procs[proc.pid] = proc
+        return proc.pid, conn
+
+    def wait(self, pid: int, timeout: float) -> int | None:
+        """The worker's exit code once it has exited, None if it still runs after ``timeout`` seconds."""
+        try:
+            return self._procs[pid].wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self, pid: int) -> int:
+        """Kills the worker (SIGKILL) and returns its exit code."""
+        self._procs[pid].kill()
+        return self._procs[pid].wait()
+
+    def close(self) -> None:
+        """Nothing to stop: each worker was waited for (or killed) by its arm."""
+
+
+def _connected(hand_over):
+    """Makes a socket pair and gives one end's descriptor to ``hand_over(fd)``, closing it here afterwards.
+
+    Returns:
+        What ``hand_over`` returned, and the other end as a :class:`Connection`.
+    """
     parent, child = socket.socketpair()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "freezetune.compare", *args, str(child.fileno())],
-                                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        result = hand_over(child.fileno())
     except BaseException:
         parent.close()
         raise
     finally:
         child.close()
-    return proc, Connection(parent.detach())
+    return result, Connection(parent.detach())
+
+
+def _python(args: list[str], fd: int, env: dict[str, str]) -> subprocess.Popen:
+    """``python -m freezetune.compare ARGS``, inheriting the descriptor ``fd``."""
+    return subprocess.Popen([sys.executable, "-m", "freezetune.compare", *args], pass_fds=(fd,),
+                            stdin=subprocess.DEVNULL, env=env)
 
 
 def serve(conn: Connection, child_main) -> None:
@@ -173,11 +196,13 @@ def serve(conn: Connection, child_main) -> None:
                 answer = _fork(conn, child_main)
             elif message[0] == "wait":
                 answer = _wait(message[1], message[2], codes)
-            else:
+            elif message[0] == "kill":
                 if message[1] not in codes:  # a reaped child's pid may belong to another process by now
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(message[1], signal.SIGKILL)
                 answer = _wait(message[1], None, codes)
+            else:
+                raise RuntimeError(f"unknown request {message!r}")
             conn.send(("ok", answer))
         except Exception as e:  # answer with the reason rather than leave the parent waiting
             conn.send(("error", f"{type(e).__name__}: {e}"))

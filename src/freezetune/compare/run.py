@@ -26,7 +26,7 @@ import torch
 
 from freezetune.atomic import atomic_write, write_json
 from freezetune.compare.arms import BASELINE, MODES, ArmSpec, arm_config, arm_folder, depth_arms, frozen_vs_full_arms
-from freezetune.compare.forkserver import ForkServer
+from freezetune.compare.forkserver import ForkServer, FreshWorkers, start_workers
 from freezetune.compare.result import CompareResult, assemble, headline, saved_bytes, to_csv
 from freezetune.compare.worker import InlineArm, ProcessArm, worker_env
 from freezetune.config import Config, FreezeConfig
@@ -147,7 +147,7 @@ def run_arms(configs: list[Config], arms: list[ArmSpec], steps: int, warmup: int
     Returns:
         Per arm name: what setup knew, what finish measured, and (cached arms) the cache fill.
     """
-    server = ForkServer(worker_env()) if isolate else None
+    server = start_workers(worker_env()) if isolate else None
     try:
         return _run_turns(_start(configs, arms, server), arms, steps, warmup, block, progress)
     finally:
@@ -277,8 +277,8 @@ def _why_no_cache(config: Config, model, plan) -> str | None:
     return None if decision.enabled else decision.reason
 
 
-def _start(configs: list[Config], arms: list[ArmSpec], server: ForkServer | None) -> dict:
-    """One runner per arm: in this process, or forked by ``server`` when there is one."""
+def _start(configs: list[Config], arms: list[ArmSpec], server: ForkServer | FreshWorkers | None) -> dict:
+    """One runner per arm: in this process, or in a worker ``server`` starts when there is one."""
     runners = {}
     try:
         for cfg, arm in zip(configs, arms, strict=True):

@@ -29,7 +29,7 @@ import torch
 
 from freezetune import errors
 from freezetune.compare.arms import ArmSpec
-from freezetune.compare.forkserver import ForkServer
+from freezetune.compare.forkserver import ForkServer, FreshWorkers
 from freezetune.config import Config
 from freezetune.freezing.integrity import (
     batchnorm_drift,
@@ -267,13 +267,13 @@ def worker_env() -> dict[str, str]:
 class ProcessArm:
     """Runs an :class:`ArmRunner` in a worker process of its own, one command at a time.
 
-    The worker is started by a :class:`~freezetune.compare.forkserver.ForkServer` (one per
-    comparison, shared by its arms), which imported torch once for all of them. Commands and
+    The worker is started by :func:`~freezetune.compare.forkserver.start_workers`' server (one
+    per comparison, shared by its arms), which imported torch once for all of them. Commands and
     answers are pickled over a socket pair, leaving the worker's stdout and stderr free for
     libraries.
     """
 
-    def __init__(self, config: Config, spec: ArmSpec, server: ForkServer):
+    def __init__(self, config: Config, spec: ArmSpec, server: ForkServer | FreshWorkers):
         self.spec = spec
         self._server = server
         self._pid, self._conn = server.spawn()
