@@ -21,8 +21,15 @@ def server():
 
 
 def _environ(pid: int) -> dict[bytes, bytes]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    # A process that has just exec'd reads back an empty environ until the kernel has set it up.
+    deadline = time.monotonic() + 30
+    while True:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        if env:
+            return env
+        assert time.monotonic() < deadline, f"pid {pid}: no environment within 30 s"
+        time.sleep(0.01)
 
 
 def _rss_file_kib(pid: int) -> int:
